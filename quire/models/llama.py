@@ -1,0 +1,192 @@
+"""The Llama family, written for a flattened batch of tokens from many sequences.
+
+There is no batch or padding dimension: a step's tokens arrive as one row each, with their
+positions, and attention finds each token's context through the paged KV cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quire.attention.backend import AttentionBackend, AttentionMetadata
+from quire.models.config import LlamaArchConfig
+
+
+def rope_inv_freq(config: LlamaArchConfig) -> torch.Tensor:
+    """Rotary inverse frequencies, including the ``linear`` and ``llama3`` scalings."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
+        return inv_freq
+    if kind == "linear":
+        return inv_freq / float(scaling["factor"])
+    if kind == "llama3":
+        factor = float(scaling["factor"])
+        low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+        old_len = float(scaling["original_max_position_embeddings"])
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    raise NotImplementedError(f"rope_scaling type {kind!r} is not supported")
+
+
+class RotaryEmbedding(nn.Module):
+    """Precomputed cos/sin per position, applied in the half-split (rotate_half) layout."""
+
+    def __init__(self, config: LlamaArchConfig, max_positions: int) -> None:
+        super().__init__()
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(config))
+        self.register_buffer("cos", freqs.cos(), persistent=False)
+        self.register_buffer("sin", freqs.sin(), persistent=False)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate ``x`` [tokens, heads, head_dim] by each token's position."""
+        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
+        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: LlamaArchConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        # q, k and v in one matmul.
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.scale = self.head_dim**-0.5
+        self.backend = backend
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        rotary: RotaryEmbedding,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        tokens = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)
+        # Rotate q and k heads in one pass.
+        qk = rotary(qkv[:, : self.q_size + self.kv_size].view(tokens, -1, self.head_dim), positions)
+        query, key = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        value = qkv[:, self.q_size + self.kv_size :].view(tokens, self.num_kv_heads, self.head_dim)
+        out = self.backend.forward(
+            query.contiguous(), key, value, kv_cache[0], kv_cache[1], metadata, self.scale
+        )
+        return self.o_proj(out.view(tokens, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: LlamaArchConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: LlamaArchConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.eps = config.rms_norm_eps
+        self.input_layernorm = nn.Parameter(torch.ones(config.hidden_size))
+        self.post_attention_layernorm = nn.Parameter(torch.ones(config.hidden_size))
+        self.self_attn = LlamaAttention(config, backend)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, hidden, positions, rotary, kv_cache, metadata):
+        shape = (hidden.shape[-1],)
+        attn = self.self_attn(
+            F.rms_norm(hidden, shape, self.input_layernorm, self.eps), positions, rotary, kv_cache, metadata
+        )
+        hidden = hidden + attn
+        return hidden + self.mlp(F.rms_norm(hidden, shape, self.post_attention_layernorm, self.eps))
+
+
+class LlamaForCausalLM(nn.Module):
+    """Token ids and positions in, hidden states out; ``compute_logits`` for the rows that need them."""
+
+    def __init__(self, config: LlamaArchConfig, backend: AttentionBackend, max_positions: int) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, backend) for _ in range(config.num_layers))
+        self.norm = nn.Parameter(torch.ones(config.hidden_size))
+        self.lm_head = (
+            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+        self.rotary = RotaryEmbedding(config, max_positions)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        hidden = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+            hidden = layer(hidden, positions, self.rotary, kv_cache, metadata)
+        return F.rms_norm(hidden, (hidden.shape[-1],), self.norm, self.config.rms_norm_eps)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Take Hugging Face Llama names (``model.layers.0.self_attn.q_proj.weight`` ...)."""
+        params = dict(self.named_parameters())
+        fused: dict[str, dict[str, torch.Tensor]] = {}
+        seen: set[str] = set()
+        for name, tensor in weights.items():
+            name = name.removeprefix("model.")
+            if name.endswith("rotary_emb.inv_freq"):
+                continue
+            if name == "lm_head.weight" and self.lm_head is None:
+                continue
+            for part, target in (
+                ("q_proj", "qkv_proj"), ("k_proj", "qkv_proj"), ("v_proj", "qkv_proj"),
+                ("gate_proj", "gate_up_proj"), ("up_proj", "gate_up_proj"),
+            ):
+                if f".{part}." in name:
+                    fused.setdefault(name.replace(part, target), {})[part] = tensor
+                    break
+            else:
+                name = name.replace("layernorm.weight", "layernorm").replace("norm.weight", "norm")
+                if name not in params:
+                    raise ValueError(f"unexpected weight {name!r} in checkpoint")
+                self._copy(params[name], tensor, name)
+                seen.add(name)
+        order = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+        for name, parts in fused.items():
+            kind = "qkv_proj" if "qkv_proj" in name else "gate_up_proj"
+            missing = [p for p in order[kind] if p not in parts]
+            if missing:
+                raise ValueError(f"checkpoint lacks {missing} for {name}")
+            self._copy(params[name], torch.cat([parts[p] for p in order[kind]], dim=0), name)
+            seen.add(name)
+        absent = sorted(set(params) - seen)
+        if absent:
+            raise ValueError(f"checkpoint lacks weights: {absent[:5]}{'...' if len(absent) > 5 else ''}")
+
+    @staticmethod
+    def _copy(param: nn.Parameter, tensor: torch.Tensor, name: str) -> None:
+        if tuple(param.shape) != tuple(tensor.shape):
+            raise ValueError(f"weight {name}: expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}")
+        with torch.no_grad():
+            param.copy_(tensor)

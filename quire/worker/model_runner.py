@@ -1,0 +1,174 @@
+"""SchedulerOutput → one flattened batch → model → sampler → per-sequence results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from quire.attention.backend import AttentionMetadata
+from quire.core.scheduler import ScheduledSeq, SchedulerOutput
+from quire.models.llama import LlamaForCausalLM
+from quire.sampling.sampler import Sampler, SamplerOutput, SamplingBatch
+from quire.worker.cache_engine import CacheEngine
+
+
+@dataclass
+class PromptLogprobs:
+    """Logprobs of prompt tokens ``first_token`` .. computed in this step for one sequence."""
+
+    first_token: int
+    token_ids: torch.Tensor  # [n] the prompt tokens being scored
+    logprobs: torch.Tensor  # [n]
+    ranks: torch.Tensor  # [n]
+    top_token_ids: torch.Tensor | None  # [n, k]
+    top_logprobs: torch.Tensor | None
+
+
+@dataclass
+class RunnerOutput:
+    """What one step produced: a sample for every entry of ``sampled_seqs``, in that order."""
+
+    sampled_seqs: list[ScheduledSeq]
+    samples: SamplerOutput | None
+    prompt_logprobs: list[tuple[ScheduledSeq, PromptLogprobs]] = field(default_factory=list)
+
+
+class ModelRunner:
+    """Turns the scheduler's decision into tensors once, runs the model, samples."""
+
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        cache: CacheEngine,
+        sampler: Sampler,
+        device: torch.device,
+    ) -> None:
+        self.model = model
+        self.cache = cache
+        self.sampler = sampler
+        self.device = device
+        self.block_size = cache.block_size
+        self.vocab_size = model.config.vocab_size
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> RunnerOutput:
+        self.cache.copy_blocks(sched.blocks_to_copy)
+        entries = sched.scheduled
+        input_ids, positions, metadata = self._prepare_inputs(entries)
+        hidden = self.model(input_ids, positions, self.cache.layers, metadata)
+
+        # Rows whose logits we need: the last token of every chunk that completes its
+        # sequence (to sample), and prompt positions whose logprobs were asked for.
+        ends = metadata.query_start_loc[1:].tolist()
+        sampled = [e for e in entries if e.samples]
+        sample_rows = [ends[i] - 1 for i, e in enumerate(entries) if e.samples]
+        prompt_rows: list[tuple[ScheduledSeq, int, int]] = []  # (entry, first position, row offset)
+        extra_rows: list[int] = []
+        for i, e in enumerate(entries):
+            if e.request.params.prompt_logprobs is None or e.request.prompt_logprobs is None:
+                continue
+            # Logits at position p score prompt token p + 1; skip positions already scored.
+            first = max(e.start, len(e.request.prompt_logprobs) - 1)
+            last = min(e.start + e.num_new_tokens, e.seq.num_prompt_tokens - 1)
+            if first < last:
+                row0 = ends[i] - e.num_new_tokens + (first - e.start)
+                prompt_rows.append((e, first, len(sample_rows) + len(extra_rows)))
+                extra_rows.extend(range(row0, row0 + last - first))
+
+        if not sample_rows and not extra_rows:
+            return RunnerOutput(sampled_seqs=[], samples=None)
+        rows = torch.tensor(sample_rows + extra_rows, dtype=torch.long, device=self.device)
+        logits = self.model.compute_logits(hidden.index_select(0, rows))
+        samples = None
+        if sampled:
+            samples = self.sampler(logits[: len(sample_rows)], self._sampling_batch(sampled))
+        out = RunnerOutput(sampled_seqs=sampled, samples=samples)
+        for entry, first, offset in prompt_rows:
+            out.prompt_logprobs.append((entry, self._prompt_logprobs(entry, first, logits, offset)))
+        return out
+
+    def _prepare_inputs(self, entries: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        ids: list[int] = []
+        for e in entries:
+            ids += e.seq.token_ids[e.start : e.start + e.num_new_tokens]
+        query_lens = torch.tensor([e.num_new_tokens for e in entries], dtype=torch.int32)
+        starts = torch.tensor([e.start for e in entries], dtype=torch.int32)
+        query_start_loc = torch.zeros(len(entries) + 1, dtype=torch.int32)
+        torch.cumsum(query_lens, 0, out=query_start_loc[1:])
+        num_tokens = len(ids)
+        # Position of every flattened token: its row index shifted by where its sequence starts.
+        shift = torch.repeat_interleave(query_start_loc[:-1] - starts, query_lens, output_size=num_tokens)
+        positions = torch.arange(num_tokens, dtype=torch.int32) - shift
+
+        tables = [e.block_table for e in entries]
+        width = max(len(t) for t in tables)
+        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
+        seq_of_token = torch.repeat_interleave(torch.arange(len(entries)), query_lens, output_size=num_tokens)
+        blocks = block_tables[seq_of_token, (positions // self.block_size).long()].long()
+        slot_mapping = blocks * self.block_size + (positions % self.block_size).long()
+
+        metadata = AttentionMetadata(
+            slot_mapping=slot_mapping.to(self.device),
+            block_tables=block_tables.to(self.device),
+            query_start_loc=query_start_loc.to(self.device),
+            seq_lens=(starts + query_lens).to(self.device),
+            max_query_len=int(query_lens.max()),
+        )
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        return input_ids, positions.long().to(self.device), metadata
+
+    def _sampling_batch(self, entries: list[ScheduledSeq]) -> SamplingBatch:
+        params = [e.request.params for e in entries]
+        wants_logprobs = [p.logprobs for p in params if p.logprobs is not None]
+        batch = SamplingBatch(
+            temperature=torch.tensor([0.0 if p.greedy else p.temperature for p in params]),
+            top_p=torch.tensor([p.top_p for p in params]),
+            top_k=torch.tensor([p.top_k for p in params], dtype=torch.long),
+            min_p=torch.tensor([p.min_p for p in params]),
+            generators=[e.request.generator for e in entries],
+            num_logprobs=max(wants_logprobs) if wants_logprobs else -1,
+        )
+        if any(p.uses_penalties for p in params):
+            batch.presence_penalty = torch.tensor([p.presence_penalty for p in params])
+            batch.frequency_penalty = torch.tensor([p.frequency_penalty for p in params])
+            batch.repetition_penalty = torch.tensor([p.repetition_penalty for p in params])
+            batch.output_tokens = _pad([e.seq.output_token_ids for e in entries], self.vocab_size)
+            batch.prompt_tokens = _pad([e.request.prompt_token_ids for e in entries], self.vocab_size)
+        banned_rows: list[int] = []
+        banned_tokens: list[int] = []
+        for row, e in enumerate(entries):
+            if e.seq.num_output_tokens < e.request.params.min_tokens:
+                stops = list(e.request.params.stop_token_ids)
+                if e.request.eos_token_id is not None and not e.request.params.ignore_eos:
+                    stops.append(e.request.eos_token_id)
+                banned_rows += [row] * len(stops)
+                banned_tokens += stops
+        if banned_rows:
+            batch.banned_rows = torch.tensor(banned_rows, dtype=torch.long)
+            batch.banned_tokens = torch.tensor(banned_tokens, dtype=torch.long)
+        return batch
+
+    def _prompt_logprobs(
+        self, entry: ScheduledSeq, first: int, logits: torch.Tensor, offset: int
+    ) -> PromptLogprobs:
+        last = min(entry.start + entry.num_new_tokens, entry.seq.num_prompt_tokens - 1)
+        n = last - first
+        logprobs = torch.log_softmax(logits[offset : offset + n], dim=-1)
+        targets = torch.tensor(entry.seq.token_ids[first + 1 : last + 1], dtype=torch.long)
+        chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
+        k = entry.request.params.prompt_logprobs
+        top = logprobs.topk(k, dim=-1) if k else None
+        return PromptLogprobs(
+            first_token=first + 1,
+            token_ids=targets,
+            logprobs=chosen,
+            ranks=(logprobs > chosen.unsqueeze(1)).sum(dim=1) + 1,
+            top_token_ids=top.indices if top else None,
+            top_logprobs=top.values if top else None,
+        )
+
+
+def _pad(rows: list[list[int]], pad: int) -> torch.Tensor:
+    width = max(1, max(len(r) for r in rows))
+    return torch.tensor([r + [pad] * (width - len(r)) for r in rows], dtype=torch.long)
