@@ -49,7 +49,8 @@ namespace quire_pa {
 
 using bf16 = c10::BFloat16;
 
-constexpr int kChunk = 16;       // KV positions per softmax step
+constexpr int kSub = 16;         // KV positions per logit vector
+constexpr int kChunk = 64;       // KV positions per softmax step (multiple of kSub)
 constexpr int kMaxTileRows = 32; // target rows (tokens x group heads) per item
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -187,7 +188,7 @@ inline void store_f32x16(bf16* p, __m512 x) {
 // 2^x for x <= 0 (larger arguments are fine up to ~127).  Degree-6 Taylor
 // polynomial on [-0.5, 0.5] (rel. error ~1.2e-7) and scalef for 2^n.
 inline __m512 exp2_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-150.f));
+  x = _mm512_max_ps(x, _mm512_set1_ps(-160.f));  // -inf -> exactly 0 below
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
   __m512 r = _mm512_set1_ps(1.5252734e-5f);
@@ -235,9 +236,9 @@ inline __m512 qk_row(const float* q, const float* const* kp, float /*post_scale*
   __m512 qv[NV];
 #pragma GCC unroll 16
   for (int c = 0; c < NV; ++c) qv[c] = _mm512_loadu_ps(q + 16 * c);
-  __m512 a[kChunk];
+  __m512 a[kSub];
 #pragma GCC unroll 16
-  for (int i = 0; i < kChunk; ++i) {
+  for (int i = 0; i < kSub; ++i) {
     const float* k = kp[i];
     __m512 s = _mm512_mul_ps(qv[0], _mm512_loadu_ps(k));
 #pragma GCC unroll 16
@@ -259,9 +260,9 @@ inline __m512 qk_row(const bf16* q, const bf16* const* kp, float post_scale) {
 #pragma GCC unroll 8
   for (int c = 0; c < NP; ++c) qv[c] = (__m512bh)_mm512_loadu_si512(q + 32 * c);
   if constexpr (ODD) qt = (__m256bh)_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 32 * NP));
-  __m512 a[kChunk];
+  __m512 a[kSub];
 #pragma GCC unroll 16
-  for (int i = 0; i < kChunk; ++i) {
+  for (int i = 0; i < kSub; ++i) {
     const bf16* k = kp[i];
     __m512 s = _mm512_setzero_ps();
 #pragma GCC unroll 8
@@ -282,9 +283,9 @@ inline __m512 qk_row(const bf16* q, const bf16* const* kp, float post_scale) {
   __m512 qv[NV];
 #pragma GCC unroll 16
   for (int c = 0; c < NV; ++c) qv[c] = load_f32x16(q + 16 * c);
-  __m512 a[kChunk];
+  __m512 a[kSub];
 #pragma GCC unroll 16
-  for (int i = 0; i < kChunk; ++i) {
+  for (int i = 0; i < kSub; ++i) {
     const bf16* k = kp[i];
     __m512 s = _mm512_mul_ps(qv[0], load_f32x16(k));
 #pragma GCC unroll 16
@@ -331,15 +332,23 @@ constexpr int max_pv_rows() {
   return NV >= 16 ? 1 : (24 / NV > 6 ? 6 : 24 / NV);
 }
 
+// Rows are processed in blocks of RM; a block only walks the KV positions
+// that its most-advanced row can see (nvalid[r]); the probabilities beyond a
+// row's own limit are zero.
 template <typename T, int NV>
 inline void pv_block(float* acc, int64_t acc_stride, const float* P, const float* alpha,
-                     const T* const* vp, int n, int rows) {
+                     const T* const* vp, const int* nvalid, int rows) {
   constexpr int RM = max_pv_rows<NV>();
   int r = 0;
-  for (; r + RM <= rows; r += RM)
+  for (; r + RM <= rows; r += RM) {
+    int n = 0;
+    for (int i = 0; i < RM; ++i) n = std::max(n, nvalid[r + i]);
     pv_rows<T, NV, RM>(acc + r * acc_stride, acc_stride, P + r * kChunk, alpha + r, vp, n);
+  }
   const int rem = rows - r;
   if (rem <= 0) return;
+  int n = 0;
+  for (int i = 0; i < rem; ++i) n = std::max(n, nvalid[r + i]);
   float* ar = acc + r * acc_stride;
   const float* pr = P + r * kChunk;
   const float* alr = alpha + r;
@@ -359,6 +368,8 @@ struct Scratch {
   std::vector<float> acc;    // rows x head_dim
   std::vector<float> P;      // rows x kChunk
   std::vector<float> m, l, alpha;
+  std::vector<int> nvalid;
+  std::vector<float> vf;     // kChunk x head_dim, V chunk converted to fp32
   void ensure(int rows, int width) {
     const size_t n = static_cast<size_t>(rows) * width;
     if (acc.size() < n) {
@@ -366,11 +377,13 @@ struct Scratch {
       qb.resize(n);
       acc.resize(n);
     }
+    if (vf.size() < static_cast<size_t>(kChunk) * width) vf.resize(static_cast<size_t>(kChunk) * width);
     if (m.size() < static_cast<size_t>(rows)) {
       P.resize(static_cast<size_t>(rows) * kChunk);
       m.resize(rows);
       l.resize(rows);
       alpha.resize(rows);
+      nvalid.resize(rows);
     }
   }
 };
@@ -411,7 +424,10 @@ void run_item_avx512(const Params& p, const WorkItem& w, Scratch& sc) {
   const int32_t* bt = p.block_tables + static_cast<int64_t>(w.seq) * p.bt_stride;
   const T* kp[kChunk];
   const T* vp[kChunk];
+  const float* vfp[kChunk];
   const int BS = p.block_size;
+  constexpr int RM = max_pv_rows<NV>();
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
 
   int64_t blk_idx = 0;
   int off = 0;
@@ -427,19 +443,10 @@ void run_item_avx512(const Params& p, const WorkItem& w, Scratch& sc) {
         ++blk_idx;
       }
     }
-    for (int i = n; i < kChunk; ++i) {
+    const int npad = (n + kSub - 1) / kSub * kSub;
+    for (int i = n; i < npad; ++i) {
       kp[i] = kp[n - 1];
       vp[i] = vp[n - 1];
-    }
-    // Prefetch the next chunk's first rows' blocks while we compute.
-    if (j0 + kChunk < g.kv_end) {
-      const int64_t nb = bt[blk_idx];
-      const char* pk = reinterpret_cast<const char*>(kbase + nb * p.k_s_blk + off * p.k_s_tok);
-      const char* pv = reinterpret_cast<const char*>(vbase + nb * p.v_s_blk + off * p.v_s_tok);
-      for (int b = 0; b < static_cast<int>(sizeof(T)) * W; b += 64) {
-        _mm_prefetch(pk + b, _MM_HINT_T0);
-        _mm_prefetch(pv + b, _MM_HINT_T0);
-      }
     }
     // Rows whose position is < j0 see nothing of this chunk.
     const int t_first = static_cast<int>(std::max<int64_t>(0, j0 - g.pos0));
@@ -447,28 +454,60 @@ void run_item_avx512(const Params& p, const WorkItem& w, Scratch& sc) {
     for (int r = r0; r < rows; ++r) {
       const int t = r / G;
       const int64_t limit = g.pos0 + t + 1;  // valid KV positions: [0, limit)
-      const int nvalid = static_cast<int>(std::min<int64_t>(n, limit - j0));
-      const __mmask16 mask = static_cast<__mmask16>((1u << nvalid) - 1u);
-      __m512 s;
-      if constexpr (std::is_same_v<T, float>) {
-        s = qk_row<NV>(sc.qf.data() + static_cast<int64_t>(r) * W, kp, 1.f);
-      } else {
-        s = qk_row<NV>(sc.qb.data() + static_cast<int64_t>(r) * W, kp, qscale);
+      const int nv = static_cast<int>(std::min<int64_t>(n, limit - j0));
+      const int nsub = (nv + kSub - 1) / kSub;
+      sc.nvalid[r] = nv;
+      __m512 s[kChunk / kSub];
+      __m512 vmax = ninf;
+#pragma GCC unroll 4
+      for (int b = 0; b < kChunk / kSub; ++b) {
+        if (b < nsub) {
+          if constexpr (std::is_same_v<T, float>) {
+            s[b] = qk_row<NV>(sc.qf.data() + static_cast<int64_t>(r) * W, kp + b * kSub, 1.f);
+          } else {
+            s[b] = qk_row<NV>(sc.qb.data() + static_cast<int64_t>(r) * W, kp + b * kSub, qscale);
+          }
+          const int left = nv - b * kSub;
+          if (left < kSub) s[b] = _mm512_mask_mov_ps(ninf, static_cast<__mmask16>((1u << left) - 1u), s[b]);
+          vmax = _mm512_max_ps(vmax, s[b]);
+        }
       }
-      const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-      s = _mm512_mask_mov_ps(ninf, mask, s);
-      const float cmax = _mm512_reduce_max_ps(s);
       const float m_old = sc.m[r];
-      const float m_new = std::max(m_old, cmax);
-      const float alpha = std::exp2(m_old - m_new);
-      const __m512 e = _mm512_maskz_mov_ps(mask, exp2_ps(_mm512_sub_ps(s, _mm512_set1_ps(m_new))));
-      sc.l[r] = sc.l[r] * alpha + _mm512_reduce_add_ps(e);
+      const float m_new = std::max(m_old, _mm512_reduce_max_ps(vmax));
+      const float alpha = m_new == m_old ? 1.f : std::exp2(m_old - m_new);
+      const __m512 mn = _mm512_set1_ps(m_new);
+      float* prow = sc.P.data() + static_cast<int64_t>(r) * kChunk;
+      __m512 vsum = _mm512_setzero_ps();
+#pragma GCC unroll 4
+      for (int b = 0; b < kChunk / kSub; ++b) {
+        __m512 e = _mm512_setzero_ps();
+        if (b < nsub) {
+          // exp2(-inf - m) underflows to exactly 0 via the clamp + scalef.
+          e = exp2_ps(_mm512_sub_ps(s[b], mn));
+          vsum = _mm512_add_ps(vsum, e);
+        }
+        _mm512_storeu_ps(prow + b * kSub, e);
+      }
+      sc.l[r] = sc.l[r] * alpha + _mm512_reduce_add_ps(vsum);
       sc.m[r] = m_new;
       sc.alpha[r] = alpha;
-      _mm512_storeu_ps(sc.P.data() + static_cast<int64_t>(r) * kChunk, e);
     }
-    pv_block<T, NV>(acc + static_cast<int64_t>(r0) * W, W, sc.P.data() + static_cast<int64_t>(r0) * kChunk,
-                    sc.alpha.data() + r0, vp, n, rows - r0);
+    float* accr = acc + static_cast<int64_t>(r0) * W;
+    const float* Pr = sc.P.data() + static_cast<int64_t>(r0) * kChunk;
+    if constexpr (std::is_same_v<T, bf16>) {
+      if (rows - r0 > RM) {
+        // Several row blocks will walk V: convert the chunk to fp32 once.
+        for (int i = 0; i < n; ++i) {
+          float* dst = sc.vf.data() + static_cast<int64_t>(i) * W;
+#pragma GCC unroll 16
+          for (int c = 0; c < NV; ++c) _mm512_storeu_ps(dst + 16 * c, load_f32x16(vp[i] + 16 * c));
+          vfp[i] = dst;
+        }
+        pv_block<float, NV>(accr, W, Pr, sc.alpha.data() + r0, vfp, sc.nvalid.data() + r0, rows - r0);
+        continue;
+      }
+    }
+    pv_block<T, NV>(accr, W, Pr, sc.alpha.data() + r0, vp, sc.nvalid.data() + r0, rows - r0);
   }
 
   // Normalise and store.
