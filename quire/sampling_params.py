@@ -41,12 +41,16 @@ class SamplingParams:
             self.stop_strings = []
         elif isinstance(self.stop, str):
             self.stop_strings = [self.stop]
-        else:
+        elif isinstance(self.stop, list | tuple):
             self.stop_strings = list(self.stop)
+        else:
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}.")
         if self.stop_token_ids is None:
             self.stop_token_ids = []
-        else:
+        elif isinstance(self.stop_token_ids, list | tuple):
             self.stop_token_ids = list(self.stop_token_ids)
+        else:
+            raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}.")
         if self.top_k == -1:
             self.top_k = 0
         self._validate()

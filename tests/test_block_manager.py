@@ -172,7 +172,7 @@ def test_copy_on_write_with_three_sharers_keeps_the_original_for_the_other_two()
     kv.fork(0, 1)
     kv.fork(0, 2)
     assert kv.pool.ref_counts[a] == 3
-    (src, dst), = kv.allocate_slots(2, 3, 1)
+    ((src, dst),) = kv.allocate_slots(2, 3, 1)
     assert src == a
     assert kv.pool.ref_counts[a] == 2
     assert kv.block_table(0) == kv.block_table(1) == [a]
@@ -308,7 +308,7 @@ class KVCacheMachine(RuleBasedStateMachine):
         for i, block in enumerate(table_before):
             if i not in copied:
                 assert table[i] == block, "blocks that were not copied must not move"
-        for block in table[len(table_before):]:
+        for block in table[len(table_before) :]:
             assert block in free_before, "new blocks must come from the free list"
         # Everything the writer is about to write into is now private to it.
         for i in range(start // bs, cdiv(end, bs)):

@@ -157,6 +157,15 @@ def check_step(sim: SimEngine, out: SchedulerOutput, running_before, waiting_bef
             assert id(request) in positions, f"{request.request_id} was skipped for a new request"
         first_admitted = min(positions[id(r)] for r in admitted)
         assert all(positions[id(r)] < first_admitted for r in still_running)
+    assert [positions[id(r)] for r in still_running if id(r) in positions] == sorted(
+        positions[id(r)] for r in still_running if id(r) in positions
+    ), "running requests are served oldest first"
+    # FCFS overall: the queue stays in arrival order, and nobody runs while an older request waits
+    # (preempted requests are always the newest running ones and go back to the front).
+    waiting_orders = [r.arrival_order for r in sched.waiting]
+    assert waiting_orders == sorted(waiting_orders)
+    if sched.running and sched.waiting:
+        assert max(r.arrival_order for r in sched.running) < min(waiting_orders)
     # Waiting requests are admitted in queue order (FCFS, preempted ones were put in front).
     admitted_from_waiting = [r for r in admitted if r in waiting_before]
     assert admitted_from_waiting == waiting_before[: len(admitted_from_waiting)]

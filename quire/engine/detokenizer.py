@@ -23,8 +23,11 @@ class Detokenizer:
         seq.read_offset = seq.num_prompt_tokens
         seq.prefix_offset = max(0, seq.read_offset - _CONTEXT_TOKENS)
 
-    def update(self, seq: Sequence, skip_special_tokens: bool, upto: int | None = None) -> str:
-        """Decode new tokens up to index ``upto`` (default: all); returns the text added."""
+    def update(self, seq: Sequence, skip_special_tokens: bool, upto: int | None = None, final: bool = False) -> str:
+        """Decode new tokens up to index ``upto`` (default: all); returns the text added.
+
+        ``final`` (the sequence has ended) emits a trailing U+FFFD too: no token will complete it.
+        """
         end = len(seq.token_ids) if upto is None else upto
         if end <= seq.read_offset:
             return ""
@@ -32,7 +35,7 @@ class Detokenizer:
         decode = self.tokenizer.decode
         prefix = decode(ids[seq.prefix_offset : seq.read_offset], skip_special_tokens=skip_special_tokens)
         full = decode(ids[seq.prefix_offset : end], skip_special_tokens=skip_special_tokens)
-        if full.endswith("\ufffd") or len(full) <= len(prefix):
+        if (full.endswith("\ufffd") and not final) or len(full) <= len(prefix):
             return ""
         new_text = full[len(prefix) :]
         seq.prefix_offset, seq.read_offset = seq.read_offset, end

@@ -273,7 +273,7 @@ class LLMEngine:
             stop_token = token
         if stop_token is not None:
             upto = None if params.include_stop_str_in_output else len(seq.token_ids) - 1
-            self.detokenizer.update(seq, skip, upto)
+            self.detokenizer.update(seq, skip, upto, final=True)
             seq.finish_reason = "stop"
             seq.stop_reason = None if token == request.eos_token_id and token not in params.stop_token_ids else token
             return
@@ -287,10 +287,11 @@ class LLMEngine:
                     seq.output_text = seq.output_text[:end]
                     seq.finish_reason, seq.stop_reason = "stop", stop
                     return
-        if params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens:
+        if (params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens) or len(
+            seq.token_ids
+        ) >= self.max_model_len:
             seq.finish_reason = "length"
-        elif len(seq.token_ids) >= self.max_model_len:
-            seq.finish_reason = "length"
+            self.detokenizer.update(seq, skip, final=True)
 
     def _decoded(self, token_id: int) -> str:
         text = self._token_text.get(token_id)
