@@ -48,12 +48,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """Rotate ``x`` [tokens, heads, head_dim] by each token's position."""
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
-        x1, x2 = x.chunk(2, dim=-1)
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for each token, [tokens, 1, head_dim / 2]: looked up once per step, used by every layer."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [tokens, heads, head_dim] by each token's position (half-split layout)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 class LlamaAttention(nn.Module):
@@ -71,15 +74,14 @@ class LlamaAttention(nn.Module):
     def forward(
         self,
         hidden: torch.Tensor,
-        positions: torch.Tensor,
-        rotary: RotaryEmbedding,
+        rotary: tuple[torch.Tensor, torch.Tensor],
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)
         # Rotate q and k heads in one pass.
-        qk = rotary(qkv[:, : self.q_size + self.kv_size].view(tokens, -1, self.head_dim), positions)
+        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(tokens, -1, self.head_dim), *rotary)
         query, key = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         value = qkv[:, self.q_size + self.kv_size :].view(tokens, self.num_kv_heads, self.head_dim)
         out = self.backend.forward(
@@ -109,11 +111,9 @@ class LlamaDecoderLayer(nn.Module):
         self.self_attn = LlamaAttention(config, backend)
         self.mlp = LlamaMLP(config)
 
-    def forward(self, hidden, positions, rotary, kv_cache, metadata):
+    def forward(self, hidden, rotary, kv_cache, metadata):
         shape = (hidden.shape[-1],)
-        attn = self.self_attn(
-            F.rms_norm(hidden, shape, self.input_layernorm, self.eps), positions, rotary, kv_cache, metadata
-        )
+        attn = self.self_attn(F.rms_norm(hidden, shape, self.input_layernorm, self.eps), rotary, kv_cache, metadata)
         hidden = hidden + attn
         return hidden + self.mlp(F.rms_norm(hidden, shape, self.post_attention_layernorm, self.eps))
 
@@ -140,8 +140,9 @@ class LlamaForCausalLM(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
+        rotary = self.rotary.tables(positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(hidden, positions, self.rotary, kv_cache, metadata)
+            hidden = layer(hidden, rotary, kv_cache, metadata)
         return F.rms_norm(hidden, (hidden.shape[-1],), self.norm, self.config.rms_norm_eps)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
