@@ -44,7 +44,7 @@ def make_batch(
 ):
     """A random batch whose physical blocks are scattered in shuffled order."""
     gen = torch.Generator().manual_seed(seed)
-    seq_lens = [q + c for q, c in zip(query_lens, context_lens)]
+    seq_lens = [q + c for q, c in zip(query_lens, context_lens, strict=True)]
     blocks_per_seq = [(n + block_size - 1) // block_size for n in seq_lens]
     num_blocks = sum(blocks_per_seq) + spare_blocks
     perm = torch.randperm(num_blocks, generator=gen).tolist()
@@ -157,7 +157,8 @@ def test_portable_path_matches(dtype):
     """The scalar fallback (used for odd head sizes / no AVX-512) agrees too."""
     batch = make_batch(MIXED_QUERY_LENS, MIXED_CONTEXT_LENS, 9, 3, 64, 8, dtype, seed=5)
     scale = 64**-0.5
-    got = cpu_kernel._extension().paged_attention(*batch, scale, None, True)
+    got = torch.empty_like(batch[0])
+    cpu_kernel._extension().paged_attention_out(*batch, scale, got, True, False)
     want = paged_attention_reference(*batch, scale)
     torch.testing.assert_close(got.float(), want.float(), **TOLERANCES[dtype])
 
@@ -217,9 +218,7 @@ def test_large_logits_are_stable():
 
 @requires_kernel
 def test_empty_and_zero_length_query():
-    query, key_cache, value_cache, block_tables, qsl, seq_lens = make_batch(
-        [2, 1], [3, 4], 4, 2, 32, 4, torch.float32
-    )
+    query, key_cache, value_cache, block_tables, qsl, seq_lens = make_batch([2, 1], [3, 4], 4, 2, 32, 4, torch.float32)
     # A third sequence with no new tokens in this step.
     qsl = torch.cat([qsl, qsl[-1:]])
     seq_lens = torch.cat([seq_lens, torch.tensor([5], dtype=torch.int32)])
@@ -242,9 +241,7 @@ def test_empty_and_zero_length_query():
 
 @requires_kernel
 def test_bad_inputs_raise():
-    query, key_cache, value_cache, block_tables, qsl, seq_lens = make_batch(
-        [2, 1], [3, 4], 4, 2, 32, 4, torch.float32
-    )
+    query, key_cache, value_cache, block_tables, qsl, seq_lens = make_batch([2, 1], [3, 4], 4, 2, 32, 4, torch.float32)
     bad_table = block_tables.clone()
     bad_table[0, 0] = key_cache.shape[0]
     with pytest.raises(RuntimeError, match="out of range"):
@@ -254,9 +251,7 @@ def test_bad_inputs_raise():
             query, key_cache, value_cache, block_tables, qsl, torch.tensor([1, 5], dtype=torch.int32), 0.3
         )
     with pytest.raises(RuntimeError, match="dtype"):
-        cpu_kernel.paged_attention(
-            query.bfloat16(), key_cache, value_cache, block_tables, qsl, seq_lens, 0.3
-        )
+        cpu_kernel.paged_attention(query.bfloat16(), key_cache, value_cache, block_tables, qsl, seq_lens, 0.3)
     with pytest.raises(RuntimeError, match="multiple"):
         cpu_kernel.paged_attention(query[:, :3], key_cache, value_cache, block_tables, qsl, seq_lens, 0.3)
     with pytest.raises(RuntimeError, match="int32"):
@@ -285,3 +280,18 @@ if given is not None:
             query_lens, context_lens, group * num_kv_heads, num_kv_heads, head_dim, block_size, dtype, seed=seed
         )
         check(batch, dtype)
+
+
+@requires_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("block_size", [16, 5])
+def test_split_kv_decode_few_sequences(dtype, block_size):
+    """Few long decode sequences: the kernel cuts them into KV ranges across threads."""
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for query_lens, context in (([1], [1500]), ([1, 1], [700, 2049]), ([1, 1], [40, 3000])):
+            batch = make_batch(query_lens, context, 8, 1, 64, block_size, dtype, seed=len(context))
+            check(batch, dtype)
+    finally:
+        torch.set_num_threads(previous)

@@ -14,18 +14,25 @@ use :func:`quire.attention.reference.paged_attention_reference`.
 Setting ``QUIRE_DISABLE_CPU_KERNEL=1`` makes the kernel unavailable without
 trying to build it.
 
+The library is compiled with ``-march=native``; its cache name carries a hash of
+the CPU's feature flags, so a shared cache directory never hands a binary to
+a CPU that cannot run it.  It registers the operator
+``torch.ops.quire_pa.paged_attention_out`` (which writes into ``out``);
+:func:`paged_attention` is the friendly wrapper.
+
 Parallelism comes from ATen's intra-op thread pool, so
 ``torch.set_num_threads`` controls how many threads a call uses.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import platform
 import threading
 import time
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
@@ -34,24 +41,43 @@ __all__ = ["build", "is_available", "paged_attention", "build_seconds"]
 logger = logging.getLogger(__name__)
 
 _SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_attention.cpp"
-_EXT_NAME = "quire_paged_attention_cpu"
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-DNDEBUG"]
+
+
+def _cpu_tag() -> str:
+    """Short hash of the CPU architecture and feature flags."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+
+
+_EXT_NAME = f"quire_paged_attention_cpu_{_cpu_tag()}"
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-DNDEBUG"]
 _LDFLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()
-_module: ModuleType | None = None
+_ops = None  # torch.ops.quire_pa once loaded
 _failed = False
 _build_seconds: float | None = None
 
 
-def _load() -> ModuleType | None:
-    """Compile (or fetch from the cache) and import the extension, once."""
-    global _module, _failed, _build_seconds
-    if _module is not None or _failed:
-        return _module
+def _load():
+    """Compile (or fetch from the cache) and load the extension, once.
+
+    Returns the ``torch.ops.quire_pa`` namespace or None if unavailable.
+    """
+    global _ops, _failed, _build_seconds
+    if _ops is not None or _failed:
+        return _ops
     with _lock:
-        if _module is not None or _failed:
-            return _module
+        if _ops is not None or _failed:
+            return _ops
         if os.environ.get("QUIRE_DISABLE_CPU_KERNEL", "") not in ("", "0"):
             logger.warning(
                 "quire CPU paged-attention kernel disabled by QUIRE_DISABLE_CPU_KERNEL; "
@@ -63,25 +89,31 @@ def _load() -> ModuleType | None:
         try:
             from torch.utils.cpp_extension import load
 
-            _module = load(
+            # The library registers its operators with the dispatcher
+            # (TORCH_LIBRARY) instead of being a Python module.
+            load(
                 name=_EXT_NAME,
                 sources=[str(_SOURCE)],
                 extra_cflags=_CFLAGS,
                 extra_ldflags=_LDFLAGS,
+                is_python_module=False,
                 verbose=False,
             )
-        except Exception as exc:  # compiler missing, build error, import error, ...
+            ops = torch.ops.quire_pa
+            ops.paged_attention_out  # noqa: B018 - raises if the registration is missing
+        except Exception as exc:  # compiler missing, build error, load error, ...
             _failed = True
             logger.warning(
                 "quire CPU paged-attention kernel could not be built (%s: %s); "
-                "falling back to the reference implementation is up to the caller",
+                "callers should use quire.attention.reference.paged_attention_reference",
                 type(exc).__name__,
                 exc,
             )
             return None
+        _ops = ops
         _build_seconds = time.perf_counter() - start
         logger.debug("quire CPU paged-attention kernel ready in %.1fs", _build_seconds)
-        return _module
+        return _ops
 
 
 def is_available() -> bool:
@@ -134,17 +166,24 @@ def paged_attention(
         RuntimeError: if the kernel is unavailable (see :func:`is_available`)
             or the inputs are inconsistent.
     """
-    mod = _load()
-    if mod is None:
+    ops = _load()
+    if ops is None:
         raise RuntimeError(
-            "quire CPU paged-attention kernel is unavailable; use "
-            "quire.attention.reference.paged_attention_reference"
+            "quire CPU paged-attention kernel is unavailable; use quire.attention.reference.paged_attention_reference"
         )
-    return mod.paged_attention(
-        query, key_cache, value_cache, block_tables, query_start_loc, seq_lens, float(scale), out
+    zero_uncovered = out is None
+    if out is None:
+        out = torch.empty(query.shape, dtype=query.dtype)
+    ops.paged_attention_out(
+        query, key_cache, value_cache, block_tables, query_start_loc, seq_lens, float(scale), out, False, zero_uncovered
     )
+    return out
 
 
-def _extension() -> ModuleType | None:
-    """The raw extension module (tests use its ``force_generic`` switch)."""
+def _extension():
+    """The registered operator namespace (``torch.ops.quire_pa``) or None.
+
+    ``paged_attention_out(..., scale, out, force_generic, zero_uncovered)``;
+    tests use ``force_generic=True`` to exercise the portable scalar path.
+    """
     return _load()

@@ -18,14 +18,18 @@ each for float32 and bfloat16 caches.  Three implementations are timed:
   through the block table and call SDPA in the cache dtype (is_causal when there
   is no cached context).
 
-"GB/s" is effective bandwidth: bytes of K/V the call must read (each sequence's
-KV length x kv heads x head_dim x 2 tensors) plus query and output bytes,
-divided by the time per call.
+"ms/call" is the median, "best ms" the fastest call.  "GB/s" is effective
+bandwidth at the median: bytes of K/V the call must read (each sequence's KV
+length x kv heads x head_dim x 2 tensors) plus query and output bytes, divided
+by the time per call.  The load average is printed because other processes on
+the same cores distort multi-threaded timings badly (an OpenMP region waits
+for its slowest thread).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import statistics
 import time
@@ -73,9 +77,7 @@ class Case:
         return kv + 2 * self.query.numel() * elt
 
 
-def make_case(
-    name: str, query_lens: list[int], seq_lens: list[int], dtype: torch.dtype, seed: int = 0
-) -> Case:
+def make_case(name: str, query_lens: list[int], seq_lens: list[int], dtype: torch.dtype, seed: int = 0) -> Case:
     gen = torch.Generator().manual_seed(seed)
     blocks_per_seq = [(n + BLOCK_SIZE - 1) // BLOCK_SIZE for n in seq_lens]
     num_blocks = sum(blocks_per_seq) + 8
@@ -133,8 +135,8 @@ def gather_sdpa(
     return out
 
 
-def time_call(fn: Callable[[], object], min_time: float, min_iters: int = 5) -> float:
-    """Median seconds per call over batches of calls lasting >= min_time total."""
+def time_call(fn: Callable[[], object], min_time: float, min_iters: int = 5) -> tuple[float, float]:
+    """(median, best) seconds per call over at least min_iters calls and min_time seconds."""
     fn()  # warm-up
     fn()
     samples: list[float] = []
@@ -145,7 +147,7 @@ def time_call(fn: Callable[[], object], min_time: float, min_iters: int = 5) -> 
         samples.append(time.perf_counter() - t0)
         if len(samples) >= 10_000:
             break
-    return statistics.median(samples)
+    return statistics.median(samples), min(samples)
 
 
 def bench_cases(dtype: torch.dtype) -> list[Case]:
@@ -169,10 +171,11 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     available = cpu_kernel.is_available()
     load_s = time.perf_counter() - t0
-    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}")
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"torch {torch.__version__}, threads={torch.get_num_threads()}, cpus={os.cpu_count()}, load avg {load1:.2f}")
     print(f"kernel available: {available} (build/load {load_s:.1f}s)")
 
-    header = f"{'case':34s} {'impl':12s} {'ms/call':>9s} {'GB/s':>7s} {'vs ref':>7s} {'max|err|':>9s}"
+    header = f"{'case':34s} {'impl':12s} {'ms/call':>9s} {'best ms':>9s} {'GB/s':>7s} {'vs ref':>7s} {'max|err|':>9s}"
     print(header)
     print("-" * len(header))
     for dtype in (torch.float32, torch.bfloat16):
@@ -187,15 +190,18 @@ def main(argv: list[str] | None = None) -> None:
             ref_time = None
             results = []
             for name, fn in impls:
-                secs = time_call(fn, args.min_time)
+                median, best = time_call(fn, args.min_time)
                 err = (fn().float() - expected.float()).abs().max().item()
                 if name == "reference":
-                    ref_time = secs
-                results.append((name, secs, err))
-            for name, secs, err in results:
-                gbps = case.bytes_moved() / secs / 1e9
-                speedup = f"{ref_time / secs:6.1f}x" if ref_time else ""
-                print(f"{case.name:34s} {name:12s} {secs * 1e3:9.3f} {gbps:7.2f} {speedup:>7s} {err:9.2e}")
+                    ref_time = median
+                results.append((name, median, best, err))
+            for name, median, best, err in results:
+                gbps = case.bytes_moved() / median / 1e9
+                speedup = f"{ref_time / median:6.1f}x" if ref_time else ""
+                print(
+                    f"{case.name:34s} {name:12s} {median * 1e3:9.3f} {best * 1e3:9.3f} {gbps:7.2f} "
+                    f"{speedup:>7s} {err:9.2e}"
+                )
             print()
 
 

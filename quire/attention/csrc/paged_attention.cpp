@@ -4,30 +4,45 @@
 // chunks (query_len > 1, with or without previously cached context).  K/V are
 // read in place through the block table; nothing is gathered or copied.
 //
-// Work decomposition: a work item is (sequence, kv head, tile of query
-// tokens).  Every query head that shares the kv head is processed together,
-// so each K/V row that an item touches is loaded from memory once and reused
-// for all of its "rows" (row = query token x query head in the group).  Decode
-// items have one token, i.e. `group` rows.  Items are sorted by estimated cost
-// (longest first) and handed out dynamically to the threads of ATen's pool
-// (at::parallel_for), so uneven context lengths still balance.
+// Work decomposition.  A work item is (sequence, kv head, tile of query
+// tokens).  All query heads sharing the kv head are processed together, so
+// each K/V row an item touches is loaded once and reused for all its "rows"
+// (row = query token x query head of the group); a decode item has `group`
+// rows, a prefill tile up to kMaxTileRows.  Items are ordered largest
+// (sequence, kv head) first and pulled dynamically by the threads of ATen's
+// pool (at::parallel_for), so uneven context lengths balance.  When a call
+// has few items (e.g. one or two decode sequences with few kv heads), long
+// decode items are additionally split along the KV axis and the partial
+// softmax results merged afterwards (split-KV / "flash decoding").
 //
-// Inside an item the KV positions are walked in chunks of 16 with an online
-// (streaming) softmax kept per row in float32: logits of the chunk, one max
-// and one rescale per chunk, then the probability-weighted V accumulation.
-// Logits are kept in base 2 (the query is pre-scaled by scale * log2(e)) so
-// the exponential is a plain exp2.
+// Inside an item the KV positions are walked in chunks of kChunk (64) with an
+// online (streaming) softmax kept per row in float32: logits of the chunk, one
+// max and one rescale per row and chunk, then the probability-weighted V
+// accumulation with the accumulators in registers.  Logits are kept in base 2
+// (the scale is multiplied by log2(e)) so the exponential is a plain exp2.
+//
+// Q.K^T: with few rows (decode), each row is dotted with 16 K rows and the 16
+// partial vectors are reduced together (hsum16_transposed); with many rows
+// (prefill tiles) the K chunk is transposed once and the logits are computed
+// as register-blocked outer products (qk_tile).  bf16 uses VDPBF16PS (bf16
+// products, fp32 accumulation) when the compiler targets AVX512-BF16; V is
+// widened to fp32 (exact) and accumulated with FMA.
 //
 // The AVX-512 path covers head_dim = 16 * n for n in 1..8, 10, 12, 16
-// (16..128, 160, 192, 256).  bf16 Q.K uses the
-// AVX512-BF16 dot-product instruction when the compiler targets it.  Any
-// other configuration (or a compiler without AVX-512) uses a portable scalar
-// path with the same semantics.
+// (16..128, 160, 192, 256).  Any other head size, or a compiler without
+// AVX-512, uses a portable scalar path with the same semantics.
 
-#include <torch/extension.h>
-
+// Registered as the PyTorch operator torch.ops.quire_pa.paged_attention_out
+// (writes into a caller-provided output; the Python wrapper allocates).  Only
+// the light ATen/dispatcher headers are included (torch/extension.h alone
+// triples the compile time).
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/contiguous.h>
 #include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <optional>
 
 #include <algorithm>
 #include <atomic>
@@ -35,6 +50,8 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
@@ -51,8 +68,10 @@ using bf16 = c10::BFloat16;
 
 constexpr int kSub = 16;         // KV positions per logit vector
 constexpr int kChunk = 64;       // KV positions per softmax step (multiple of kSub)
-constexpr int kMaxTileRows = 32; // target rows (tokens x group heads) per item
+constexpr int kMaxTileRows = 128; // max rows (tokens x group heads) per prefill item
 constexpr float kLog2e = 1.4426950408889634f;
+constexpr int kSplitItemsPerThread = 4;  // split decode items below this many items per thread
+constexpr int64_t kSplitMinKv = 256;     // ... into KV ranges of at least this length
 
 struct Params {
   const char* q;
@@ -80,7 +99,21 @@ struct WorkItem {
   int32_t kv_head;
   int32_t tok_begin;  // first query token of the tile, relative to the sequence
   int32_t ntok;       // query tokens in the tile
-  int64_t cost;
+  int64_t cost;       // estimated work of this item
+  int64_t unit_cost;  // estimated work of all tiles of (seq, kv_head)
+  // Split-KV decode (a long single-token item cut into KV ranges so that the
+  // threads stay busy when there are few items): KV range [kv_lo, kv_hi) and
+  // the slot of the partial result; part < 0 means a normal, whole item.
+  int64_t kv_lo = 0;
+  int64_t kv_hi = 0;
+  int64_t part = -1;
+};
+
+// Unnormalised partial results of split items: per row (group head) the
+// running max m, the denominator l and head_dim accumulators.
+struct Partials {
+  float* data = nullptr;
+  int64_t stride = 0;  // floats per part: group * (head_dim + 2)
 };
 
 // Positions of a work item, derived from the sequence metadata.
@@ -188,7 +221,11 @@ inline void store_f32x16(bf16* p, __m512 x) {
 // 2^x for x <= 0 (larger arguments are fine up to ~127).  Degree-6 Taylor
 // polynomial on [-0.5, 0.5] (rel. error ~1.2e-7) and scalef for 2^n.
 inline __m512 exp2_ps(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-160.f));  // -inf -> exactly 0 below
+  // Clamp so that neither the polynomial nor scalef ever produces a denormal
+  // or underflows: both trigger slow microcode assists when FTZ is off (as it
+  // is in PyTorch threads).  exp2(x <= -125) is returned as ~2^-125.5; callers
+  // zero masked lanes explicitly.
+  x = _mm512_max_ps(x, _mm512_set1_ps(-125.f));
   const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, n);
   __m512 r = _mm512_set1_ps(1.5252734e-5f);
@@ -248,7 +285,7 @@ inline __m512 qk_row(const float* q, const float* const* kp, float /*post_scale*
   return hsum16_transposed(a);
 }
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512BF16__) && !defined(QUIRE_NO_DPBF16)
 // bf16: q holds the raw (unscaled) bf16 query row; products are accumulated in
 // fp32 by VDPBF16PS, then the logits are scaled.
 template <int NV>
@@ -327,37 +364,161 @@ inline void pv_rows(float* acc, int64_t acc_stride, const float* P, const float*
   }
 }
 
+// ---- Many-row tiles (prefill): Q.K^T as an outer product ------------------
+// K of a 16-token sub-block is transposed once per chunk (16x16 blocks of
+// 32-bit elements: fp32 values, or bf16 pairs), then each row's 16 logits are
+// accumulated with broadcast query elements - no horizontal sums, and the
+// transposition is shared by all rows of the tile.
+constexpr int kTileRows = 6;           // rows per register tile
+constexpr int kTransposeMinRows = 6;   // use the tile path from this many active rows
+
+// r[i] (16 x 32-bit) -> out[c] = column c, i.e. lane i of out[c] = r[i][c].
+inline void transpose16x16(const __m512i* r, __m512i* out) {
+  __m512 t[16], u[16];
+#pragma GCC unroll 8
+  for (int k = 0; k < 8; ++k) {
+    const __m512 a = _mm512_castsi512_ps(r[2 * k]);
+    const __m512 b = _mm512_castsi512_ps(r[2 * k + 1]);
+    t[2 * k] = _mm512_unpacklo_ps(a, b);
+    t[2 * k + 1] = _mm512_unpackhi_ps(a, b);
+  }
+#pragma GCC unroll 4
+  for (int gq = 0; gq < 4; ++gq) {
+    const __m512d t0 = _mm512_castps_pd(t[4 * gq]);
+    const __m512d t1 = _mm512_castps_pd(t[4 * gq + 1]);
+    const __m512d t2 = _mm512_castps_pd(t[4 * gq + 2]);
+    const __m512d t3 = _mm512_castps_pd(t[4 * gq + 3]);
+    // u[4g + c], 128-bit lane L: rows 4g..4g+3 of column 4L + c
+    u[4 * gq + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+    u[4 * gq + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    u[4 * gq + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+    u[4 * gq + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  }
+#pragma GCC unroll 4
+  for (int c = 0; c < 4; ++c) {
+    const __m512 x0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x88);
+    const __m512 x1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xDD);
+    const __m512 y0 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x88);
+    const __m512 y1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xDD);
+    out[c] = _mm512_castps_si512(_mm512_shuffle_f32x4(x0, y0, 0x88));
+    out[8 + c] = _mm512_castps_si512(_mm512_shuffle_f32x4(x0, y0, 0xDD));
+    out[4 + c] = _mm512_castps_si512(_mm512_shuffle_f32x4(x1, y1, 0x88));
+    out[12 + c] = _mm512_castps_si512(_mm512_shuffle_f32x4(x1, y1, 0xDD));
+  }
+}
+
+// Number of 32-bit elements in a row: fp32 -> head_dim, bf16 -> head_dim / 2
+// (bf16 K is transposed as pairs, the layout VDPBF16PS consumes).
+template <typename T, int NV>
+constexpr int kt_words() {
+#if defined(__AVX512BF16__) && !defined(QUIRE_NO_DPBF16)
+  return std::is_same_v<T, bf16> ? NV * 8 : NV * 16;
+#else
+  return NV * 16;
+#endif
+}
+
+// kt[(b * KW + w) * 16 + i] = 32-bit word w of token (16 b + i).  For bf16
+// without VDPBF16PS the rows are widened to fp32 (KW = head_dim).
+template <typename T, int NV>
+inline void transpose_k_chunk(const T* const* kp, int nsub, uint32_t* kt) {
+  constexpr int KW = kt_words<T, NV>();
+  for (int b = 0; b < nsub; ++b) {
+    const T* const* kb = kp + b * kSub;
+#pragma GCC unroll 1
+    for (int w0 = 0; w0 < KW; w0 += 16) {
+      // bf16 pairs with an odd number of 16-lane vectors end in half a group.
+      const __mmask16 mk = static_cast<__mmask16>(KW - w0 >= 16 ? 0xFFFFu : (1u << (KW - w0)) - 1u);
+      __m512i r[16];
+#pragma GCC unroll 16
+      for (int i = 0; i < 16; ++i) {
+        if constexpr (std::is_same_v<T, float> || KW == NV * 8) {
+          r[i] = _mm512_maskz_loadu_epi32(mk, reinterpret_cast<const uint32_t*>(kb[i]) + w0);
+        } else {
+          r[i] = _mm512_castps_si512(load_f32x16(kb[i] + w0));
+        }
+      }
+      __m512i o[16];
+      transpose16x16(r, o);
+      uint32_t* dst = kt + (static_cast<int64_t>(b) * KW + w0) * 16;
+#pragma GCC unroll 16
+      for (int c = 0; c < 16; ++c) _mm512_storeu_si512(dst + c * 16, o[c]);
+    }
+  }
+}
+
+// S[r][16 b + i] for kTileRows rows and NSB sub-blocks.  q: rows of width
+// NV*16 (fp32 pre-scaled, or raw bf16), S row stride kChunk.
+template <typename T, int NV, int NSB>
+inline void qk_tile(const T* q, const uint32_t* kt, float* S, float post_scale) {
+  constexpr int KW = kt_words<T, NV>();
+  constexpr int W = NV * 16;
+  __m512 acc[kTileRows][NSB];
+#pragma GCC unroll 8
+  for (int r = 0; r < kTileRows; ++r)
+#pragma GCC unroll 4
+    for (int b = 0; b < NSB; ++b) acc[r][b] = _mm512_setzero_ps();
+#pragma GCC unroll 2
+  for (int w = 0; w < KW; ++w) {
+    __m512i k[NSB];
+#pragma GCC unroll 4
+    for (int b = 0; b < NSB; ++b) k[b] = _mm512_loadu_si512(kt + (static_cast<int64_t>(b) * KW + w) * 16);
+#pragma GCC unroll 8
+    for (int r = 0; r < kTileRows; ++r) {
+      if constexpr (KW == W) {
+        float qv;
+        if constexpr (std::is_same_v<T, float>) {
+          qv = q[r * W + w];
+        } else {
+          qv = static_cast<float>(q[r * W + w]);
+        }
+        const __m512 qb = _mm512_set1_ps(qv);
+#pragma GCC unroll 4
+        for (int b = 0; b < NSB; ++b) acc[r][b] = _mm512_fmadd_ps(qb, _mm512_castsi512_ps(k[b]), acc[r][b]);
+      } else {
+#if defined(__AVX512BF16__) && !defined(QUIRE_NO_DPBF16)
+        int32_t pair;
+        std::memcpy(&pair, q + r * W + 2 * w, sizeof(pair));
+        const __m512bh qb = (__m512bh)_mm512_set1_epi32(pair);
+#pragma GCC unroll 4
+        for (int b = 0; b < NSB; ++b) acc[r][b] = _mm512_dpbf16_ps(acc[r][b], qb, (__m512bh)k[b]);
+#endif
+      }
+    }
+  }
+  const __m512 ps = _mm512_set1_ps(post_scale);
+#pragma GCC unroll 8
+  for (int r = 0; r < kTileRows; ++r)
+#pragma GCC unroll 4
+    for (int b = 0; b < NSB; ++b) _mm512_storeu_ps(S + r * kChunk + b * kSub, _mm512_mul_ps(acc[r][b], ps));
+}
+
 template <int NV>
 constexpr int max_pv_rows() {
   return NV >= 16 ? 1 : (24 / NV > 6 ? 6 : 24 / NV);
 }
 
-// Rows are processed in blocks of RM; a block only walks the KV positions
-// that its most-advanced row can see (nvalid[r]); the probabilities beyond a
-// row's own limit are zero.
-template <typename T, int NV>
-inline void pv_block(float* acc, int64_t acc_stride, const float* P, const float* alpha,
-                     const T* const* vp, const int* nvalid, int rows) {
-  constexpr int RM = max_pv_rows<NV>();
+// Calls f(integral_constant<R>, first_row, n) for consecutive blocks of at
+// most RM rows; n is the number of KV positions the block's most advanced row
+// can see in this chunk (probabilities beyond a row's own limit are zero).
+template <int RM, typename F>
+inline void for_row_blocks(const int* nvalid, int rows, F&& f) {
   int r = 0;
   for (; r + RM <= rows; r += RM) {
     int n = 0;
     for (int i = 0; i < RM; ++i) n = std::max(n, nvalid[r + i]);
-    pv_rows<T, NV, RM>(acc + r * acc_stride, acc_stride, P + r * kChunk, alpha + r, vp, n);
+    f(std::integral_constant<int, RM>{}, r, n);
   }
   const int rem = rows - r;
   if (rem <= 0) return;
   int n = 0;
   for (int i = 0; i < rem; ++i) n = std::max(n, nvalid[r + i]);
-  float* ar = acc + r * acc_stride;
-  const float* pr = P + r * kChunk;
-  const float* alr = alpha + r;
   switch (rem) {
-    case 1: pv_rows<T, NV, 1>(ar, acc_stride, pr, alr, vp, n); break;
-    case 2: if constexpr (RM > 2) pv_rows<T, NV, 2>(ar, acc_stride, pr, alr, vp, n); break;
-    case 3: if constexpr (RM > 3) pv_rows<T, NV, 3>(ar, acc_stride, pr, alr, vp, n); break;
-    case 4: if constexpr (RM > 4) pv_rows<T, NV, 4>(ar, acc_stride, pr, alr, vp, n); break;
-    case 5: if constexpr (RM > 5) pv_rows<T, NV, 5>(ar, acc_stride, pr, alr, vp, n); break;
+    case 1: f(std::integral_constant<int, 1>{}, r, n); break;
+    case 2: if constexpr (RM > 2) f(std::integral_constant<int, 2>{}, r, n); break;
+    case 3: if constexpr (RM > 3) f(std::integral_constant<int, 3>{}, r, n); break;
+    case 4: if constexpr (RM > 4) f(std::integral_constant<int, 4>{}, r, n); break;
+    case 5: if constexpr (RM > 5) f(std::integral_constant<int, 5>{}, r, n); break;
     default: break;
   }
 }
@@ -366,32 +527,44 @@ struct Scratch {
   std::vector<float> qf;     // rows x head_dim, scaled fp32 query (fp32 inputs)
   std::vector<bf16> qb;      // rows x head_dim, raw bf16 query (bf16 inputs)
   std::vector<float> acc;    // rows x head_dim
-  std::vector<float> P;      // rows x kChunk
-  std::vector<float> m, l, alpha;
+  std::vector<float> P;      // rows x kChunk probabilities (fp32)
+  std::vector<float> m, l, alpha, mnew, rowsum;
   std::vector<int> nvalid;
   std::vector<float> vf;     // kChunk x head_dim, V chunk converted to fp32
-  void ensure(int rows, int width) {
+  std::vector<float> S;      // (rows + kTileRows) x kChunk logits (tile path)
+  std::vector<uint32_t> kt;  // kChunk x head_dim words, transposed K chunk
+  void ensure(int rows_in, int width) {
+    // Room for a partial last register tile (its extra rows are scratch).
+    const int rows = rows_in + kTileRows;
     const size_t n = static_cast<size_t>(rows) * width;
     if (acc.size() < n) {
       qf.resize(n);
       qb.resize(n);
       acc.resize(n);
     }
-    if (vf.size() < static_cast<size_t>(kChunk) * width) vf.resize(static_cast<size_t>(kChunk) * width);
+    const size_t cw = static_cast<size_t>(kChunk) * width;
+    if (vf.size() < cw) {
+      vf.resize(cw);
+      kt.resize(cw);
+    }
     if (m.size() < static_cast<size_t>(rows)) {
       P.resize(static_cast<size_t>(rows) * kChunk);
+      S.resize(static_cast<size_t>(rows) * kChunk);
       m.resize(rows);
       l.resize(rows);
       alpha.resize(rows);
+      mnew.resize(rows);
+      rowsum.resize(rows);
       nvalid.resize(rows);
     }
   }
 };
 
 template <typename T, int NV>
-void run_item_avx512(const Params& p, const WorkItem& w, Scratch& sc) {
+void run_item_avx512(const Params& p, const WorkItem& w, Scratch& sc, const Partials& parts) {
   constexpr int W = NV * 16;  // row width (== head_dim)
-  const int D = p.head_dim;
+  constexpr int RM = max_pv_rows<NV>();
+  constexpr int kNSub = kChunk / kSub;
   const int G = p.group;
   const int rows = w.ntok * G;
   const ItemGeom g = geom(p, w);
@@ -426,19 +599,31 @@ void run_item_avx512(const Params& p, const WorkItem& w, Scratch& sc) {
   const T* vp[kChunk];
   const float* vfp[kChunk];
   const int BS = p.block_size;
-  constexpr int RM = max_pv_rows<NV>();
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
 
-  int64_t blk_idx = 0;
-  int off = 0;
-  for (int64_t j0 = 0; j0 < g.kv_end; j0 += kChunk) {
-    const int n = static_cast<int>(std::min<int64_t>(kChunk, g.kv_end - j0));
-    // Row pointers of this chunk, walked through the block table.
-    for (int i = 0; i < n; ++i) {
+  const bool split = w.part >= 0;
+  const int64_t kv_lo = split ? w.kv_lo : 0;
+  const int64_t kv_hi = split ? w.kv_hi : g.kv_end;
+  int64_t blk_idx = kv_lo / BS;
+  int off = static_cast<int>(kv_lo % BS);
+  for (int64_t j0 = kv_lo; j0 < kv_hi; j0 += kChunk) {
+    const int n = static_cast<int>(std::min<int64_t>(kChunk, kv_hi - j0));
+    // Row pointers of this chunk, walked through the block table one block
+    // run at a time.
+    for (int i = 0; i < n;) {
       const int64_t blk = bt[blk_idx];
-      kp[i] = kbase + blk * p.k_s_blk + off * p.k_s_tok;
-      vp[i] = vbase + blk * p.v_s_blk + off * p.v_s_tok;
-      if (++off == BS) {
+      const int cnt = std::min(n - i, BS - off);
+      const T* kr = kbase + blk * p.k_s_blk + off * p.k_s_tok;
+      const T* vr = vbase + blk * p.v_s_blk + off * p.v_s_tok;
+      for (int c = 0; c < cnt; ++c) {
+        kp[i + c] = kr;
+        vp[i + c] = vr;
+        kr += p.k_s_tok;
+        vr += p.v_s_tok;
+      }
+      i += cnt;
+      off += cnt;
+      if (off == BS) {
         off = 0;
         ++blk_idx;
       }
@@ -452,64 +637,138 @@ void run_item_avx512(const Params& p, const WorkItem& w, Scratch& sc) {
     const int t_first = static_cast<int>(std::max<int64_t>(0, j0 - g.pos0));
     const int r0 = t_first * G;
     for (int r = r0; r < rows; ++r) {
-      const int t = r / G;
-      const int64_t limit = g.pos0 + t + 1;  // valid KV positions: [0, limit)
-      const int nv = static_cast<int>(std::min<int64_t>(n, limit - j0));
-      const int nsub = (nv + kSub - 1) / kSub;
-      sc.nvalid[r] = nv;
-      __m512 s[kChunk / kSub];
-      __m512 vmax = ninf;
-#pragma GCC unroll 4
-      for (int b = 0; b < kChunk / kSub; ++b) {
-        if (b < nsub) {
-          if constexpr (std::is_same_v<T, float>) {
-            s[b] = qk_row<NV>(sc.qf.data() + static_cast<int64_t>(r) * W, kp + b * kSub, 1.f);
-          } else {
-            s[b] = qk_row<NV>(sc.qb.data() + static_cast<int64_t>(r) * W, kp + b * kSub, qscale);
-          }
-          const int left = nv - b * kSub;
-          if (left < kSub) s[b] = _mm512_mask_mov_ps(ninf, static_cast<__mmask16>((1u << left) - 1u), s[b]);
-          vmax = _mm512_max_ps(vmax, s[b]);
+      const int64_t limit = g.pos0 + r / G + 1;  // valid KV positions: [0, limit)
+      sc.nvalid[r] = static_cast<int>(std::min<int64_t>(n, limit - j0));
+    }
+    const bool tiled = rows - r0 >= kTransposeMinRows;
+    if (tiled) {
+      transpose_k_chunk<T, NV>(kp, npad / kSub, sc.kt.data());
+      const T* qrows;
+      if constexpr (std::is_same_v<T, float>) {
+        qrows = sc.qf.data();
+      } else {
+        qrows = sc.qb.data();
+      }
+      const float post = std::is_same_v<T, float> ? 1.f : qscale;
+      for (int rb = r0; rb < rows; rb += kTileRows) {
+        const int last = std::min(rb + kTileRows, rows) - 1;
+        const int nsb = (sc.nvalid[last] + kSub - 1) / kSub;
+        const T* qr = qrows + static_cast<int64_t>(rb) * W;
+        float* Sr = sc.S.data() + static_cast<int64_t>(rb) * kChunk;
+        switch (nsb) {
+          case 1: qk_tile<T, NV, 1>(qr, sc.kt.data(), Sr, post); break;
+          case 2: qk_tile<T, NV, 2>(qr, sc.kt.data(), Sr, post); break;
+          case 3: qk_tile<T, NV, 3>(qr, sc.kt.data(), Sr, post); break;
+          default: qk_tile<T, NV, 4>(qr, sc.kt.data(), Sr, post); break;
         }
       }
-      const float m_old = sc.m[r];
-      const float m_new = std::max(m_old, _mm512_reduce_max_ps(vmax));
-      const float alpha = m_new == m_old ? 1.f : std::exp2(m_old - m_new);
-      const __m512 mn = _mm512_set1_ps(m_new);
+    }
+    // Softmax bookkeeping in short per-row loops (independent iterations, so
+    // the out-of-order core overlaps the exp2 / reduction latencies of
+    // neighbouring rows).
+    // (a) logits (if not tiled), masking, new running max.
+    for (int r = r0; r < rows; ++r) {
+      const int nv = sc.nvalid[r];
+      const int nsub = (nv + kSub - 1) / kSub;
+      float* Sr = sc.S.data() + static_cast<int64_t>(r) * kChunk;
+      __m512 vmax = ninf;
+#pragma GCC unroll 4
+      for (int b = 0; b < kNSub; ++b) {
+        if (b < nsub) {
+          __m512 x;
+          if (tiled) {
+            x = _mm512_loadu_ps(Sr + b * kSub);
+          } else if constexpr (std::is_same_v<T, float>) {
+            x = qk_row<NV>(sc.qf.data() + static_cast<int64_t>(r) * W, kp + b * kSub, 1.f);
+          } else {
+            x = qk_row<NV>(sc.qb.data() + static_cast<int64_t>(r) * W, kp + b * kSub, qscale);
+          }
+          const int left = nv - b * kSub;
+          if (left < kSub) x = _mm512_mask_mov_ps(ninf, static_cast<__mmask16>((1u << left) - 1u), x);
+          _mm512_storeu_ps(Sr + b * kSub, x);
+          vmax = _mm512_max_ps(vmax, x);
+        }
+      }
+      sc.mnew[r] = std::max(sc.m[r], _mm512_reduce_max_ps(vmax));
+    }
+    // (b) rescale factors for 16 rows at a time.
+    for (int r = r0; r < rows; r += 16) {
+      const __mmask16 mk = static_cast<__mmask16>(rows - r >= 16 ? 0xFFFFu : (1u << (rows - r)) - 1u);
+      const __m512 mo = _mm512_maskz_loadu_ps(mk, sc.m.data() + r);
+      const __m512 mn = _mm512_maskz_loadu_ps(mk, sc.mnew.data() + r);
+      // m_old = -inf (first chunk) gives ~2^-125 (acc and l are 0 then); an
+      // unchanged max gives exactly 1.
+      _mm512_mask_storeu_ps(sc.alpha.data() + r, mk, exp2_ps(_mm512_sub_ps(mo, mn)));
+      _mm512_mask_storeu_ps(sc.m.data() + r, mk, mn);
+    }
+    // (c) probabilities and their row sums.
+    for (int r = r0; r < rows; ++r) {
+      const int nsub = (sc.nvalid[r] + kSub - 1) / kSub;
+      const float* Sr = sc.S.data() + static_cast<int64_t>(r) * kChunk;
       float* prow = sc.P.data() + static_cast<int64_t>(r) * kChunk;
+      const __m512 mn = _mm512_set1_ps(sc.m[r]);
       __m512 vsum = _mm512_setzero_ps();
 #pragma GCC unroll 4
-      for (int b = 0; b < kChunk / kSub; ++b) {
+      for (int b = 0; b < kNSub; ++b) {
         __m512 e = _mm512_setzero_ps();
         if (b < nsub) {
-          // exp2(-inf - m) underflows to exactly 0 via the clamp + scalef.
-          e = exp2_ps(_mm512_sub_ps(s[b], mn));
+          e = exp2_ps(_mm512_sub_ps(_mm512_loadu_ps(Sr + b * kSub), mn));
+          const int left = sc.nvalid[r] - b * kSub;
+          if (left < kSub) e = _mm512_maskz_mov_ps(static_cast<__mmask16>((1u << left) - 1u), e);
           vsum = _mm512_add_ps(vsum, e);
         }
         _mm512_storeu_ps(prow + b * kSub, e);
       }
-      sc.l[r] = sc.l[r] * alpha + _mm512_reduce_add_ps(vsum);
-      sc.m[r] = m_new;
-      sc.alpha[r] = alpha;
+      sc.rowsum[r] = _mm512_reduce_add_ps(vsum);
+    }
+    // (d) running denominators.
+    for (int r = r0; r < rows; r += 16) {
+      const __mmask16 mk = static_cast<__mmask16>(rows - r >= 16 ? 0xFFFFu : (1u << (rows - r)) - 1u);
+      const __m512 l = _mm512_maskz_loadu_ps(mk, sc.l.data() + r);
+      const __m512 al = _mm512_maskz_loadu_ps(mk, sc.alpha.data() + r);
+      const __m512 rs = _mm512_maskz_loadu_ps(mk, sc.rowsum.data() + r);
+      _mm512_mask_storeu_ps(sc.l.data() + r, mk, _mm512_fmadd_ps(l, al, rs));
     }
     float* accr = acc + static_cast<int64_t>(r0) * W;
-    const float* Pr = sc.P.data() + static_cast<int64_t>(r0) * kChunk;
-    if constexpr (std::is_same_v<T, bf16>) {
-      if (rows - r0 > RM) {
-        // Several row blocks will walk V: convert the chunk to fp32 once.
-        for (int i = 0; i < n; ++i) {
-          float* dst = sc.vf.data() + static_cast<int64_t>(i) * W;
+    const float* alr = sc.alpha.data() + r0;
+    const int* nvr = sc.nvalid.data() + r0;
+    {
+      const float* Pr = sc.P.data() + static_cast<int64_t>(r0) * kChunk;
+      bool converted = false;
+      if constexpr (std::is_same_v<T, bf16>) {
+        if (rows - r0 > RM) {
+          // Several row blocks will walk V: convert the chunk to fp32 once.
+          for (int i = 0; i < n; ++i) {
+            float* dst = sc.vf.data() + static_cast<int64_t>(i) * W;
 #pragma GCC unroll 16
-          for (int c = 0; c < NV; ++c) _mm512_storeu_ps(dst + 16 * c, load_f32x16(vp[i] + 16 * c));
-          vfp[i] = dst;
+            for (int c = 0; c < NV; ++c) _mm512_storeu_ps(dst + 16 * c, load_f32x16(vp[i] + 16 * c));
+            vfp[i] = dst;
+          }
+          converted = true;
         }
-        pv_block<float, NV>(accr, W, Pr, sc.alpha.data() + r0, vfp, sc.nvalid.data() + r0, rows - r0);
-        continue;
       }
+      for_row_blocks<RM>(nvr, rows - r0, [&](auto rc, int rr, int nn) {
+        constexpr int R = decltype(rc)::value;
+        float* ar = accr + static_cast<int64_t>(rr) * W;
+        const float* pr = Pr + static_cast<int64_t>(rr) * kChunk;
+        if (converted) {
+          pv_rows<float, NV, R>(ar, W, pr, alr + rr, vfp, nn);
+        } else {
+          pv_rows<T, NV, R>(ar, W, pr, alr + rr, vp, nn);
+        }
+      });
     }
-    pv_block<T, NV>(accr, W, Pr, sc.alpha.data() + r0, vp, sc.nvalid.data() + r0, rows - r0);
   }
 
+  if (split) {
+    float* dst = parts.data + w.part * parts.stride;
+    for (int r = 0; r < rows; ++r) {
+      dst[r * (W + 2)] = sc.m[r];
+      dst[r * (W + 2) + 1] = sc.l[r];
+      std::memcpy(dst + r * (W + 2) + 2, acc + static_cast<int64_t>(r) * W, sizeof(float) * W);
+    }
+    return;
+  }
   // Normalise and store.
   T* obase = reinterpret_cast<T*>(p.out);
   for (int t = 0; t < w.ntok; ++t) {
@@ -519,10 +778,8 @@ void run_item_avx512(const Params& p, const WorkItem& w, Scratch& sc) {
       T* dst = obase + (g.first_row + t) * p.o_s_tok + head * p.o_s_head;
       const float* a = acc + static_cast<int64_t>(r) * W;
       const __m512 inv = _mm512_set1_ps(1.f / sc.l[r]);
-      int d = 0;
-      for (; d + 16 <= D; d += 16) store_f32x16(dst + d, _mm512_mul_ps(_mm512_loadu_ps(a + d), inv));
-      const float invs = 1.f / sc.l[r];
-      for (; d < D; ++d) dst[d] = static_cast<T>(a[d] * invs);
+#pragma GCC unroll 16
+      for (int c = 0; c < NV; ++c) store_f32x16(dst + 16 * c, _mm512_mul_ps(_mm512_loadu_ps(a + 16 * c), inv));
     }
   }
 }
@@ -543,8 +800,7 @@ inline int avx512_nv(int head_dim) {
 }
 
 template <typename T>
-void run_all(const Params& p, const std::vector<WorkItem>& items, bool force_generic) {
-  const int nv = force_generic ? 0 : avx512_nv(p.head_dim);
+void run_all(const Params& p, const std::vector<WorkItem>& items, int nv, const Partials& parts) {
   std::atomic<int64_t> next{0};
   const int64_t nitems = static_cast<int64_t>(items.size());
   const int64_t nworkers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nitems));
@@ -559,17 +815,17 @@ void run_all(const Params& p, const std::vector<WorkItem>& items, bool force_gen
       const WorkItem& w = items[i];
       switch (nv) {
 #if QUIRE_AVX512
-        case 1: run_item_avx512<T, 1>(p, w, sc); break;
-        case 2: run_item_avx512<T, 2>(p, w, sc); break;
-        case 3: run_item_avx512<T, 3>(p, w, sc); break;
-        case 4: run_item_avx512<T, 4>(p, w, sc); break;
-        case 5: run_item_avx512<T, 5>(p, w, sc); break;
-        case 6: run_item_avx512<T, 6>(p, w, sc); break;
-        case 7: run_item_avx512<T, 7>(p, w, sc); break;
-        case 8: run_item_avx512<T, 8>(p, w, sc); break;
-        case 10: run_item_avx512<T, 10>(p, w, sc); break;
-        case 12: run_item_avx512<T, 12>(p, w, sc); break;
-        case 16: run_item_avx512<T, 16>(p, w, sc); break;
+        case 1: run_item_avx512<T, 1>(p, w, sc, parts); break;
+        case 2: run_item_avx512<T, 2>(p, w, sc, parts); break;
+        case 3: run_item_avx512<T, 3>(p, w, sc, parts); break;
+        case 4: run_item_avx512<T, 4>(p, w, sc, parts); break;
+        case 5: run_item_avx512<T, 5>(p, w, sc, parts); break;
+        case 6: run_item_avx512<T, 6>(p, w, sc, parts); break;
+        case 7: run_item_avx512<T, 7>(p, w, sc, parts); break;
+        case 8: run_item_avx512<T, 8>(p, w, sc, parts); break;
+        case 10: run_item_avx512<T, 10>(p, w, sc, parts); break;
+        case 12: run_item_avx512<T, 12>(p, w, sc, parts); break;
+        case 16: run_item_avx512<T, 16>(p, w, sc, parts); break;
 #endif
         default: run_item_generic<T>(p, w, gbuf); break;
       }
@@ -577,14 +833,50 @@ void run_all(const Params& p, const std::vector<WorkItem>& items, bool force_gen
   });
 }
 
+// Combine the partial results of split decode items: out = sum_i 2^(m_i - M)
+// acc_i / sum_i 2^(m_i - M) l_i (M = max_i m_i); m is in the base-2 domain.
+template <typename T>
+void merge_parts(const Params& p, const std::vector<WorkItem>& items, const Partials& parts) {
+  const int G = p.group;
+  const int D = p.head_dim;
+  std::vector<float> accum(D);
+  for (size_t i = 0; i < items.size();) {
+    const WorkItem& w0 = items[i];
+    if (w0.part < 0) {
+      ++i;
+      continue;
+    }
+    size_t j = i;  // the parts of one (seq, kv head) are adjacent
+    while (j < items.size() && items[j].part >= 0 && items[j].seq == w0.seq && items[j].kv_head == w0.kv_head) ++j;
+    const int64_t row = p.qsl[w0.seq];  // decode: one query row
+    for (int gi = 0; gi < G; ++gi) {
+      float M = -std::numeric_limits<float>::infinity();
+      for (size_t k = i; k < j; ++k) M = std::max(M, parts.data[items[k].part * parts.stride + gi * (D + 2)]);
+      float L = 0.f;
+      std::fill(accum.begin(), accum.end(), 0.f);
+      for (size_t k = i; k < j; ++k) {
+        const float* src = parts.data + items[k].part * parts.stride + gi * (D + 2);
+        const float f = std::exp2(src[0] - M);
+        L += f * src[1];
+        for (int d = 0; d < D; ++d) accum[d] += f * src[2 + d];
+      }
+      const int64_t head = static_cast<int64_t>(w0.kv_head) * G + gi;
+      T* dst = reinterpret_cast<T*>(p.out) + row * p.o_s_tok + head * p.o_s_head;
+      const float inv = 1.f / L;
+      for (int d = 0; d < D; ++d) dst[d] = static_cast<T>(accum[d] * inv);
+    }
+    i = j;
+  }
+}
+
 void check_inner_contiguous(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.stride(-1) == 1, name, " must be contiguous in its last dimension");
 }
 
-at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
+void paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
                            const at::Tensor& value_cache, const at::Tensor& block_tables_in,
                            const at::Tensor& query_start_loc_in, const at::Tensor& seq_lens_in,
-                           double scale, c10::optional<at::Tensor> out_opt, bool force_generic) {
+                           double scale, const at::Tensor& out, bool force_generic, bool zero_uncovered) {
   TORCH_CHECK(query.device().is_cpu() && key_cache.device().is_cpu() && value_cache.device().is_cpu() &&
                   block_tables_in.device().is_cpu() && query_start_loc_in.device().is_cpu() &&
                   seq_lens_in.device().is_cpu(),
@@ -621,15 +913,9 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   const at::Tensor qsl = query_start_loc_in.contiguous();
   const at::Tensor seq_lens = seq_lens_in.contiguous();
 
-  at::Tensor out;
-  if (out_opt.has_value() && out_opt->defined()) {
-    out = *out_opt;
-    TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == dtype, "out must be a CPU tensor of the query dtype");
-    TORCH_CHECK(out.sizes() == query.sizes(), "out must have the shape of query");
-    check_inner_contiguous(out, "out");
-  } else {
-    out = at::empty_like(query, at::MemoryFormat::Contiguous);
-  }
+  TORCH_CHECK(out.device().is_cpu() && out.scalar_type() == dtype, "out must be a CPU tensor of the query dtype");
+  TORCH_CHECK(out.sizes() == query.sizes(), "out must have the shape of query");
+  check_inner_contiguous(out, "out");
 
   Params p;
   p.q = static_cast<const char*>(query.data_ptr());
@@ -662,7 +948,13 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   const int64_t max_blocks = block_tables.size(1);
   TORCH_CHECK(S == 0 || p.qsl[0] >= 0, "query_start_loc[0] must be >= 0");
   TORCH_CHECK(S == 0 || p.qsl[S] <= T, "query_start_loc[-1] (", S ? p.qsl[S] : 0, ") exceeds num_tokens (", T, ")");
-  const int tile_tok = std::max(1, kMaxTileRows / p.group);
+  // Query tokens per prefill item: large tiles share each K/V chunk (and its
+  // transposition) among more rows, but keep >= 4 items per thread.
+  int64_t total_units = 0;  // sum over sequences of query_len x kv heads
+  for (int64_t s = 0; s < S; ++s) total_units += std::max<int64_t>(0, p.qsl[s + 1] - p.qsl[s]) * Hkv;
+  const int64_t min_items = 4 * static_cast<int64_t>(std::max(1, at::get_num_threads()));
+  const int tile_tok = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>(std::max(1, kMaxTileRows / p.group), total_units / min_items)));
   std::vector<WorkItem> items;
   items.reserve(static_cast<size_t>(S * Hkv));
   for (int64_t s = 0; s < S; ++s) {
@@ -680,32 +972,87 @@ at::Tensor paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
                   NB, ")");
     }
     const int64_t ctx = slen - qlen;
-    for (int64_t t0 = 0; t0 < qlen; t0 += tile_tok) {
-      const int64_t nt = std::min<int64_t>(tile_tok, qlen - t0);
-      // ~ rows x KV positions, plus a fixed overhead
-      const int64_t cost = nt * p.group * (ctx + t0 + nt) + 64;
-      for (int64_t h = 0; h < Hkv; ++h) {
+    auto tile_cost = [&](int64_t t0, int64_t nt) {
+      return nt * p.group * (ctx + t0 + nt) + 64;  // ~ rows x KV positions + overhead
+    };
+    int64_t unit_cost = 0;
+    for (int64_t t0 = 0; t0 < qlen; t0 += tile_tok) unit_cost += tile_cost(t0, std::min<int64_t>(tile_tok, qlen - t0));
+    for (int64_t h = 0; h < Hkv; ++h) {
+      for (int64_t t0 = 0; t0 < qlen; t0 += tile_tok) {
+        const int64_t nt = std::min<int64_t>(tile_tok, qlen - t0);
         items.push_back(WorkItem{static_cast<int32_t>(s), static_cast<int32_t>(h), static_cast<int32_t>(t0),
-                                 static_cast<int32_t>(nt), cost});
+                                 static_cast<int32_t>(nt), tile_cost(t0, nt), unit_cost});
       }
     }
   }
-  // Rows not owned by any sequence are zero-filled in a freshly allocated out.
-  if (!(out_opt.has_value() && out_opt->defined()) && T > 0) {
+  // Rows not owned by any sequence (before qsl[0] / from qsl[S] on).
+  if (zero_uncovered && T > 0) {
     const int64_t lo = S ? p.qsl[0] : T;
     const int64_t hi = S ? p.qsl[S] : T;
-    if (lo > 0) out.narrow(0, 0, lo).zero_();
-    if (hi < T) out.narrow(0, hi, T - hi).zero_();
+    const size_t row_bytes = static_cast<size_t>(D) * out.element_size();
+    for (int64_t t = 0; t < T; ++t) {
+      if (t >= lo && t < hi) continue;
+      for (int64_t h = 0; h < Hq; ++h) {
+        std::memset(p.out + (t * p.o_s_tok + h * p.o_s_head) * out.element_size(), 0, row_bytes);
+      }
+    }
   }
-  if (items.empty()) return out;
-  std::stable_sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) { return a.cost > b.cost; });
+  if (items.empty()) return;
+  // Largest (sequence, kv head) units first for load balance (the threads
+  // pull items dynamically); the tiles of one unit stay adjacent so that the
+  // threads working on them share that unit's K/V while it is in cache.
+  std::sort(items.begin(), items.end(), [](const WorkItem& a, const WorkItem& b) {
+    if (a.unit_cost != b.unit_cost) return a.unit_cost > b.unit_cost;
+    if (a.seq != b.seq) return a.seq < b.seq;
+    if (a.kv_head != b.kv_head) return a.kv_head < b.kv_head;
+    return a.cost > b.cost;
+  });
+
+  const int nv = force_generic ? 0 : avx512_nv(p.head_dim);
+  const int64_t nthreads = std::max(1, at::get_num_threads());
+  std::vector<float> part_buf;
+  Partials parts;
+  if (nv != 0 && nthreads > 1 && static_cast<int64_t>(items.size()) < kSplitItemsPerThread * nthreads) {
+    // Few items (e.g. a handful of decode sequences with few kv heads): cut
+    // long decode items into KV ranges so every thread gets work.
+    int64_t total = 0;
+    for (const WorkItem& w : items) total += w.cost;
+    // cost ~ rows x KV positions; decode items have `group` rows.
+    const int64_t target = std::max<int64_t>(kSplitMinKv, total / (p.group * kSplitItemsPerThread * nthreads));
+    std::vector<WorkItem> split_items;
+    int64_t nparts = 0;
+    for (const WorkItem& w : items) {
+      const int64_t kv_len = geom(p, w).kv_end;
+      const int64_t pieces = w.ntok == 1 ? std::min<int64_t>(kv_len / target, 64) : 1;
+      if (pieces < 2) {
+        split_items.push_back(w);
+        continue;
+      }
+      const int64_t len = (kv_len + pieces - 1) / pieces;
+      for (int64_t lo = 0; lo < kv_len; lo += len) {
+        WorkItem q = w;
+        q.kv_lo = lo;
+        q.kv_hi = std::min(kv_len, lo + len);
+        q.cost = (q.kv_hi - q.kv_lo) * p.group + 64;
+        q.part = nparts++;
+        split_items.push_back(q);
+      }
+    }
+    if (nparts > 0) {
+      items.swap(split_items);
+      parts.stride = static_cast<int64_t>(p.group) * (p.head_dim + 2);
+      part_buf.resize(static_cast<size_t>(nparts * parts.stride));
+      parts.data = part_buf.data();
+    }
+  }
 
   if (dtype == at::kFloat) {
-    run_all<float>(p, items, force_generic);
+    run_all<float>(p, items, nv, parts);
+    if (parts.data) merge_parts<float>(p, items, parts);
   } else {
-    run_all<bf16>(p, items, force_generic);
+    run_all<bf16>(p, items, nv, parts);
+    if (parts.data) merge_parts<bf16>(p, items, parts);
   }
-  return out;
 }
 
 bool has_avx512() { return QUIRE_AVX512 != 0; }
@@ -720,12 +1067,16 @@ bool has_avx512_bf16() {
 
 }  // namespace quire_pa
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "Quire CPU paged attention";
-  m.def("paged_attention", &quire_pa::paged_attention, "Paged attention over a block-table KV cache (CPU)",
-        py::arg("query"), py::arg("key_cache"), py::arg("value_cache"), py::arg("block_tables"),
-        py::arg("query_start_loc"), py::arg("seq_lens"), py::arg("scale"), py::arg("out") = py::none(),
-        py::arg("force_generic") = false, py::call_guard<py::gil_scoped_release>());
-  m.def("has_avx512", &quire_pa::has_avx512);
-  m.def("has_avx512_bf16", &quire_pa::has_avx512_bf16);
+#ifndef QUIRE_PA_NAMESPACE
+#define QUIRE_PA_NAMESPACE quire_pa
+#endif
+
+TORCH_LIBRARY(QUIRE_PA_NAMESPACE, m) {
+  m.def(
+      "paged_attention_out(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
+      "Tensor query_start_loc, Tensor seq_lens, float scale, Tensor(a!) out, bool force_generic=False, "
+      "bool zero_uncovered=False) -> ()",
+      &quire_pa::paged_attention);
+  m.def("has_avx512() -> bool", &quire_pa::has_avx512);
+  m.def("has_avx512_bf16() -> bool", &quire_pa::has_avx512_bf16);
 }
