@@ -40,7 +40,8 @@ __all__ = ["build", "is_available", "paged_attention", "build_seconds"]
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).resolve().parent / "csrc" / "paged_attention.cpp"
+_CSRC = Path(__file__).resolve().parent / "csrc"
+_SOURCES = [_CSRC / "paged_attention.cpp", _CSRC / "fused_ops.cpp"]
 
 
 def _cpu_tag() -> str:
@@ -93,7 +94,7 @@ def _load():
             # (TORCH_LIBRARY) instead of being a Python module.
             load(
                 name=_EXT_NAME,
-                sources=[str(_SOURCE)],
+                sources=[str(p) for p in _SOURCES],
                 extra_cflags=_CFLAGS,
                 extra_ldflags=_LDFLAGS,
                 is_python_module=False,
@@ -101,6 +102,7 @@ def _load():
             )
             ops = torch.ops.quire_pa
             ops.paged_attention_out  # noqa: B018 - raises if the registration is missing
+            ops.add_rms_norm  # noqa: B018
         except Exception as exc:  # compiler missing, build error, load error, ...
             _failed = True
             logger.warning(
@@ -178,6 +180,11 @@ def paged_attention(
         query, key_cache, value_cache, block_tables, query_start_loc, seq_lens, float(scale), out, False, zero_uncovered
     )
     return out
+
+
+def fused_ops():
+    """``torch.ops.quire_pa`` with the fused layer ops (add_rms_norm, silu_and_mul, rotary_inplace), or None."""
+    return _load()
 
 
 def _extension():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -70,6 +71,8 @@ class LLMEngine:
             torch.set_num_threads(args.num_threads)
 
         config = args.create_config(path, self.arch.max_position_embeddings, dtype_name)
+        if config.cache.enable_prefix_caching:
+            logger.warning("enable_prefix_caching is accepted but not implemented yet: every prompt is computed.")
         num_blocks = self._num_kv_blocks(config)
         block_size = config.cache.block_size
         capacity = num_blocks * block_size
@@ -88,14 +91,7 @@ class LLMEngine:
         self.model.rotary.float()  # cos/sin tables stay float32
 
         self.kv_cache = KVCacheManager(num_blocks, block_size)
-        self.scheduler = Scheduler(
-            config.scheduler.__class__(
-                max_num_seqs=config.scheduler.max_num_seqs,
-                max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-                max_model_len=max_model_len,
-            ),
-            self.kv_cache,
-        )
+        self.scheduler = Scheduler(dataclasses.replace(config.scheduler, max_model_len=max_model_len), self.kv_cache)
         self.cache = CacheEngine(self.arch, num_blocks, block_size, self.dtype, self.device)
         generator = torch.Generator().manual_seed(config.model.seed)
         self.runner = ModelRunner(self.model, self.cache, Sampler(generator), self.device)

@@ -14,6 +14,7 @@ from torch import nn
 
 from quire.attention.backend import AttentionBackend, AttentionMetadata
 from quire.models.config import LlamaArchConfig
+from quire.models.layer_ops import layer_ops
 
 
 def rope_inv_freq(config: LlamaArchConfig) -> torch.Tensor:
@@ -48,20 +49,15 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", freqs.cos(), persistent=False)
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for each token, [tokens, 1, head_dim / 2]: looked up once per step, used by every layer."""
-        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate ``x`` [tokens, heads, head_dim] by each token's position (half-split layout)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 cos and sin for each token, [tokens, head_dim / 2]: once per step, used by every layer."""
+        return self.cos[positions], self.sin[positions]
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, config: LlamaArchConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: LlamaArchConfig, backend: AttentionBackend, ops) -> None:
         super().__init__()
+        self.ops = ops
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
@@ -81,7 +77,7 @@ class LlamaAttention(nn.Module):
         tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)
         # Rotate q and k heads in one pass.
-        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(tokens, -1, self.head_dim), *rotary)
+        qk = self.ops.rotate(qkv, rotary, self.num_heads + self.num_kv_heads, self.head_dim)
         query, key = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         value = qkv[:, self.q_size + self.kv_size :].view(tokens, self.num_kv_heads, self.head_dim)
         out = self.backend.forward(
@@ -91,41 +87,46 @@ class LlamaAttention(nn.Module):
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, config: LlamaArchConfig) -> None:
+    def __init__(self, config: LlamaArchConfig, ops) -> None:
         super().__init__()
-        self.intermediate_size = config.intermediate_size
+        self.ops = ops
         self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: LlamaArchConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: LlamaArchConfig, backend: AttentionBackend, ops) -> None:
         super().__init__()
+        self.ops = ops
         self.eps = config.rms_norm_eps
         self.input_layernorm = nn.Parameter(torch.ones(config.hidden_size))
         self.post_attention_layernorm = nn.Parameter(torch.ones(config.hidden_size))
-        self.self_attn = LlamaAttention(config, backend)
-        self.mlp = LlamaMLP(config)
+        self.self_attn = LlamaAttention(config, backend, ops)
+        self.mlp = LlamaMLP(config, ops)
 
-    def forward(self, hidden, rotary, kv_cache, metadata):
-        shape = (hidden.shape[-1],)
-        attn = self.self_attn(F.rms_norm(hidden, shape, self.input_layernorm, self.eps), rotary, kv_cache, metadata)
-        hidden = hidden + attn
-        return hidden + self.mlp(F.rms_norm(hidden, shape, self.post_attention_layernorm, self.eps))
+    def forward(self, hidden, residual, rotary, kv_cache, metadata):
+        """Returns (this layer's MLP output, the residual stream before it); the next layer adds them."""
+        normed, residual = self.ops.add_rms_norm(hidden, residual, self.input_layernorm, self.eps)
+        attn = self.self_attn(normed, rotary, kv_cache, metadata)
+        normed, residual = self.ops.add_rms_norm(attn, residual, self.post_attention_layernorm, self.eps)
+        return self.mlp(normed), residual
 
 
 class LlamaForCausalLM(nn.Module):
     """Token ids and positions in, hidden states out; ``compute_logits`` for the rows that need them."""
 
-    def __init__(self, config: LlamaArchConfig, backend: AttentionBackend, max_positions: int) -> None:
+    def __init__(
+        self, config: LlamaArchConfig, backend: AttentionBackend, max_positions: int, use_fused_ops: bool = True
+    ) -> None:
         super().__init__()
         self.config = config
+        self.ops = layer_ops(use_fused_ops)
+        ops = self.ops
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, backend) for _ in range(config.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, backend, ops) for _ in range(config.num_layers))
         self.norm = nn.Parameter(torch.ones(config.hidden_size))
         self.lm_head = (
             None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -140,10 +141,11 @@ class LlamaForCausalLM(nn.Module):
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
-        rotary = self.rotary.tables(positions, hidden.dtype)
+        rotary = self.ops.rotary_tables(*self.rotary.lookup(positions), hidden.dtype)
+        residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden = layer(hidden, rotary, kv_cache, metadata)
-        return F.rms_norm(hidden, (hidden.shape[-1],), self.norm, self.config.rms_norm_eps)
+            hidden, residual = layer(hidden, residual, rotary, kv_cache, metadata)
+        return self.ops.add_rms_norm(hidden, residual, self.norm, self.config.rms_norm_eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -1,0 +1,61 @@
+"""The fused C++ layer ops compute what their PyTorch reference computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quire.attention import cpu_kernel
+from quire.models.layer_ops import FusedLayerOps, TorchLayerOps
+
+pytestmark = pytest.mark.skipif(not cpu_kernel.is_available(), reason="CPU extension did not build")
+
+# float32 must agree to rounding; bfloat16 is compared with float32 math, within two bf16 steps.
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+@pytest.fixture(scope="module")
+def ops() -> tuple[TorchLayerOps, FusedLayerOps]:
+    return TorchLayerOps(), FusedLayerOps(cpu_kernel.fused_ops())
+
+
+def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> None:
+    scale = want.float().abs().max().clamp(min=1.0)
+    assert got.dtype == dtype
+    assert (got.float() - want.float()).abs().max() <= TOLERANCE[dtype] * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_add_rms_norm(ops, dtype, rows):
+    ref, fused = ops
+    x, residual, weight = torch.randn(rows, 576), torch.randn(rows, 576), torch.randn(576)
+    want, want_residual = ref.add_rms_norm(x, residual.clone(), weight, 1e-5)
+    res = residual.to(dtype)
+    got, got_residual = fused.add_rms_norm(x.to(dtype), res, weight.to(dtype), 1e-5)
+    assert got_residual is res  # updated in place, like vLLM's fused_add_rms_norm
+    _close(got_residual, want_residual, dtype)
+    _close(got, want, dtype)
+    got, same = fused.add_rms_norm(x.to(dtype), None, weight.to(dtype), 1e-5)
+    _close(got, ref.add_rms_norm(x, None, weight, 1e-5)[0], dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_silu_and_mul(ops, dtype):
+    ref, fused = ops
+    x = torch.randn(9, 2 * 1536) * 4
+    _close(fused.silu_and_mul(x.to(dtype)), ref.silu_and_mul(x), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_rotates_only_the_named_heads(ops, dtype):
+    ref, fused = ops
+    tokens, heads, dim = 6, 12, 64
+    qkv = torch.randn(tokens, 15 * dim)  # 12 q/k heads to rotate, 3 v heads to leave alone
+    angles = torch.randn(tokens, dim // 2) * 3
+    cos, sin = angles.cos(), angles.sin()
+    want = ref.rotate(qkv, ref.rotary_tables(cos, sin, torch.float32), heads, dim)
+    mine = qkv.to(dtype)
+    got = fused.rotate(mine, fused.rotary_tables(cos, sin, dtype), heads, dim)
+    _close(got, want, dtype)
+    assert torch.equal(mine[:, heads * dim :], qkv.to(dtype)[:, heads * dim :])
