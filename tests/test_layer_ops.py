@@ -41,13 +41,6 @@ def test_add_rms_norm(ops, dtype, rows):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_silu_and_mul(ops, dtype):
-    ref, fused = ops
-    x = torch.randn(9, 2 * 1536) * 4
-    _close(fused.silu_and_mul(x.to(dtype)), ref.silu_and_mul(x), dtype)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rotary_rotates_only_the_named_heads(ops, dtype):
     ref, fused = ops
     tokens, heads, dim = 6, 12, 64

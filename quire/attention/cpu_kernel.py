@@ -183,7 +183,7 @@ def paged_attention(
 
 
 def fused_ops():
-    """``torch.ops.quire_pa`` with the fused layer ops (add_rms_norm, silu_and_mul, rotary_inplace), or None."""
+    """``torch.ops.quire_pa`` with the fused layer ops (add_rms_norm, rotary_inplace), or None."""
     return _load()
 
 

@@ -84,7 +84,10 @@ class LLMEngine:
         self.config = config
 
         self.attention = TorchAttentionBackend()
-        model = LlamaForCausalLM(self.arch, self.attention, max_positions=max_model_len)
+        # The fused C++ element-wise ops win in float32 only (their bf16 conversions are scalar).
+        model = LlamaForCausalLM(
+            self.arch, self.attention, max_positions=max_model_len, use_fused_ops=self.dtype == torch.float32
+        )
         model.load_weights(loaded.weights)
         del loaded
         self.model = model.to(device=self.device, dtype=self.dtype).eval()

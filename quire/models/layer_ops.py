@@ -41,7 +41,7 @@ class TorchLayerOps:
 
 
 class FusedLayerOps:
-    """One pass over memory per op (``quire/attention/csrc/fused_ops.cpp``)."""
+    """One pass over memory per op (``quire/attention/csrc/fused_ops.cpp``); used for float32 models."""
 
     def __init__(self, ops) -> None:
         self.ops = ops
@@ -51,10 +51,8 @@ class FusedLayerOps:
         self.ops.add_rms_norm(x, residual, weight, out, eps)
         return out, (x if residual is None else residual)
 
-    def silu_and_mul(self, gate_up):
-        out = torch.empty(gate_up.shape[0], gate_up.shape[1] // 2, dtype=gate_up.dtype)
-        self.ops.silu_and_mul(gate_up, out)
-        return out
+    # PyTorch's SiLU is vectorised; a scalar exp loop in C++ measured ~6x slower.
+    silu_and_mul = staticmethod(TorchLayerOps.silu_and_mul)
 
     @staticmethod
     def rotary_tables(cos, sin, dtype):

@@ -1,4 +1,5 @@
-// Fused element-wise ops for the Llama layer on CPU: each replaces a chain of small PyTorch ops
+// Fused element-wise ops for the Llama layer on CPU (float32 is the fast case: the bfloat16 paths
+// convert element by element and lose to PyTorch's vectorised ops, so the model uses them only in float32): each replaces a chain of small PyTorch ops
 // (and their temporaries) by one pass over the data. float32 and bfloat16; math in float32.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -71,38 +72,6 @@ void add_rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual
   }
 }
 
-// out[t, i] = silu(x[t, i]) * x[t, I + i] for x = [gate | up] of width 2I.
-template <typename T>
-void silu_and_mul_impl(const at::Tensor& x, at::Tensor& out) {
-  const int64_t rows = x.size(0), width = out.size(1);
-  const T* xp = x.data_ptr<T>();
-  T* op = out.data_ptr<T>();
-  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* gate = xp + r * 2 * width;
-      const T* up = gate + width;
-      T* orow = op + r * width;
-      for (int64_t i = 0; i < width; ++i) {
-        const float g = to_float(gate[i]);
-        orow[i] = static_cast<T>(g / (1.f + std::exp(-g)) * to_float(up[i]));
-      }
-    }
-  });
-}
-
-void silu_and_mul(const at::Tensor& x, at::Tensor& out) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && out.is_contiguous() && x.size(1) == 2 * out.size(1) &&
-                  x.size(0) == out.size(0) && x.scalar_type() == out.scalar_type(),
-              "silu_and_mul: x [T, 2I] and out [T, I] contiguous, same dtype");
-  if (x.scalar_type() == at::kFloat) {
-    silu_and_mul_impl<float>(x, out);
-  } else if (x.scalar_type() == at::kBFloat16) {
-    silu_and_mul_impl<c10::BFloat16>(x, out);
-  } else {
-    TORCH_CHECK(false, "silu_and_mul: float32 or bfloat16 expected");
-  }
-}
-
 // Rotate, in place, the first num_heads heads of every row of x [T, row_width] (half-split layout):
 // (x1, x2) <- (x1 cos - x2 sin, x2 cos + x1 sin), with cos/sin [T, head_dim / 2] float32.
 template <typename T>
@@ -152,7 +121,6 @@ void rotary_inplace(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
 TORCH_LIBRARY_FRAGMENT(QUIRE_PA_NAMESPACE, m) {
   m.def("add_rms_norm(Tensor x, Tensor(b!)? residual, Tensor weight, Tensor(a!) out, float eps) -> ()",
         &quire_ops::add_rms_norm);
-  m.def("silu_and_mul(Tensor x, Tensor(a!) out) -> ()", &quire_ops::silu_and_mul);
   m.def("rotary_inplace(Tensor(a!) x, Tensor cos, Tensor sin, int num_heads, int head_dim) -> ()",
         &quire_ops::rotary_inplace);
 }
