@@ -41,7 +41,7 @@ def rope_inv_freq(config: LlamaArchConfig) -> torch.Tensor:
 
 
 class RotaryEmbedding(nn.Module):
-    """Precomputed cos/sin per position, applied in the half-split (rotate_half) layout."""
+    """Precomputed float32 cos/sin per position; ``layer_ops`` applies them (half-split layout)."""
 
     def __init__(self, config: LlamaArchConfig, max_positions: int) -> None:
         super().__init__()
