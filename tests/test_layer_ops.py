@@ -52,3 +52,48 @@ def test_rotary_rotates_only_the_named_heads(ops, dtype):
     got = fused.rotate(mine, fused.rotary_tables(cos, sin, dtype), heads, dim)
     _close(got, want, dtype)
     assert torch.equal(mine[:, heads * dim :], qkv.to(dtype)[:, heads * dim :])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 8])
+def test_silu_and_mul(ops, dtype, rows):
+    ref, fused = ops
+    gate_up = torch.randn(rows, 2 * 40) * 6  # 40: a 16-lane tail; large |x| reaches the exp limits
+    _close(fused.silu_and_mul(gate_up.to(dtype)), ref.silu_and_mul(gate_up), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize(("k", "n"), [(576, 960), (40, 7), (70, 13)])
+def test_small_linear_matches_matmul(dtype, rows, k, n):
+    kernels = cpu_kernel.fused_ops()
+    x, w = torch.randn(rows, k).to(dtype), torch.randn(n, k).to(dtype)
+    out = torch.full((rows, n), float("nan"), dtype=dtype)
+    kernels.small_linear(x, w, out)
+    _close(out, x.double() @ w.double().t(), dtype)
+
+
+def test_small_linear_rows_do_not_depend_on_the_batch():
+    """Each row is reduced in the same order whatever else is in x: batch-invariant."""
+    kernels = cpu_kernel.fused_ops()
+    x, w = torch.randn(7, 576), torch.randn(100, 576)
+    batched = torch.empty(7, 100)
+    kernels.small_linear(x, w, batched)
+    for row in range(7):
+        alone = torch.empty(1, 100)
+        kernels.small_linear(x[row : row + 1].contiguous(), w, alone)
+        assert torch.equal(alone[0], batched[row])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_every_path_agrees_with_torch(dtype):
+    from quire.models.linear import PACKED_MAX_ROWS, SMALL_ROWS, Linear
+
+    layer = Linear(576, 192)
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(192, 576))
+    layer = layer.to(dtype)
+    layer.prepare(cpu_kernel.fused_ops())
+    for rows in (1, SMALL_ROWS[dtype] + 1, PACKED_MAX_ROWS + 1):
+        x = torch.randn(rows, 576).to(dtype)
+        _close(layer(x), x.double() @ layer.weight.detach().double().t(), dtype)

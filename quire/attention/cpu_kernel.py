@@ -16,7 +16,7 @@ trying to build it.
 
 The library is compiled with ``-march=native``; its cache name carries a hash of
 the CPU's feature flags, so a shared cache directory never hands a binary to
-a CPU that cannot run it.  It registers the operator
+a CPU that cannot run it, and a hash of the sources and headers.  It registers the operator
 ``torch.ops.quire_pa.paged_attention_out`` (which writes into ``out``);
 :func:`paged_attention` is the friendly wrapper.
 
@@ -58,7 +58,15 @@ def _cpu_tag() -> str:
     return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
 
 
-_EXT_NAME = f"quire_paged_attention_cpu_{_cpu_tag()}"
+def _source_tag() -> str:
+    """Short hash of every file in csrc/: torch's rebuild check sees the sources, not the headers."""
+    digest = hashlib.sha1()
+    for path in sorted(_CSRC.iterdir()):
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:8]
+
+
+_EXT_NAME = f"quire_cpu_{_cpu_tag()}_{_source_tag()}"
 _CFLAGS = ["-O3", "-march=native", "-fopenmp", "-DNDEBUG"]
 _LDFLAGS = ["-fopenmp"]
 
@@ -103,6 +111,7 @@ def _load():
             ops = torch.ops.quire_pa
             ops.paged_attention_out  # noqa: B018 - raises if the registration is missing
             ops.add_rms_norm  # noqa: B018
+            ops.small_linear  # noqa: B018
         except Exception as exc:  # compiler missing, build error, load error, ...
             _failed = True
             logger.warning(
@@ -183,7 +192,8 @@ def paged_attention(
 
 
 def fused_ops():
-    """``torch.ops.quire_pa`` with the fused layer ops (add_rms_norm, rotary_inplace), or None."""
+    """``torch.ops.quire_pa`` with the fused layer ops (add_rms_norm, rotary_inplace, silu_and_mul,
+    small_linear), or None."""
     return _load()
 
 

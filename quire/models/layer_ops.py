@@ -14,6 +14,8 @@ from quire.attention import cpu_kernel
 class TorchLayerOps:
     """Reference implementation in plain PyTorch ops."""
 
+    kernels = None  # no compiled ops: linear layers use PyTorch too
+
     @staticmethod
     def add_rms_norm(
         x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
@@ -41,25 +43,27 @@ class TorchLayerOps:
 
 
 class FusedLayerOps:
-    """One pass over memory per op (``quire/attention/csrc/fused_ops.cpp``); used for float32 models."""
+    """One vectorised pass over memory per op (``quire/attention/csrc/fused_ops.cpp``), float32 and bf16."""
 
-    def __init__(self, ops) -> None:
-        self.ops = ops
+    def __init__(self, kernels) -> None:
+        self.kernels = kernels
 
     def add_rms_norm(self, x, residual, weight, eps):
         out = torch.empty_like(x)
-        self.ops.add_rms_norm(x, residual, weight, out, eps)
+        self.kernels.add_rms_norm(x, residual, weight, out, eps)
         return out, (x if residual is None else residual)
 
-    # PyTorch's SiLU is vectorised; a scalar exp loop in C++ measured ~6x slower.
-    silu_and_mul = staticmethod(TorchLayerOps.silu_and_mul)
+    def silu_and_mul(self, gate_up):
+        out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
+        self.kernels.silu_and_mul(gate_up, out)
+        return out
 
     @staticmethod
     def rotary_tables(cos, sin, dtype):
         return cos.contiguous(), sin.contiguous()
 
     def rotate(self, qkv, tables, num_heads, head_dim):
-        self.ops.rotary_inplace(qkv, tables[0], tables[1], num_heads, head_dim)
+        self.kernels.rotary_inplace(qkv, tables[0], tables[1], num_heads, head_dim)
         return qkv[:, : num_heads * head_dim].view(qkv.shape[0], num_heads, head_dim)
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from quire.attention.backend import AttentionBackend, AttentionMetadata
 from quire.models.config import LlamaArchConfig
 from quire.models.layer_ops import layer_ops
+from quire.models.linear import Linear
 
 
 def rope_inv_freq(config: LlamaArchConfig) -> torch.Tensor:
@@ -62,8 +62,8 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
         # q, k and v in one matmul.
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=False)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size)
+        self.o_proj = Linear(self.q_size, config.hidden_size)
         self.scale = self.head_dim**-0.5
         self.backend = backend
 
@@ -90,8 +90,8 @@ class LlamaMLP(nn.Module):
     def __init__(self, config: LlamaArchConfig, ops) -> None:
         super().__init__()
         self.ops = ops
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
@@ -128,9 +128,9 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, backend, ops) for _ in range(config.num_layers))
         self.norm = nn.Parameter(torch.ones(config.hidden_size))
-        self.lm_head = (
-            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        )
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight  # one tensor, listed once by named_parameters
         self.rotary = RotaryEmbedding(config, max_positions)
 
     def forward(
@@ -148,8 +148,14 @@ class LlamaForCausalLM(nn.Module):
         return self.ops.add_rms_norm(hidden, residual, self.norm, self.config.rms_norm_eps)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        return self.lm_head(hidden).float()
+
+    def prepare(self) -> LlamaForCausalLM:
+        """Set up the linear layers' fast paths; call after the weights are loaded and cast."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.prepare(self.ops.kernels)
+        return self
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         """Take Hugging Face Llama names (``model.layers.0.self_attn.q_proj.weight`` ...)."""
@@ -160,7 +166,7 @@ class LlamaForCausalLM(nn.Module):
             name = name.removeprefix("model.")
             if name.endswith("rotary_emb.inv_freq"):
                 continue
-            if name == "lm_head.weight" and self.lm_head is None:
+            if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
             for part, target in (
                 ("q_proj", "qkv_proj"), ("k_proj", "qkv_proj"), ("v_proj", "qkv_proj"),

@@ -50,7 +50,7 @@ class Sampler:
         self.generator = generator  # for rows without their own seed
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
-        raw_logprobs = torch.log_softmax(logits, dim=-1)
+        raw_logits = logits
         logits = self._apply_penalties(logits, batch)
         if batch.banned_rows is not None:
             logits = logits.index_put((batch.banned_rows, batch.banned_tokens), torch.tensor(float("-inf")))
@@ -62,12 +62,16 @@ class Sampler:
             sampled = self._sample(logits, batch)
             tokens = torch.where(batch.temperature == 0, greedy_tokens, sampled)
 
+        if batch.num_logprobs < 0:
+            # Only the sampled tokens' logprobs: skip materialising the [B, vocab] log-softmax.
+            chosen = raw_logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - raw_logits.logsumexp(dim=-1)
+            return SamplerOutput(token_ids=tokens, logprobs=chosen)
+        raw_logprobs = torch.log_softmax(raw_logits, dim=-1)
         chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
         out = SamplerOutput(token_ids=tokens, logprobs=chosen)
-        if batch.num_logprobs >= 0:
-            out.ranks = (raw_logprobs > chosen.unsqueeze(1)).sum(dim=1) + 1
-            if batch.num_logprobs > 0:
-                out.top_logprobs, out.top_token_ids = raw_logprobs.topk(batch.num_logprobs, dim=-1)
+        out.ranks = (raw_logprobs > chosen.unsqueeze(1)).sum(dim=1) + 1
+        if batch.num_logprobs > 0:
+            out.top_logprobs, out.top_token_ids = raw_logprobs.topk(batch.num_logprobs, dim=-1)
         return out
 
     @staticmethod

@@ -1,23 +1,90 @@
-// Fused element-wise ops for the Llama layer on CPU (float32 is the fast case: the bfloat16 paths
-// convert element by element and lose to PyTorch's vectorised ops, so the model uses them only in float32): each replaces a chain of small PyTorch ops
-// (and their temporaries) by one pass over the data. float32 and bfloat16; math in float32.
+// Fused layer ops for the Llama layer on CPU, float32 and bfloat16 (math in float32):
+//  * add_rms_norm, rotary_inplace, silu_and_mul: each replaces a chain of small PyTorch ops (and
+//    their temporaries and, in bf16, their dtype round trips) by one vectorised pass over the data.
+//  * small_linear: y = x W^T for a few rows of x (decode with few sequences). Such a product is
+//    bound by reading W once; a GEMM library tuned for large M reaches a fraction of the memory
+//    bandwidth there (and bf16 less than fp32), so W is streamed once and dotted with every row
+//    of x while it is in L1 (bf16: VDPBF16PS, fp32: FMA; fp32 accumulation in both).
+// Each op has an AVX-512 path and a portable scalar path with the same semantics.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
+#define QUIRE_AVX512 1
+#else
+#define QUIRE_AVX512 0
+#endif
+
+#include "vec512.h"
+
 namespace quire_ops {
+
+using bf16 = c10::BFloat16;
 
 template <typename T>
 inline float to_float(T v) {
   return static_cast<float>(v);
 }
 
-// out = rms_norm(x + residual) * weight; residual <- x + residual (rounded to T, as an unfused add would).
-// Without a residual: out = rms_norm(x) * weight.
+#if QUIRE_AVX512
+using quire_vec::exp_ps;
+using quire_vec::hsum16_transposed;
+using quire_vec::load_f32x16;
+using quire_vec::store_f32x16;
+
+inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
+#endif
+
+// ---------------------------------------------------------------------------------------------
+// out = rms_norm(x + residual) * weight; residual <- x + residual (rounded to T, as an unfused add
+// would). Without a residual: out = rms_norm(x) * weight.
+template <typename T>
+void add_rms_norm_row(const T* xr, T* rr, const T* wp, T* orow, int64_t dim, float eps, float* row) {
+#if QUIRE_AVX512
+  __m512 ss = _mm512_setzero_ps();
+  for (int64_t d = 0; d < dim; d += 16) {
+    const __mmask16 m = tail_mask(dim - d);
+    __m512 v = load_f32x16(xr + d, m);
+    if (rr != nullptr) {
+      v = _mm512_add_ps(v, load_f32x16(rr + d, m));
+      store_f32x16(rr + d, v, m);
+      if constexpr (!std::is_same_v<T, float>) v = load_f32x16(rr + d, m);  // the rounded sum
+    }
+    _mm512_mask_storeu_ps(row + d, m, v);
+    ss = _mm512_fmadd_ps(v, v, ss);
+  }
+  const float inv = 1.f / std::sqrt(_mm512_reduce_add_ps(ss) / static_cast<float>(dim) + eps);
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (int64_t d = 0; d < dim; d += 16) {
+    const __mmask16 m = tail_mask(dim - d);
+    const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + d), vinv), load_f32x16(wp + d, m));
+    store_f32x16(orow + d, v, m);
+  }
+#else
+  float sum_sq = 0.f;
+  for (int64_t d = 0; d < dim; ++d) {
+    float v = to_float(xr[d]);
+    if (rr != nullptr) {
+      const T added = static_cast<T>(v + to_float(rr[d]));
+      rr[d] = added;
+      v = to_float(added);
+    }
+    row[d] = v;
+    sum_sq += v * v;
+  }
+  const float inv = 1.f / std::sqrt(sum_sq / static_cast<float>(dim) + eps);
+  for (int64_t d = 0; d < dim; ++d) orow[d] = static_cast<T>(row[d] * inv * to_float(wp[d]));
+#endif
+}
+
 template <typename T>
 void add_rms_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
                        at::Tensor& out, double eps) {
@@ -26,28 +93,11 @@ void add_rms_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& res
   T* rp = residual.has_value() ? residual->data_ptr<T>() : nullptr;
   const T* wp = weight.data_ptr<T>();
   T* op = out.data_ptr<T>();
-  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(dim);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(dim + 16);
     for (int64_t r = begin; r < end; ++r) {
-      const T* xr = xp + r * dim;
-      float sum_sq = 0.f;
-      if (rp != nullptr) {
-        T* rr = rp + r * dim;
-        for (int64_t d = 0; d < dim; ++d) {
-          const T added = static_cast<T>(to_float(xr[d]) + to_float(rr[d]));
-          rr[d] = added;
-          row[d] = to_float(added);
-          sum_sq += row[d] * row[d];
-        }
-      } else {
-        for (int64_t d = 0; d < dim; ++d) {
-          row[d] = to_float(xr[d]);
-          sum_sq += row[d] * row[d];
-        }
-      }
-      const float inv = 1.f / std::sqrt(sum_sq / static_cast<float>(dim) + static_cast<float>(eps));
-      T* orow = op + r * dim;
-      for (int64_t d = 0; d < dim; ++d) orow[d] = static_cast<T>(row[d] * inv * to_float(wp[d]));
+      add_rms_norm_row<T>(xp + r * dim, rp == nullptr ? nullptr : rp + r * dim, wp, op + r * dim, dim,
+                          static_cast<float>(eps), row.data());
     }
   });
 }
@@ -66,12 +116,13 @@ void add_rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual
   if (x.scalar_type() == at::kFloat) {
     add_rms_norm_impl<float>(x, residual, weight, out, eps);
   } else if (x.scalar_type() == at::kBFloat16) {
-    add_rms_norm_impl<c10::BFloat16>(x, residual, weight, out, eps);
+    add_rms_norm_impl<bf16>(x, residual, weight, out, eps);
   } else {
     TORCH_CHECK(false, "add_rms_norm: float32 or bfloat16 expected");
   }
 }
 
+// ---------------------------------------------------------------------------------------------
 // Rotate, in place, the first num_heads heads of every row of x [T, row_width] (half-split layout):
 // (x1, x2) <- (x1 cos - x2 sin, x2 cos + x1 sin), with cos/sin [T, head_dim / 2] float32.
 template <typename T>
@@ -80,17 +131,27 @@ void rotary_impl(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, in
   T* xp = x.data_ptr<T>();
   const float* cp = cos.data_ptr<float>();
   const float* sp = sin.data_ptr<float>();
-  at::parallel_for(0, rows, 8, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const float* c = cp + r * half;
       const float* s = sp + r * half;
       for (int64_t h = 0; h < num_heads; ++h) {
         T* head = xp + r * stride + h * head_dim;
+#if QUIRE_AVX512
+        for (int64_t i = 0; i < half; i += 16) {
+          const __mmask16 m = tail_mask(half - i);
+          const __m512 x1 = load_f32x16(head + i, m), x2 = load_f32x16(head + half + i, m);
+          const __m512 vc = _mm512_maskz_loadu_ps(m, c + i), vs = _mm512_maskz_loadu_ps(m, s + i);
+          store_f32x16(head + i, _mm512_fmsub_ps(x1, vc, _mm512_mul_ps(x2, vs)), m);
+          store_f32x16(head + half + i, _mm512_fmadd_ps(x2, vc, _mm512_mul_ps(x1, vs)), m);
+        }
+#else
         for (int64_t i = 0; i < half; ++i) {
           const float x1 = to_float(head[i]), x2 = to_float(head[i + half]);
           head[i] = static_cast<T>(x1 * c[i] - x2 * s[i]);
           head[i + half] = static_cast<T>(x2 * c[i] + x1 * s[i]);
         }
+#endif
       }
     }
   });
@@ -106,9 +167,165 @@ void rotary_inplace(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin,
   if (x.scalar_type() == at::kFloat) {
     rotary_impl<float>(x, cos, sin, num_heads, head_dim);
   } else if (x.scalar_type() == at::kBFloat16) {
-    rotary_impl<c10::BFloat16>(x, cos, sin, num_heads, head_dim);
+    rotary_impl<bf16>(x, cos, sin, num_heads, head_dim);
   } else {
     TORCH_CHECK(false, "rotary_inplace: float32 or bfloat16 expected");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// out[T, I] = silu(gate_up[:, :I]) * gate_up[:, I:], rounded once.
+template <typename T>
+void silu_and_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
+  const int64_t rows = gate_up.size(0), inter = out.size(1);
+  const T* gp = gate_up.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  at::parallel_for(0, rows, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* g = gp + r * 2 * inter;
+      const T* u = g + inter;
+      T* o = op + r * inter;
+#if QUIRE_AVX512
+      const __m512 one = _mm512_set1_ps(1.f);
+      for (int64_t i = 0; i < inter; i += 16) {
+        const __mmask16 m = tail_mask(inter - i);
+        const __m512 vg = load_f32x16(g + i, m);
+        // exp(-g) overflows to inf for g < -88: silu -> -0, as it should.
+        const __m512 sig = _mm512_div_ps(vg, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), vg))));
+        store_f32x16(o + i, _mm512_mul_ps(sig, load_f32x16(u + i, m)), m);
+      }
+#else
+      for (int64_t i = 0; i < inter; ++i) {
+        const float vg = to_float(g[i]);
+        o[i] = static_cast<T>(vg / (1.f + std::exp(-vg)) * to_float(u[i]));
+      }
+#endif
+    }
+  });
+}
+
+void silu_and_mul(const at::Tensor& gate_up, at::Tensor& out) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && out.is_contiguous() &&
+                  out.size(0) == gate_up.size(0) && 2 * out.size(1) == gate_up.size(1) &&
+                  out.scalar_type() == gate_up.scalar_type(),
+              "silu_and_mul: gate_up [T, 2I] and out [T, I] contiguous, same dtype expected");
+  if (gate_up.scalar_type() == at::kFloat) {
+    silu_and_mul_impl<float>(gate_up, out);
+  } else if (gate_up.scalar_type() == at::kBFloat16) {
+    silu_and_mul_impl<bf16>(gate_up, out);
+  } else {
+    TORCH_CHECK(false, "silu_and_mul: float32 or bfloat16 expected");
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// small_linear: out[M, N] = x[M, K] W[N, K]^T for small M. Work unit: 4 rows of W against up to 4
+// rows of x at a time (16 accumulators, summed with one transposed reduction); the 4 rows of W
+// stay in L1 while every group of x rows passes over them, so W is read from memory once.
+constexpr int kWRows = 4;
+constexpr int kXRows = 4;
+
+#if QUIRE_AVX512
+// acc[w * kXRows + m] += x_m . W_w over one 32-element (bf16) or 16-element (fp32) slice.
+template <typename T>
+inline void dot_slice(const T* const* xr, const T* const* wr, int64_t k, __mmask32 m32, __mmask16 m16, int nx,
+                      __m512* acc);
+
+template <>
+inline void dot_slice<float>(const float* const* xr, const float* const* wr, int64_t k, __mmask32, __mmask16 m16,
+                             int nx, __m512* acc) {
+  __m512 xv[kXRows];
+  for (int m = 0; m < nx; ++m) xv[m] = _mm512_maskz_loadu_ps(m16, xr[m] + k);
+#pragma GCC unroll 4
+  for (int w = 0; w < kWRows; ++w) {
+    const __m512 wv = _mm512_maskz_loadu_ps(m16, wr[w] + k);
+    for (int m = 0; m < nx; ++m) acc[w * kXRows + m] = _mm512_fmadd_ps(xv[m], wv, acc[w * kXRows + m]);
+  }
+}
+
+#if defined(__AVX512BF16__)
+template <>
+inline void dot_slice<bf16>(const bf16* const* xr, const bf16* const* wr, int64_t k, __mmask32 m32, __mmask16,
+                            int nx, __m512* acc) {
+  __m512bh xv[kXRows];
+  for (int m = 0; m < nx; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(m32, xr[m] + k);
+#pragma GCC unroll 4
+  for (int w = 0; w < kWRows; ++w) {
+    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m32, wr[w] + k);
+    for (int m = 0; m < nx; ++m) acc[w * kXRows + m] = _mm512_dpbf16_ps(acc[w * kXRows + m], xv[m], wv);
+  }
+}
+#endif
+#endif
+
+template <typename T>
+void small_linear_impl(const at::Tensor& x, const at::Tensor& weight, at::Tensor& out) {
+  const int64_t rows = x.size(0), K = x.size(1), N = weight.size(0);
+  const T* xp = x.data_ptr<T>();
+  const T* wp = weight.data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  const int64_t blocks = (N + kWRows - 1) / kWRows;
+  at::parallel_for(0, blocks, 8, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t n0 = b * kWRows;
+      const T* wr[kWRows];
+      for (int w = 0; w < kWRows; ++w) wr[w] = wp + std::min<int64_t>(n0 + w, N - 1) * K;  // pad: repeat last
+      for (int64_t m0 = 0; m0 < rows; m0 += kXRows) {
+        const int nx = static_cast<int>(std::min<int64_t>(kXRows, rows - m0));
+        const T* xr[kXRows];
+        for (int m = 0; m < kXRows; ++m) xr[m] = xp + (m0 + std::min(m, nx - 1)) * K;
+        float sums[kWRows * kXRows];
+#if QUIRE_AVX512 && defined(__AVX512BF16__)
+        constexpr bool vectorised = true;
+#elif QUIRE_AVX512
+        constexpr bool vectorised = std::is_same_v<T, float>;
+#else
+        constexpr bool vectorised = false;
+#endif
+        if constexpr (vectorised) {
+#if QUIRE_AVX512
+          __m512 acc[16];
+          for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
+          constexpr int64_t step = std::is_same_v<T, float> ? 16 : 32;
+          for (int64_t k = 0; k < K; k += step) {
+            const int64_t left = K - k;
+            const __mmask32 m32 = left >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1ull << left) - 1);
+            dot_slice<T>(xr, wr, k, m32, tail_mask(left), nx, acc);
+          }
+          _mm512_storeu_ps(sums, hsum16_transposed(acc));
+#endif
+        } else {
+          for (int w = 0; w < kWRows; ++w) {
+            for (int m = 0; m < nx; ++m) {
+              float s = 0.f;
+              for (int64_t k = 0; k < K; ++k) s += to_float(xr[m][k]) * to_float(wr[w][k]);
+              sums[w * kXRows + m] = s;
+            }
+          }
+        }
+        for (int m = 0; m < nx; ++m) {
+          T* orow = op + (m0 + m) * N;
+          for (int w = 0; w < kWRows && n0 + w < N; ++w) orow[n0 + w] = static_cast<T>(sums[w * kXRows + m]);
+        }
+      }
+    }
+  });
+}
+
+void small_linear(const at::Tensor& x, const at::Tensor& weight, at::Tensor& out) {
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && out.dim() == 2 && x.is_contiguous() && weight.is_contiguous() &&
+                  out.is_contiguous(),
+              "small_linear: contiguous 2-D x, weight, out expected");
+  TORCH_CHECK(x.size(1) == weight.size(1) && out.size(0) == x.size(0) && out.size(1) == weight.size(0),
+              "small_linear: shapes x [M, K], weight [N, K], out [M, N] expected");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type() && x.scalar_type() == out.scalar_type(),
+              "small_linear: dtypes must match");
+  if (x.scalar_type() == at::kFloat) {
+    small_linear_impl<float>(x, weight, out);
+  } else if (x.scalar_type() == at::kBFloat16) {
+    small_linear_impl<bf16>(x, weight, out);
+  } else {
+    TORCH_CHECK(false, "small_linear: float32 or bfloat16 expected");
   }
 }
 
@@ -123,4 +340,6 @@ TORCH_LIBRARY_FRAGMENT(QUIRE_PA_NAMESPACE, m) {
         &quire_ops::add_rms_norm);
   m.def("rotary_inplace(Tensor(a!) x, Tensor cos, Tensor sin, int num_heads, int head_dim) -> ()",
         &quire_ops::rotary_inplace);
+  m.def("silu_and_mul(Tensor gate_up, Tensor(a!) out) -> ()", &quire_ops::silu_and_mul);
+  m.def("small_linear(Tensor x, Tensor weight, Tensor(a!) out) -> ()", &quire_ops::small_linear);
 }

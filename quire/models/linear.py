@@ -1,0 +1,60 @@
+"""A bias-free linear layer that picks the fastest CPU path for the number of rows it gets.
+
+A step's batch ranges from one decode row to a few hundred prefill rows, and no single GEMM call
+is fast across that range on this CPU (see docs/benchmarks.md):
+
+* a few rows: the product is bound by reading the weight once, which the C++ ``small_linear``
+  kernel streams at memory speed (PyTorch's bf16 path at M=1 is ~3x slower);
+* bf16 up to a few hundred rows: oneDNN with the weight reordered once into its blocked layout
+  (AMX), instead of reordering it on every call;
+* otherwise PyTorch's ``F.linear``.
+
+All paths accumulate in float32 and round once to the layer dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Largest row counts for which each path measured fastest here.
+SMALL_ROWS = {torch.float32: 1, torch.bfloat16: 3}
+PACKED_MAX_ROWS = 384
+
+
+def _onednn_bf16_available() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+class Linear(nn.Module):
+    """``y = x W^T`` with ``weight`` [out_features, in_features] (nn.Linear's layout and name)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self._kernels = None
+        self._small_rows = 0
+        self._packed: torch.Tensor | None = None
+
+    def prepare(self, kernels) -> None:
+        """Call once the weight holds its final values and dtype: sets up the fast paths.
+
+        ``kernels`` is the compiled op namespace (``cpu_kernel.fused_ops()``) or None.
+        """
+        weight = self.weight.detach()
+        self._kernels = kernels
+        self._small_rows = SMALL_ROWS.get(weight.dtype, 0) if kernels is not None and weight.is_cpu else 0
+        self._packed = None
+        if weight.dtype == torch.bfloat16 and weight.is_cpu and _onednn_bf16_available():
+            self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.shape[0]
+        if rows <= self._small_rows:
+            out = x.new_empty(rows, self.weight.shape[0])
+            self._kernels.small_linear(x.contiguous(), self.weight, out)
+            return out
+        if self._packed is not None and rows <= PACKED_MAX_ROWS:
+            return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
+        return F.linear(x, self.weight)
