@@ -87,13 +87,13 @@ def test_small_linear_rows_do_not_depend_on_the_batch():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_every_path_agrees_with_torch(dtype):
-    from quire.models.linear import PACKED_MAX_ROWS, SMALL_ROWS, Linear
+    from quire.models.linear import PACKED_ROWS, SMALL_ROWS, Linear
 
     layer = Linear(576, 192)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(192, 576))
     layer = layer.to(dtype)
     layer.prepare(cpu_kernel.fused_ops())
-    for rows in (1, SMALL_ROWS[dtype] + 1, PACKED_MAX_ROWS + 1):
+    for rows in (1, SMALL_ROWS[dtype] + 1, PACKED_ROWS[dtype].start, PACKED_ROWS[dtype].stop):
         x = torch.randn(rows, 576).to(dtype)
         _close(layer(x), x.double() @ layer.weight.detach().double().t(), dtype)

@@ -3,13 +3,16 @@
 A step's batch ranges from one decode row to a few hundred prefill rows, and no single GEMM call
 is fast across that range on this CPU (see docs/benchmarks.md):
 
-* a few rows: the product is bound by reading the weight once, which the C++ ``small_linear``
-  kernel streams at memory speed (PyTorch's bf16 path at M=1 is ~3x slower);
-* bf16 up to a few hundred rows: oneDNN with the weight reordered once into its blocked layout
-  (AMX), instead of reordering it on every call;
+* one to three rows: the product is bound by reading the weight once, which the C++
+  ``small_linear`` kernel streams at memory speed (PyTorch's bf16 path at M=1 is ~3x slower);
+* from 4 rows: oneDNN with the weight reordered once into its blocked layout (AMX tiles in bf16),
+  instead of MKL/oneDNN repacking it on every call: 1.2-1.6x faster in fp32 up to ~128 rows,
+  1.2-1.7x in bf16 up to 512 rows;
 * otherwise PyTorch's ``F.linear``.
 
-All paths accumulate in float32 and round once to the layer dtype.
+The packed copy doubles the weights' memory (0.5 GB more for the default model in fp32). All
+paths accumulate in float32 and round once to the layer dtype; each path computes a row the same
+way whatever the other rows are, so only the row count (not the batch's contents) picks the path.
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Largest row counts for which each path measured fastest here.
-SMALL_ROWS = {torch.float32: 1, torch.bfloat16: 3}
-PACKED_MAX_ROWS = 384
+# Row counts for which each path measured fastest here (1 and 2 threads, docs/benchmarks.md).
+SMALL_ROWS = {torch.float32: 2, torch.bfloat16: 3}
+PACKED_ROWS = {torch.float32: range(4, 193), torch.bfloat16: range(4, 513)}
 
 
-def _onednn_bf16_available() -> bool:
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+def _onednn_available(dtype: torch.dtype) -> bool:
+    if not torch.backends.mkldnn.is_available():
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class Linear(nn.Module):
@@ -36,6 +41,7 @@ class Linear(nn.Module):
         self._kernels = None
         self._small_rows = 0
         self._packed: torch.Tensor | None = None
+        self._packed_rows = range(0)
 
     def prepare(self, kernels) -> None:
         """Call once the weight holds its final values and dtype: sets up the fast paths.
@@ -46,7 +52,8 @@ class Linear(nn.Module):
         self._kernels = kernels
         self._small_rows = SMALL_ROWS.get(weight.dtype, 0) if kernels is not None and weight.is_cpu else 0
         self._packed = None
-        if weight.dtype == torch.bfloat16 and weight.is_cpu and _onednn_bf16_available():
+        self._packed_rows = PACKED_ROWS.get(weight.dtype, range(0))
+        if self._packed_rows and weight.is_cpu and _onednn_available(weight.dtype):
             self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,6 +62,6 @@ class Linear(nn.Module):
             out = x.new_empty(rows, self.weight.shape[0])
             self._kernels.small_linear(x.contiguous(), self.weight, out)
             return out
-        if self._packed is not None and rows <= PACKED_MAX_ROWS:
+        if self._packed is not None and rows in self._packed_rows:
             return torch.ops.mkldnn._linear_pointwise(x, self._packed, None, "none", [], "")
         return F.linear(x, self.weight)
