@@ -214,14 +214,16 @@ async def until_disconnected(raw_request: Request, work: Awaitable[T]) -> T | No
                 return
 
     watcher = asyncio.ensure_future(watch())
+    disconnected = True
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        disconnected = task not in done
     finally:
         watcher.cancel()
         if not task.done():
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-    return None if task.cancelled() else task.result()
+    return None if disconnected else task.result()
 
 
 def visible_text(text: str, finished: bool, holdback: int) -> str:
