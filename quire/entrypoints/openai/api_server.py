@@ -34,6 +34,8 @@ from quire.metrics import CONTENT_TYPE
 
 logger = logging.getLogger(__name__)
 
+# What clients call the embedded default model when no --served-model-name is given.
+DEFAULT_SERVED_MODEL_NAME = "SmolLM2-135M-Instruct"
 # Reachable without the API key (probes and scrapers).
 OPEN_PATHS = frozenset({"/health", "/metrics", "/ping", "/version"})
 # pydantic's tags for union members in an error location: not field names.
@@ -197,7 +199,7 @@ def run_server(args) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
     kwargs = engine_kwargs(args)
-    names = args.served_model_name or [args.model_tag or "SmolLM2-135M-Instruct"]
+    names = args.served_model_name or [args.model or DEFAULT_SERVED_MODEL_NAME]
     llm_engine = LLMEngine(EngineArgs(**kwargs))
     metrics = EngineMetrics(names[0])
     engine = AsyncLLMEngine(llm_engine, metrics=metrics, log_stats_interval=args.log_stats_interval)
