@@ -23,6 +23,7 @@ import pytest
 from server_utils import ServerThread, metric, wait_for
 
 import quire
+from quire import SamplingParams
 from quire.config import EngineArgs
 from quire.engine.async_engine import AsyncLLMEngine
 from quire.engine.llm_engine import LLMEngine
@@ -168,6 +169,23 @@ def test_soak_under_kv_pressure(pressured):
     assert metric(url, "quire:kv_cache_usage_perc") == 0
     assert metric(url, "quire:num_requests_running") == 0
     assert httpx.get(f"{url}/health").status_code == 200
+
+
+def test_unread_requests_are_aborted(pressured):
+    """A request whose output queue is dropped unread (a response that never started) is aborted."""
+    engine = pressured.engine
+    before = engine.stats()["num_generated_tokens"]
+    params = SamplingParams(max_tokens=170, ignore_eos=True)
+
+    async def add_and_drop() -> None:
+        await engine.add_request("orphan", [5] * 10, params)
+        stream = engine.stream("orphan-2", await engine.add_request("orphan-2", [6] * 10, params))
+        del stream  # created, never iterated
+
+    asyncio.run_coroutine_threadsafe(add_and_drop(), engine._loop).result(timeout=30)
+    assert wait_for(lambda: _pool_free(pressured), timeout=30), engine.stats()
+    assert engine.stats()["num_generated_tokens"] - before < 2 * 170
+    assert engine.run_in_engine_sync(lambda e: dict(e.requests)) == {}
 
 
 def test_engine_failure_fails_requests_and_health(tiny_llama_dir):

@@ -9,9 +9,12 @@ reads one queue as an async iterator. Outputs are cumulative, so a slow reader o
 the latest one (older ones still queued are skipped).
 
 Leaving ``generate()`` early (the client went away, the task was cancelled) aborts the request,
-which frees its KV blocks on the step thread. If ``step()`` raises, the engine is dead: every
-in-flight request fails with ``EngineDeadError``, new ones are refused and ``check_health()``
-raises, so the server's ``/health`` turns non-200.
+which frees its KV blocks on the step thread. So does dropping an output queue unread (a response
+that never started streaming): the engine keeps only a weak reference to each queue, and a
+finalizer aborts the request when the queue is garbage-collected before its request finished.
+
+If ``step()`` raises, the engine is dead: every in-flight request fails with ``EngineDeadError``,
+new ones are refused and ``check_health()`` raises, so the server's ``/health`` turns non-200.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import concurrent.futures
 import logging
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -56,7 +60,8 @@ class AsyncLLMEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._streams: dict[str, asyncio.Queue] = {}
+        # request id -> (weak ref to its output queue, the finalizer that aborts it if the queue is dropped)
+        self._streams: dict[str, tuple[weakref.ref, weakref.finalize]] = {}
         self._dead: BaseException | None = None
         self._stats: dict[str, int] = engine.stats()
 
@@ -111,9 +116,7 @@ class AsyncLLMEngine:
             self._cv.notify()
         await asyncio.to_thread(self._thread.join)
         self._thread = None
-        for queue in self._streams.values():
-            queue.put_nowait(EngineDeadError("the engine was shut down"))
-        self._streams.clear()
+        self._fail_all(EngineDeadError("the engine was shut down"))
 
     async def check_health(self) -> None:
         if self._dead is not None:
@@ -139,16 +142,16 @@ class AsyncLLMEngine:
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use.")
         queue: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = queue
+        finalizer = weakref.finalize(queue, self._orphaned, request_id)
+        self._streams[request_id] = (weakref.ref(queue), finalizer)
         arrival = time.time() if arrival_time is None else arrival_time
         try:
             await self.run_in_engine(
                 lambda engine: engine.add_request(request_id, prompt, params, arrival_time=arrival, priority=priority)
             )
         except BaseException:
-            self._streams.pop(request_id, None)
             # If we were cancelled after the command ran, the request exists: abort it (no-op otherwise).
-            self.abort_nowait(request_id)
+            self.cancel(request_id)
             raise
         return queue
 
@@ -181,16 +184,31 @@ class AsyncLLMEngine:
                     return
         finally:
             if not finished:
-                self._streams.pop(request_id, None)
-                self.abort_nowait(request_id)
+                self.cancel(request_id)
+
+    def cancel(self, request_id: str) -> None:
+        """Stop delivering ``request_id``'s outputs and abort it, without waiting (event-loop thread)."""
+        self._forget(request_id)
+        self.abort_nowait(request_id)
 
     def abort_nowait(self, request_id: str) -> None:
         """Abort from any thread without waiting; unknown or finished ids are ignored."""
         self._submit(lambda: self.engine.abort_request(request_id))
 
     async def abort(self, request_id: str) -> None:
-        self._streams.pop(request_id, None)
+        self._forget(request_id)
         await self.run_in_engine(lambda engine: engine.abort_request(request_id))
+
+    def _forget(self, request_id: str) -> None:
+        entry = self._streams.pop(request_id, None)
+        if entry is not None:
+            entry[1].detach()
+
+    def _orphaned(self, request_id: str) -> None:
+        """The queue of an unfinished request was garbage-collected unread: abort the request."""
+        self.abort_nowait(request_id)
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._streams.pop, request_id, None)
 
     async def run_in_engine(self, fn: Callable[[LLMEngine], T]) -> T:
         """Run ``fn(engine)`` on the step thread, between steps, and return its result."""
@@ -291,16 +309,22 @@ class AsyncLLMEngine:
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
-            queue = self._streams.get(output.request_id)
+            entry = self._streams.get(output.request_id)
+            queue = entry[0]() if entry is not None else None
             if queue is None:
                 continue
             queue.put_nowait(output)
             if output.finished:
-                del self._streams[output.request_id]
+                self._forget(output.request_id)
 
     def _fail_all(self, exc: BaseException) -> None:
-        error = EngineDeadError(f"engine step failed: {exc!r}")
-        error.__cause__ = exc
-        for queue in self._streams.values():
-            queue.put_nowait(error)
-        self._streams.clear()
+        if isinstance(exc, EngineDeadError):
+            error = exc
+        else:
+            error = EngineDeadError(f"engine step failed: {exc!r}")
+            error.__cause__ = exc
+        for request_id, (ref, _) in list(self._streams.items()):
+            queue = ref()
+            if queue is not None:
+                queue.put_nowait(error)
+            self._forget(request_id)

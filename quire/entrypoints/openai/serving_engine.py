@@ -143,15 +143,16 @@ class OpenAIServing:
     ) -> list[AsyncIterator[RequestOutput]]:
         """Add every prompt (all or none); returns one output stream per prompt."""
         arrival = time.time()
-        streams = []
+        streams, added = [], []
         try:
             for i, prompt in enumerate(prompts):
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
                 queue = await self.engine.add_request(rid, prompt.as_engine_input(), params, arrival, priority)
+                added.append(rid)
                 streams.append(self.engine.stream(rid, queue))
         except BaseException as exc:
-            for stream in streams:
-                await stream.aclose()
+            for rid in added:  # all or none: the streams never started, so abort them here
+                self.engine.cancel(rid)
             if isinstance(exc, ValueError):
                 raise APIError(str(exc), param=field) from exc
             raise
