@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 serve: setup
-	$(BIN)/quire generate --chat "What is PagedAttention? Answer in two sentences." --max-tokens 96
+	$(BIN)/quire serve --host 127.0.0.1 --port 8000
 
 test: setup
 	$(BIN)/ruff check quire tests

@@ -216,6 +216,9 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.is_empty:
             return []
+        scheduled_at = time.time()
+        for entry in sched.scheduled:  # queue time, for the server's metrics
+            entry.request.metrics.setdefault("first_scheduled_time", scheduled_at)
         result = self.runner.execute(sched)
         stats = self.stats_counters
         stats.num_steps += 1
@@ -335,7 +338,7 @@ class LLMEngine:
             )
             for seq in request.seqs
         ]
-        metrics = {"arrival_time": request.arrival_time}
+        metrics = {"arrival_time": request.arrival_time, **request.metrics}
         if request.first_token_time is not None:
             metrics["first_token_time"] = request.first_token_time
         if request.finished_time is not None:

@@ -1,11 +1,14 @@
-"""The ``quire`` command line: ``quire generate`` (and, later, ``serve`` and ``bench``)."""
+"""The ``quire`` command line: ``quire serve``, ``quire generate`` and ``quire bench serve``."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from quire.config import EngineArgs
+
+logger = logging.getLogger(__name__)
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -23,10 +26,37 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         "--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=defaults.enable_prefix_caching
     )
     parser.add_argument("--num-threads", type=int, default=None)
+    parser.add_argument(
+        "--swap-space", type=float, default=None, help="GiB of host memory for swapped-out KV blocks"
+    )
+    parser.add_argument("--scheduling-policy", default=None, choices=["fcfs", "priority"])
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    return {name: getattr(args, name) for name in EngineArgs.field_names() if hasattr(args, name)}
+    """The ``EngineArgs`` keyword arguments in ``args``.
+
+    Arguments the engine does not have yet (they land with the swap/priority issue) are checked
+    here: ``--swap-space`` must be >= 0 and is accepted with a warning (there is no host KV pool
+    yet, so nothing is swapped: preemption recomputes); ``--scheduling-policy fcfs`` is what the
+    engine does, and ``priority`` is rejected with a ValueError. Once ``EngineArgs`` has these
+    fields they are passed through like every other engine argument.
+    """
+    fields = set(EngineArgs.field_names())
+    swap_space = getattr(args, "swap_space", None)
+    if swap_space is not None and "swap_space" not in fields:
+        if swap_space < 0:
+            raise ValueError(f"swap_space must be >= 0, got {swap_space!r}.")
+        logger.warning("swap_space is accepted but not implemented yet: preempted requests are recomputed.")
+    policy = getattr(args, "scheduling_policy", None)
+    if policy == "priority" and "scheduling_policy" not in fields:
+        raise ValueError("scheduling_policy='priority' is not supported yet; use 'fcfs'.")
+    defaults = EngineArgs()
+    kwargs = {}
+    for name in EngineArgs.field_names():
+        value = getattr(args, name, None)
+        if hasattr(args, name) and (value is not None or getattr(defaults, name) is None):
+            kwargs[name] = value  # an unset option (None) keeps the engine's default
+    return kwargs
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -58,9 +88,43 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from quire.entrypoints.openai.api_server import run_server
+
+    if args.model_tag is not None:
+        if args.model is not None and args.model != args.model_tag:
+            print(f"error: two models given: {args.model_tag!r} and --model {args.model!r}", file=sys.stderr)
+            return 2
+        args.model = args.model_tag
+    try:
+        return run_server(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _bench_serve(args: argparse.Namespace) -> int:
+    from quire.bench.serve import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quire", description="Quire: PagedAttention LLM inference engine")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    serve.add_argument("model_tag", nargs="?", default=None, metavar="MODEL", help="model path (default: embedded)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on the API")
+    serve.add_argument(
+        "--served-model-name", nargs="+", default=None, help="name(s) clients use in 'model' (default: MODEL)"
+    )
+    serve.add_argument("--log-stats-interval", type=float, default=10.0, help="seconds between stats log lines")
+    serve.add_argument("--uvicorn-log-level", default="warning", choices=["debug", "info", "warning", "error"])
+    add_engine_args(serve)
+    serve.set_defaults(func=_serve)
 
     gen = commands.add_parser("generate", help="complete one prompt and print the text")
     gen.add_argument("prompt")
@@ -76,6 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--ignore-eos", action="store_true")
     add_engine_args(gen)
     gen.set_defaults(func=_generate)
+
+    bench = commands.add_parser("bench", help="benchmarks")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    bench_serve = bench_commands.add_parser("serve", help="load-test an OpenAI-compatible server")
+    from quire.bench.serve import add_cli_args
+
+    add_cli_args(bench_serve)
+    bench_serve.set_defaults(func=_bench_serve)
 
     args = parser.parse_args(argv)
     return args.func(args)

@@ -1,0 +1,330 @@
+"""The engine for the server: a background thread runs ``step()``; each request streams its outputs.
+
+``LLMEngine`` is CPU-bound torch and not thread-safe, so exactly one thread, the *step thread*,
+ever touches it. The asyncio side talks to it through a command queue (add, abort, or any
+callable) guarded by a condition variable; the step thread drains the queue between steps,
+runs ``step()`` while there is work and sleeps otherwise. Outputs go back to the event loop in
+one ``call_soon_threadsafe`` per step and land in per-request ``asyncio.Queue``s; ``generate()``
+reads one queue as an async iterator. Outputs are cumulative, so a slow reader only ever sees
+the latest one (older ones still queued are skipped).
+
+Leaving ``generate()`` early (the client went away, the task was cancelled) aborts the request,
+which frees its KV blocks on the step thread. So does dropping an output queue unread (a response
+that never started streaming): the engine keeps only a weak reference to each queue, and a
+finalizer aborts the request when the queue is garbage-collected before its request finished.
+
+If ``step()`` raises, the engine is dead: every in-flight request fails with ``EngineDeadError``,
+new ones are refused and ``check_health()`` raises, so the server's ``/health`` turns non-200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+import weakref
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from quire.config import EngineArgs
+from quire.engine.llm_engine import LLMEngine
+from quire.metrics import EngineMetrics, StatLogger
+from quire.outputs import RequestOutput
+from quire.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop failed; the engine serves no more requests."""
+
+
+class AsyncLLMEngine:
+    """Wraps an ``LLMEngine`` for asyncio callers; start it with ``start()`` inside a running loop."""
+
+    def __init__(
+        self,
+        engine: LLMEngine,
+        metrics: EngineMetrics | None = None,
+        log_stats_interval: float | None = 10.0,
+    ) -> None:
+        self.engine = engine
+        self.metrics = metrics
+        self.stat_logger = StatLogger(log_stats_interval) if log_stats_interval else None
+        self._cv = threading.Condition()
+        self._commands: list[Callable[[], None]] = []
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # request id -> (weak ref to its output queue, the finalizer that aborts it if the queue is dropped)
+        self._streams: dict[str, tuple[weakref.ref, weakref.finalize]] = {}
+        self._dead: BaseException | None = None
+        self._stats: dict[str, int] = engine.stats()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs, **kwargs: Any) -> AsyncLLMEngine:
+        return cls(LLMEngine(args), **kwargs)
+
+    # -- properties the server reads (immutable after construction) ---------------------------
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def vocab_size(self) -> int:
+        return self.engine.arch.vocab_size
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def errored(self) -> bool:
+        return self._dead is not None
+
+    def stats(self) -> dict[str, int]:
+        """The engine's stats as of the end of the last step-thread iteration."""
+        return dict(self._stats)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self.is_running:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._stopping = False
+        if self.metrics is not None:
+            self.metrics.start(self.engine.stats())
+        self._thread = threading.Thread(target=self._run, name="quire-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self) -> None:
+        """Abort every live request, stop the step thread and wait for it."""
+        if self._thread is None:
+            return
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        await asyncio.to_thread(self._thread.join)
+        self._thread = None
+        self._fail_all(EngineDeadError("the engine was shut down"))
+
+    async def check_health(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"engine step failed: {self._dead!r}") from self._dead
+        if not self.is_running:
+            raise EngineDeadError("the engine loop is not running")
+
+    # -- requests -----------------------------------------------------------------------------
+
+    async def add_request(
+        self,
+        request_id: str,
+        prompt: str | list[int] | dict,
+        params: SamplingParams,
+        arrival_time: float | None = None,
+        priority: int = 0,
+    ) -> asyncio.Queue:
+        """Queue a request; returns its output queue once the engine accepted it.
+
+        Raises the engine's ``ValueError`` (invalid prompt or params) or ``EngineDeadError``.
+        """
+        self._raise_if_dead()
+        if request_id in self._streams:
+            raise ValueError(f"request_id {request_id!r} is already in use.")
+        queue: asyncio.Queue = asyncio.Queue()
+        finalizer = weakref.finalize(queue, self._orphaned, request_id)
+        self._streams[request_id] = (weakref.ref(queue), finalizer)
+        arrival = time.time() if arrival_time is None else arrival_time
+        try:
+            await self.run_in_engine(
+                lambda engine: engine.add_request(request_id, prompt, params, arrival_time=arrival, priority=priority)
+            )
+        except BaseException:
+            # If we were cancelled after the command ran, the request exists: abort it (no-op otherwise).
+            self.cancel(request_id)
+            raise
+        return queue
+
+    async def generate(
+        self,
+        prompt: str | list[int] | dict,
+        params: SamplingParams,
+        request_id: str,
+        arrival_time: float | None = None,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Add a request and yield its cumulative outputs until it finishes."""
+        queue = await self.add_request(request_id, prompt, params, arrival_time, priority)
+        async for output in self.stream(request_id, queue):
+            yield output
+
+    async def stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        """Yield the outputs of an added request; leaving early aborts it."""
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                while not queue.empty() and not isinstance(item, BaseException) and not item.finished:
+                    item = queue.get_nowait()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.cancel(request_id)
+
+    def cancel(self, request_id: str) -> None:
+        """Stop delivering ``request_id``'s outputs and abort it, without waiting (event-loop thread)."""
+        self._forget(request_id)
+        self.abort_nowait(request_id)
+
+    def abort_nowait(self, request_id: str) -> None:
+        """Abort from any thread without waiting; unknown or finished ids are ignored."""
+        self._submit(lambda: self.engine.abort_request(request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._forget(request_id)
+        await self.run_in_engine(lambda engine: engine.abort_request(request_id))
+
+    def _forget(self, request_id: str) -> None:
+        entry = self._streams.pop(request_id, None)
+        if entry is not None:
+            entry[1].detach()
+
+    def _orphaned(self, request_id: str) -> None:
+        """The queue of an unfinished request was garbage-collected unread: abort the request."""
+        self.abort_nowait(request_id)
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._streams.pop, request_id, None)
+
+    async def run_in_engine(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run ``fn(engine)`` on the step thread, between steps, and return its result."""
+        return await asyncio.wrap_future(self._call(fn))
+
+    def run_in_engine_sync(self, fn: Callable[[LLMEngine], T], timeout: float | None = None) -> T:
+        """``run_in_engine`` for plain threads (tests, tools): blocks until it ran."""
+        return self._call(fn).result(timeout)
+
+    # -- the step thread ----------------------------------------------------------------------
+
+    def _raise_if_dead(self) -> None:
+        if self._dead is not None:
+            raise EngineDeadError(f"engine step failed: {self._dead!r}")
+        if not self.is_running:
+            raise EngineDeadError("the engine loop is not running")
+
+    def _call(self, fn: Callable[[LLMEngine], T]) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def command() -> None:
+            if not future.set_running_or_notify_cancel():
+                return
+            if self._dead is not None:
+                future.set_exception(EngineDeadError(f"engine step failed: {self._dead!r}"))
+                return
+            try:
+                future.set_result(fn(self.engine))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                future.set_exception(exc)
+
+        if not self._submit(command):
+            future.set_exception(EngineDeadError("the engine loop is not running"))
+        return future
+
+    def _submit(self, command: Callable[[], None]) -> bool:
+        with self._cv:
+            if self._stopping or self._thread is None or self._dead is not None:
+                return False
+            self._commands.append(command)
+            self._cv.notify()
+            return True
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            with self._cv:
+                while not self._commands and not self._stopping and not engine.has_unfinished_requests():
+                    self._cv.wait()
+                commands, self._commands = self._commands, []
+                stopping = self._stopping
+            for command in commands:
+                command()
+            if stopping:
+                self._abort_all()
+                self._publish([], stepped=False)
+                return
+            outputs: list[RequestOutput] = []
+            stepped = engine.has_unfinished_requests()
+            if stepped:
+                try:
+                    outputs = engine.step()
+                except BaseException as exc:  # noqa: BLE001 - the engine is now in an unknown state
+                    logger.exception("engine step failed; failing every in-flight request")
+                    self._die(exc)
+                    return
+            self._publish(outputs, stepped)
+
+    def _publish(self, outputs: list[RequestOutput], stepped: bool) -> None:
+        stats = self.engine.stats()
+        self._stats = stats
+        if self.metrics is not None:
+            self.metrics.record(stats, [o for o in outputs if o.finished], stepped=stepped)
+        if self.stat_logger is not None:
+            self.stat_logger.maybe_log(stats)
+        if outputs and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._dispatch, outputs)
+
+    def _abort_all(self) -> None:
+        for request_id in list(self.engine.requests):
+            self.engine.abort_request(request_id)
+
+    def _die(self, exc: BaseException) -> None:
+        with self._cv:
+            self._dead = exc
+            pending, self._commands = self._commands, []
+        for command in pending:  # let their futures fail instead of hanging
+            command()
+        try:
+            self._abort_all()
+        except Exception:  # noqa: BLE001
+            logger.exception("could not abort requests after the failure")
+        self._stats = self.engine.stats()
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._fail_all, exc)
+
+    # -- event loop side ----------------------------------------------------------------------
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            entry = self._streams.get(output.request_id)
+            queue = entry[0]() if entry is not None else None
+            if queue is None:
+                continue
+            queue.put_nowait(output)
+            if output.finished:
+                self._forget(output.request_id)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        if isinstance(exc, EngineDeadError):
+            error = exc
+        else:
+            error = EngineDeadError(f"engine step failed: {exc!r}")
+            error.__cause__ = exc
+        for request_id, (ref, _) in list(self._streams.items()):
+            queue = ref()
+            if queue is not None:
+                queue.put_nowait(error)
+            self._forget(request_id)

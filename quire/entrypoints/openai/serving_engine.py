@@ -1,0 +1,311 @@
+"""What completions and chat share: model names, prompt checks, SamplingParams, logprobs, SSE, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from fastapi import Request
+
+from quire.engine.async_engine import AsyncLLMEngine
+from quire.entrypoints.openai.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from quire.outputs import PositionLogprobs, RequestOutput
+from quire.sampling_params import SamplingParams
+
+T = TypeVar("T")
+
+# vLLM's default max_logprobs: the most top logprobs a request may ask for.
+MAX_LOGPROBS = 20
+# Logprobs of -inf are not JSON; OpenAI-compatible servers clamp them.
+_MIN_LOGPROB = -9999.0
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def clamp(logprob: float) -> float:
+    return max(logprob, _MIN_LOGPROB)
+
+
+def sse(data: dict | str) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {payload}\n\n"
+
+
+@dataclass
+class EnginePrompt:
+    text: str | None
+    token_ids: list[int]
+
+    def as_engine_input(self) -> dict:
+        return {"prompt": self.text, "prompt_token_ids": self.token_ids}
+
+
+class OpenAIServing:
+    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], priority_enabled: bool = False) -> None:
+        self.engine = engine
+        self.served_model_names = served_model_names
+        self.priority_enabled = priority_enabled
+
+    @property
+    def tokenizer(self):
+        return self.engine.tokenizer
+
+    # -- checks -------------------------------------------------------------------------------
+
+    def model_name(self, requested: str | None) -> str:
+        if requested is None or requested in self.served_model_names:
+            return requested or self.served_model_names[0]
+        raise APIError(
+            f"The model `{requested}` does not exist.", status_code=404, param="model", code="model_not_found"
+        )
+
+    def check_unsupported(self, request: CompletionRequest | ChatCompletionRequest) -> None:
+        if request.use_beam_search:
+            raise APIError("use_beam_search is not supported yet.", param="use_beam_search")
+        if request.priority != 0 and not self.priority_enabled:
+            raise APIError(
+                f"priority={request.priority} needs --scheduling-policy priority, which is not enabled.",
+                param="priority",
+            )
+        if request.logit_bias:
+            raise APIError("logit_bias is not supported.", param="logit_bias")
+        if request.stream_options is not None and not request.stream:
+            raise APIError("stream_options is only allowed when stream is true.", param="stream_options")
+
+    def check_prompt(self, prompt: EnginePrompt, max_tokens: int | None, field: str) -> None:
+        ids = prompt.token_ids
+        if not ids:
+            raise APIError(f"{field} is empty: it must contain at least one token.", param=field)
+        vocab = self.engine.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in ids):
+            raise APIError(f"{field} token ids must be integers in [0, {vocab}).", param=field)
+        limit = self.engine.max_model_len
+        if len(ids) > limit:
+            raise APIError(
+                f"This model's maximum context length is {limit} tokens. However, your {field} has "
+                f"{len(ids)} tokens. Please reduce the length of the {field}.",
+                param=field,
+            )
+        if max_tokens is not None and len(ids) + max_tokens > limit:
+            raise APIError(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{len(ids) + max_tokens} tokens ({len(ids)} in the {field}, {max_tokens} in the completion). "
+                f"Please reduce the length of the {field} or completion.",
+                param="max_tokens",
+            )
+
+    def sampling_params(self, request, fields: dict[str, str] | None = None, **overrides: Any) -> SamplingParams:
+        """Build SamplingParams from the request; a ValueError becomes a 400 naming the field.
+
+        ``fields`` maps SamplingParams names to the request's names where they differ.
+        """
+        values: dict[str, Any] = {
+            "n": request.n,
+            "best_of": request.best_of,
+            "presence_penalty": request.presence_penalty if request.presence_penalty is not None else 0.0,
+            "frequency_penalty": request.frequency_penalty if request.frequency_penalty is not None else 0.0,
+            "repetition_penalty": request.repetition_penalty if request.repetition_penalty is not None else 1.0,
+            "temperature": request.temperature if request.temperature is not None else 1.0,
+            "top_p": request.top_p if request.top_p is not None else 1.0,
+            "top_k": request.top_k if request.top_k is not None else 0,
+            "min_p": request.min_p if request.min_p is not None else 0.0,
+            "seed": request.seed,
+            "stop": request.stop,
+            "stop_token_ids": request.stop_token_ids,
+            "ignore_eos": request.ignore_eos,
+            "min_tokens": request.min_tokens,
+            "include_stop_str_in_output": request.include_stop_str_in_output,
+            "skip_special_tokens": request.skip_special_tokens,
+            "spaces_between_special_tokens": request.spaces_between_special_tokens,
+        }
+        values.update(overrides)
+        try:
+            return SamplingParams(**values)
+        except (ValueError, TypeError) as exc:
+            message = str(exc)
+            match = re.match(r"(\w+)", message)
+            name = match.group(1) if match else None
+            param = (fields or {}).get(name, name) if name in values else None
+            raise APIError(message, param=param) from exc
+
+    # -- running requests ---------------------------------------------------------------------
+
+    async def add_all(
+        self, request_id: str, prompts: list[EnginePrompt], params: SamplingParams, priority: int, field: str
+    ) -> list[AsyncIterator[RequestOutput]]:
+        """Add every prompt (all or none); returns one output stream per prompt."""
+        arrival = time.time()
+        streams, added = [], []
+        try:
+            for i, prompt in enumerate(prompts):
+                rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+                queue = await self.engine.add_request(rid, prompt.as_engine_input(), params, arrival, priority)
+                added.append(rid)
+                streams.append(self.engine.stream(rid, queue))
+        except BaseException as exc:
+            for rid in added:  # all or none: the streams never started, so abort them here
+                self.engine.cancel(rid)
+            if isinstance(exc, ValueError):
+                raise APIError(str(exc), param=field) from exc
+            raise
+        return streams
+
+
+async def last_output(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
+    last = None
+    async for output in stream:
+        last = output
+    assert last is not None and last.finished
+    return last
+
+
+async def merge(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+    """Interleave several async iterators, yielding ``(which, item)``; closing it cancels them all."""
+    if len(streams) == 1:
+        try:
+            async for item in streams[0]:
+                yield 0, item
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def drain(i: int, stream: AsyncIterator[T]) -> None:
+        try:
+            async for item in stream:
+                await queue.put((i, item))
+            await queue.put((i, done))
+        except Exception as exc:  # noqa: BLE001 - re-raised by the reader
+            await queue.put((i, exc))
+
+    tasks = [asyncio.create_task(drain(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, Exception):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def until_disconnected(raw_request: Request, work: Awaitable[T]) -> T | None:
+    """Run ``work``; if the client disconnects first, cancel it (aborting its requests) and return None."""
+    task = asyncio.ensure_future(work)
+
+    async def watch() -> None:
+        while True:
+            message = await raw_request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    disconnected = True
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        disconnected = task not in done
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    return None if disconnected else task.result()
+
+
+def visible_text(text: str, finished: bool, holdback: int) -> str:
+    """While a stop string could still be completing, keep its possible start out of the stream."""
+    if finished or holdback <= 0:
+        return text
+    return text[: max(0, len(text) - holdback)]
+
+
+def stop_holdback(params: SamplingParams) -> int:
+    if params.include_stop_str_in_output or not params.stop_strings:
+        return 0
+    return max(len(s) for s in params.stop_strings) - 1
+
+
+def token_text(tokenizer, token_id: int, position: PositionLogprobs | None) -> str:
+    if position is not None and token_id in position and position[token_id].decoded_token is not None:
+        return position[token_id].decoded_token
+    return tokenizer.decode([token_id])
+
+
+def top_entries(position: PositionLogprobs, k: int) -> list[tuple[int, Any]]:
+    """The ``k`` most likely candidates at a position, by rank."""
+    ranked = sorted(position.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
+    return [(tid, lp) for tid, lp in ranked if lp.rank is not None and lp.rank <= k][:k]
+
+
+class CompletionLogprobs:
+    """OpenAI's completions logprobs (tokens, token_logprobs, top_logprobs, text_offset), built incrementally."""
+
+    def __init__(self, tokenizer, offset: int) -> None:
+        self.tokenizer = tokenizer
+        self.offset = offset
+
+    def build(self, token_ids: list[int], positions: list[PositionLogprobs | None]) -> dict:
+        tokens, token_logprobs, top, offsets = [], [], [], []
+        for tid, position in zip(token_ids, positions, strict=True):
+            text = token_text(self.tokenizer, tid, position)
+            tokens.append(text)
+            offsets.append(self.offset)
+            self.offset += len(text)
+            if position is None:
+                token_logprobs.append(None)
+                top.append(None)
+                continue
+            token_logprobs.append(clamp(position[tid].logprob))
+            ranked = sorted(position.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
+            top.append({token_text(self.tokenizer, t, position): clamp(lp.logprob) for t, lp in ranked})
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer, token_ids: list[int], positions: list[PositionLogprobs], k: int) -> dict:
+    """OpenAI's chat logprobs: ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
+    content = []
+    for tid, position in zip(token_ids, positions, strict=True):
+        text = token_text(tokenizer, tid, position)
+        content.append(
+            {
+                "token": text,
+                "logprob": clamp(position[tid].logprob),
+                "bytes": list(text.encode("utf-8")),
+                "top_logprobs": [
+                    {
+                        "token": (t := token_text(tokenizer, other, position)),
+                        "logprob": clamp(lp.logprob),
+                        "bytes": list(t.encode("utf-8")),
+                    }
+                    for other, lp in top_entries(position, k)
+                ],
+            }
+        )
+    return {"content": content}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def finish_reason(reason: str | None) -> str | None:
+    return None if reason == "abort" else reason
