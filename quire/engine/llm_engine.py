@@ -89,7 +89,7 @@ class LLMEngine:
 
         self.attention = TorchAttentionBackend()
         model = LlamaForCausalLM(self.arch, self.attention, max_positions=max_model_len)
-        model.load_weights(loaded.weights)
+        model.load_weights(loaded.weights, loaded.quantized)
         del loaded
         self.model = model.to(device=self.device, dtype=self.dtype).eval()
         self.model.rotary.float()  # cos/sin tables stay float32

@@ -3,6 +3,9 @@
 A step's batch ranges from one decode row to a few hundred prefill rows, and no single GEMM call
 is fast across that range on this CPU (see docs/benchmarks.md):
 
+* a GGUF model in float32, one or two rows: ``quant_linear`` reads the weight in its block format
+  (Q4_1: 5 bits a weight instead of 32) and expands it in registers to exactly the float32 values
+  the float copy holds, so single-stream decode reads ~6x fewer bytes at unchanged fidelity;
 * one to three rows: the product is bound by reading the weight once, which the C++
   ``small_linear`` kernel streams at memory speed (PyTorch's bf16 path at M=1 is ~3x slower);
 * from 4 rows: oneDNN with the weight reordered once into its blocked layout (AMX tiles in bf16),
@@ -24,6 +27,8 @@ from torch import nn
 # Row counts for which each path measured fastest here (1 and 2 threads, docs/benchmarks.md).
 SMALL_ROWS = {torch.float32: 2, torch.bfloat16: 3}
 PACKED_ROWS = {torch.float32: range(4, 193), torch.bfloat16: range(4, 513)}
+QUANT_ROWS = 2
+_QUANT_KINDS = {"q4_1": 0, "q8_0": 1}
 
 
 def _onednn_available(dtype: torch.dtype) -> bool:
@@ -42,6 +47,8 @@ class Linear(nn.Module):
         self._small_rows = 0
         self._packed: torch.Tensor | None = None
         self._packed_rows = range(0)
+        self.quantized = None  # a loader.BlockQuantized copy of the weight, set by the model's loader
+        self._quant_rows = 0
 
     def prepare(self, kernels) -> None:
         """Call once the weight holds its final values and dtype: sets up the fast paths.
@@ -51,6 +58,8 @@ class Linear(nn.Module):
         weight = self.weight.detach()
         self._kernels = kernels
         self._small_rows = SMALL_ROWS.get(weight.dtype, 0) if kernels is not None and weight.is_cpu else 0
+        usable = kernels is not None and weight.is_cpu and weight.dtype == torch.float32
+        self._quant_rows = QUANT_ROWS if usable and self.quantized is not None else 0
         self._packed = None
         self._packed_rows = PACKED_ROWS.get(weight.dtype, range(0))
         if self._packed_rows and weight.is_cpu and _onednn_available(weight.dtype):
@@ -58,6 +67,10 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.shape[0]
+        if rows <= self._quant_rows:
+            out = x.new_empty(rows, self.weight.shape[0])
+            self._kernels.quant_linear(x.contiguous(), self.quantized.blocks, _QUANT_KINDS[self.quantized.kind], out)
+            return out
         if rows <= self._small_rows:
             out = x.new_empty(rows, self.weight.shape[0])
             self._kernels.small_linear(x.contiguous(), self.weight, out)

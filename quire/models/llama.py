@@ -157,8 +157,13 @@ class LlamaForCausalLM(nn.Module):
                 module.prepare(self.ops.kernels)
         return self
 
-    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
-        """Take Hugging Face Llama names (``model.layers.0.self_attn.q_proj.weight`` ...)."""
+    def load_weights(self, weights: dict[str, torch.Tensor], quantized: dict | None = None) -> None:
+        """Take Hugging Face Llama names (``model.layers.0.self_attn.q_proj.weight`` ...).
+
+        ``quantized`` (GGUF block-format copies of some weights, same names) is handed to the linear
+        layers that use them, fused like their float weights.
+        """
+        self._attach_quantized(quantized or {})
         params = dict(self.named_parameters())
         fused: dict[str, dict[str, torch.Tensor]] = {}
         seen: set[str] = set()
@@ -192,6 +197,22 @@ class LlamaForCausalLM(nn.Module):
         absent = sorted(set(params) - seen)
         if absent:
             raise ValueError(f"checkpoint lacks weights: {absent[:5]}{'...' if len(absent) > 5 else ''}")
+
+    def _attach_quantized(self, quantized: dict) -> None:
+        modules = dict(self.named_modules())
+        parts_of = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+        for module_name, module in modules.items():
+            if not isinstance(module, Linear):
+                continue
+            if module_name == "lm_head":
+                names = ["model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"]
+            else:
+                fused = module_name.rsplit(".", 1)[-1]
+                parts = parts_of.get(fused, (fused,))
+                names = [f"model.{module_name.replace(fused, p)}.weight" for p in parts]
+            found = [quantized.get(n) for n in names]
+            if all(q is not None for q in found) and len({q.kind for q in found}) == 1:
+                module.quantized = type(found[0])(found[0].kind, torch.cat([q.blocks for q in found]))
 
     @staticmethod
     def _copy(param: nn.Parameter, tensor: torch.Tensor, name: str) -> None:

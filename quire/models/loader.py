@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,11 +36,27 @@ def default_model_path() -> str:
     return str(path)
 
 
+@dataclass(frozen=True)
+class BlockQuantized:
+    """A 2-D weight still in its GGUF block format, rows in Hugging Face order.
+
+    ``blocks`` is uint8 [rows, bytes per row]; ``kind`` is "q4_1" or "q8_0". Kept beside the float32
+    copy so that small batches can read the 4-6x smaller form (``quire.models.linear``).
+    """
+
+    kind: str
+    blocks: torch.Tensor
+
+
+_BLOCK_KINDS = {"Q4_1": "q4_1", "Q8_0": "q8_0"}
+
+
 @dataclass
 class LoadedModel:
     config: LlamaArchConfig
     weights: dict[str, torch.Tensor]  # Hugging Face names, float32
     path: str
+    quantized: dict[str, BlockQuantized] = field(default_factory=dict)  # GGUF only, same names
 
 
 def resolve_model_path(model: str | None) -> str:
@@ -205,7 +221,10 @@ def _load_gguf(path: str) -> LoadedModel:
         eos_token_ids=_as_tuple(field("tokenizer.ggml.eos_token_id")),
     )
     weights: dict[str, torch.Tensor] = {}
+    quantized: dict[str, BlockQuantized] = {}
     for tensor in reader.tensors:
+        block_kind = _BLOCK_KINDS.get(tensor.tensor_type.name)
+        raw = np.array(tensor.data) if block_kind is not None and len(tensor.shape) == 2 else None
         array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
         shape = tuple(int(d) for d in reversed(tensor.shape))
         array = np.array(array, dtype=np.float32).reshape(shape)  # a writable copy
@@ -217,12 +236,14 @@ def _load_gguf(path: str) -> LoadedModel:
             if prefix != "blk" or kind not in _GGUF_LAYER_NAMES:
                 raise ValueError(f"unexpected tensor {name!r} in GGUF file")
             hf_name = f"model.layers.{layer}.{_GGUF_LAYER_NAMES[kind]}.{suffix}"
-            if kind == "attn_q":
-                array = _undo_rope_permute(array, num_heads)
-            elif kind == "attn_k":
-                array = _undo_rope_permute(array, num_kv_heads)
+            heads = {"attn_q": num_heads, "attn_k": num_kv_heads}.get(kind)
+            if heads is not None:  # a permutation of whole rows: the block rows follow it
+                array = _undo_rope_permute(array, heads)
+                raw = None if raw is None else _undo_rope_permute(raw, heads)
         weights[hf_name] = torch.from_numpy(np.ascontiguousarray(array))
-    return LoadedModel(config=config, weights=weights, path=path)
+        if raw is not None:
+            quantized[hf_name] = BlockQuantized(block_kind, torch.from_numpy(raw))
+    return LoadedModel(config=config, weights=weights, path=path, quantized=quantized)
 
 
 def available_memory_bytes() -> int:

@@ -1,0 +1,68 @@
+"""GGUF block-format weights: expanded exactly to the float32 values, products equal to the float path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from quire.attention import cpu_kernel
+from quire.models.linear import QUANT_ROWS, Linear
+from quire.models.loader import default_model_path, load_model_files
+
+pytestmark = pytest.mark.skipif(not cpu_kernel.is_available(), reason="CPU extension did not build")
+
+KINDS = {"q4_1": 0, "q8_0": 1}
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model_files(default_model_path())
+
+
+def test_default_model_keeps_block_copies_of_every_linear_weight(loaded):
+    names = set(loaded.quantized)
+    assert "model.embed_tokens.weight" in names  # Q8_0, the tied LM head
+    assert "model.layers.0.self_attn.q_proj.weight" in names
+    assert {q.kind for q in loaded.quantized.values()} == {"q4_1", "q8_0"}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "model.layers.0.self_attn.q_proj.weight",  # rows permuted back from llama.cpp's rotary layout
+        "model.layers.3.self_attn.k_proj.weight",
+        "model.layers.29.mlp.down_proj.weight",
+        "model.embed_tokens.weight",
+    ],
+)
+def test_blocks_expand_to_exactly_the_float_weights(loaded, name):
+    quantized, weight = loaded.quantized[name], loaded.weights[name]
+    expanded = cpu_kernel.fused_ops().dequantize_blocks(quantized.blocks, KINDS[quantized.kind], weight.shape[1])
+    assert torch.equal(expanded, weight)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 6])
+def test_quant_linear_equals_the_float_product(loaded, rows):
+    name = "model.layers.0.mlp.gate_proj.weight"
+    quantized, weight = loaded.quantized[name], loaded.weights[name]
+    x = torch.randn(rows, weight.shape[1])
+    out = torch.empty(rows, weight.shape[0])
+    cpu_kernel.fused_ops().quant_linear(x, quantized.blocks, KINDS[quantized.kind], out)
+    want = x.double() @ weight.double().t()
+    assert ((out.double() - want).abs().max() / want.abs().max()).item() < 1e-6
+
+
+def test_linear_uses_blocks_only_for_small_float32_batches(loaded):
+    name = "model.layers.0.self_attn.o_proj.weight"
+    layer = Linear(576, 576)
+    with torch.no_grad():
+        layer.weight.copy_(loaded.weights[name])
+    layer.quantized = loaded.quantized[name]
+    layer.prepare(cpu_kernel.fused_ops())
+    for rows in (1, QUANT_ROWS, QUANT_ROWS + 1, 64):
+        x = torch.randn(rows, 576)
+        got, want = layer(x), x.double() @ layer.weight.detach().double().t()
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-6
+    assert layer._quant_rows == QUANT_ROWS
+    layer.to(torch.bfloat16).prepare(cpu_kernel.fused_ops())
+    assert layer._quant_rows == 0  # bf16 activations keep the bf16 paths
