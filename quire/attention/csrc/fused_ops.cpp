@@ -366,21 +366,59 @@ inline void expand_block(const uint8_t* blk, int64_t kind, float* w) {
 }
 
 #if QUIRE_AVX512
+inline float half_to_float_f16c(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);
+  return _cvtsh_ss(bits);
+}
+
 inline void expand_block_avx512(const uint8_t* blk, int64_t kind, __m512& lo, __m512& hi) {
-  const __m512 vd = _mm512_set1_ps(half_to_float(blk));
+  const __m512 vd = _mm512_set1_ps(half_to_float_f16c(blk));
   if (kind == kQ4_1) {
-    const __m512 vm = _mm512_set1_ps(half_to_float(blk + 2));
+    // The 16 possible values d * k + m (k = 0..15), each rounded once (fma; d * k is exact): the
+    // gguf package's values. Each nibble then selects its value with one permute.
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 table = _mm512_fmadd_ps(vd, iota, _mm512_set1_ps(half_to_float_f16c(blk + 2)));
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4));
-    const __m128i nib = _mm_set1_epi8(0x0F);
-    const __m128i ql = _mm_and_si128(raw, nib), qh = _mm_and_si128(_mm_srli_epi16(raw, 4), nib);
-    // fma(d, q, m) == d * q + m rounded once, and d * q is exact: the gguf package's values.
-    lo = _mm512_fmadd_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(ql)), vm);
-    hi = _mm512_fmadd_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(qh)), vm);
+    const __m512i idx = _mm512_cvtepu8_epi32(raw);  // permutexvar reads the low 4 bits only
+    lo = _mm512_permutexvar_ps(idx, table);
+    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), table);
   } else {
     const int8_t* qs = reinterpret_cast<const int8_t*>(blk + 2);
     lo = _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)))));
     hi = _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16)))));
   }
+}
+#endif
+
+#if QUIRE_AVX512
+// One tile: kWRows weight rows (pointers; padding repeats the last row) against NX rows of x.
+// All loop bounds are compile-time constants so the 4 * NX accumulators stay in registers.
+template <int NX>
+inline void quant_tile(const float* x0, int64_t K, const uint8_t* const* wrow, int64_t block_bytes, int64_t kind,
+                       float* sums) {
+  __m512 acc[kWRows * NX];
+#pragma GCC unroll 16
+  for (int i = 0; i < kWRows * NX; ++i) acc[i] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < K / 32; ++b) {
+    __m512 xl[NX], xh[NX];
+#pragma GCC unroll 4
+    for (int m = 0; m < NX; ++m) {
+      xl[m] = _mm512_loadu_ps(x0 + m * K + b * 32);
+      xh[m] = _mm512_loadu_ps(x0 + m * K + b * 32 + 16);
+    }
+#pragma GCC unroll 4
+    for (int w = 0; w < kWRows; ++w) {
+      __m512 lo, hi;
+      expand_block_avx512(wrow[w] + b * block_bytes, kind, lo, hi);
+#pragma GCC unroll 4
+      for (int m = 0; m < NX; ++m) {
+        acc[w * NX + m] = _mm512_fmadd_ps(xh[m], hi, _mm512_fmadd_ps(xl[m], lo, acc[w * NX + m]));
+      }
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < kWRows * NX; ++i) sums[i] = _mm512_reduce_add_ps(acc[i]);
 }
 #endif
 
@@ -408,25 +446,18 @@ void quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t kind, a
         const int nx = static_cast<int>(std::min<int64_t>(kXRows, rows - m0));
         float sums[kWRows * kXRows] = {};
 #if QUIRE_AVX512
-        __m512 acc[16];
-        for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-        for (int64_t b = 0; b < nblocks; ++b) {
-          __m512 xl[kXRows], xh[kXRows];
-          for (int m = 0; m < nx; ++m) {
-            const float* xr = xp + (m0 + m) * K + b * 32;
-            xl[m] = _mm512_loadu_ps(xr);
-            xh[m] = _mm512_loadu_ps(xr + 16);
-          }
-          for (int w = 0; w < nw; ++w) {
-            __m512 lo, hi;
-            expand_block_avx512(bp + (n0 + w) * row_bytes + b * block_bytes, kind, lo, hi);
-            for (int m = 0; m < nx; ++m) {
-              acc[w * kXRows + m] = _mm512_fmadd_ps(xh[m], hi, _mm512_fmadd_ps(xl[m], lo, acc[w * kXRows + m]));
-            }
-          }
+        const uint8_t* wrow[kWRows];
+        for (int w = 0; w < kWRows; ++w) wrow[w] = bp + (n0 + std::min(w, nw - 1)) * row_bytes;
+        const float* x0 = xp + m0 * K;
+        switch (nx) {  // sums[w * nx + m]
+          case 1: quant_tile<1>(x0, K, wrow, block_bytes, kind, sums); break;
+          case 2: quant_tile<2>(x0, K, wrow, block_bytes, kind, sums); break;
+          case 3: quant_tile<3>(x0, K, wrow, block_bytes, kind, sums); break;
+          default: quant_tile<4>(x0, K, wrow, block_bytes, kind, sums); break;
         }
-        _mm512_storeu_ps(sums, hsum16_transposed(acc));
+        const int stride = nx;
 #else
+        const int stride = kXRows;
         float wv[32];
         for (int w = 0; w < nw; ++w) {
           for (int64_t b = 0; b < nblocks; ++b) {
@@ -441,7 +472,7 @@ void quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t kind, a
         }
 #endif
         for (int m = 0; m < nx; ++m) {
-          for (int w = 0; w < nw; ++w) op[(m0 + m) * N + n0 + w] = sums[w * kXRows + m];
+          for (int w = 0; w < nw; ++w) op[(m0 + m) * N + n0 + w] = sums[w * stride + m];
         }
       }
     }
