@@ -231,36 +231,45 @@ constexpr int kWRows = 4;
 constexpr int kXRows = 4;
 
 #if QUIRE_AVX512
-// acc[w * kXRows + m] += x_m . W_w over one 32-element (bf16) or 16-element (fp32) slice.
-template <typename T>
-inline void dot_slice(const T* const* xr, const T* const* wr, int64_t k, __mmask32 m32, __mmask16 m16, int nx,
-                      __m512* acc);
-
-template <>
-inline void dot_slice<float>(const float* const* xr, const float* const* wr, int64_t k, __mmask32, __mmask16 m16,
-                             int nx, __m512* acc) {
-  __m512 xv[kXRows];
-  for (int m = 0; m < nx; ++m) xv[m] = _mm512_maskz_loadu_ps(m16, xr[m] + k);
+// One tile of small_linear: kWRows rows of W against NX rows of x over all of K, accumulators in
+// registers (compile-time bounds). bf16: VDPBF16PS on 32-element slices; fp32: FMA on 16.
+template <typename T, int NX>
+inline void small_tile(const T* const* xr, const T* const* wr, int64_t K, float* sums) {
+  __m512 acc[kWRows * NX];
+#pragma GCC unroll 16
+  for (int i = 0; i < kWRows * NX; ++i) acc[i] = _mm512_setzero_ps();
+  constexpr int64_t step = std::is_same_v<T, float> ? 16 : 32;
+  for (int64_t k = 0; k < K; k += step) {
+    const int64_t left = K - k;
+    if constexpr (std::is_same_v<T, float>) {
+      const __mmask16 mk = tail_mask(left);
+      __m512 xv[NX];
 #pragma GCC unroll 4
-  for (int w = 0; w < kWRows; ++w) {
-    const __m512 wv = _mm512_maskz_loadu_ps(m16, wr[w] + k);
-    for (int m = 0; m < nx; ++m) acc[w * kXRows + m] = _mm512_fmadd_ps(xv[m], wv, acc[w * kXRows + m]);
-  }
-}
-
+      for (int m = 0; m < NX; ++m) xv[m] = _mm512_maskz_loadu_ps(mk, xr[m] + k);
+#pragma GCC unroll 4
+      for (int w = 0; w < kWRows; ++w) {
+        const __m512 wv = _mm512_maskz_loadu_ps(mk, wr[w] + k);
+#pragma GCC unroll 4
+        for (int m = 0; m < NX; ++m) acc[w * NX + m] = _mm512_fmadd_ps(xv[m], wv, acc[w * NX + m]);
+      }
+    } else {
 #if defined(__AVX512BF16__)
-template <>
-inline void dot_slice<bf16>(const bf16* const* xr, const bf16* const* wr, int64_t k, __mmask32 m32, __mmask16,
-                            int nx, __m512* acc) {
-  __m512bh xv[kXRows];
-  for (int m = 0; m < nx; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(m32, xr[m] + k);
+      const __mmask32 mk = left >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1ull << left) - 1);
+      __m512bh xv[NX];
 #pragma GCC unroll 4
-  for (int w = 0; w < kWRows; ++w) {
-    const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m32, wr[w] + k);
-    for (int m = 0; m < nx; ++m) acc[w * kXRows + m] = _mm512_dpbf16_ps(acc[w * kXRows + m], xv[m], wv);
-  }
-}
+      for (int m = 0; m < NX; ++m) xv[m] = (__m512bh)_mm512_maskz_loadu_epi16(mk, xr[m] + k);
+#pragma GCC unroll 4
+      for (int w = 0; w < kWRows; ++w) {
+        const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(mk, wr[w] + k);
+#pragma GCC unroll 4
+        for (int m = 0; m < NX; ++m) acc[w * NX + m] = _mm512_dpbf16_ps(acc[w * NX + m], xv[m], wv);
+      }
 #endif
+    }
+  }
+#pragma GCC unroll 16
+  for (int i = 0; i < kWRows * NX; ++i) sums[(i / NX) * kXRows + i % NX] = _mm512_reduce_add_ps(acc[i]);
+}
 #endif
 
 template <typename T>
@@ -289,15 +298,12 @@ void small_linear_impl(const at::Tensor& x, const at::Tensor& weight, at::Tensor
 #endif
         if constexpr (vectorised) {
 #if QUIRE_AVX512
-          __m512 acc[16];
-          for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
-          constexpr int64_t step = std::is_same_v<T, float> ? 16 : 32;
-          for (int64_t k = 0; k < K; k += step) {
-            const int64_t left = K - k;
-            const __mmask32 m32 = left >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1ull << left) - 1);
-            dot_slice<T>(xr, wr, k, m32, tail_mask(left), nx, acc);
+          switch (nx) {  // sums[w * kXRows + m]
+            case 1: small_tile<T, 1>(xr, wr, K, sums); break;
+            case 2: small_tile<T, 2>(xr, wr, K, sums); break;
+            case 3: small_tile<T, 3>(xr, wr, K, sums); break;
+            default: small_tile<T, 4>(xr, wr, K, sums); break;
           }
-          _mm512_storeu_ps(sums, hsum16_transposed(acc));
 #endif
         } else {
           for (int w = 0; w < kWRows; ++w) {
