@@ -138,7 +138,10 @@ class KVCacheManager:
     ) -> None:
         """Register the full blocks among ``seq_id``'s first ``num_computed_tokens`` tokens in the hash table.
 
-        Called after the step that computed them, so a cached block always holds valid K/V.
+        The scheduler calls it when it schedules the step that computes them (with the count
+        those tokens will reach): each layer writes all of a step's K/V before any sequence
+        attends, so another request scheduled in the same step can already share them, and
+        nothing runs between scheduling and executing a step that could free them.
         """
         if not self.pool.enable_caching:
             return

@@ -192,7 +192,12 @@ class Scheduler:
 
     def _allocate(self, chunks: list[ScheduledSeq], out: SchedulerOutput) -> None:
         for chunk in chunks:
-            out.blocks_to_copy += self.kv_cache.allocate_slots(chunk.seq.seq_id, chunk.start, chunk.num_new_tokens)
+            seq = chunk.seq
+            out.blocks_to_copy += self.kv_cache.allocate_slots(seq.seq_id, chunk.start, chunk.num_new_tokens)
+            # Blocks this step fills are cached now: a request admitted later in this same step may
+            # share them, since every layer writes the step's K/V before any sequence attends.
+            end = chunk.start + chunk.num_new_tokens
+            self.kv_cache.cache_blocks(seq.seq_id, seq.token_ids, end, chunk.request.cache_salt)
             chunk.block_table = self.kv_cache.block_table(chunk.seq.seq_id)
         out.scheduled += chunks
 

@@ -256,9 +256,6 @@ class LLMEngine:
             if entry.seq.num_computed_tokens < entry.seq.num_prompt_tokens or not entry.samples:
                 stats.num_prompt_tokens_computed += entry.num_new_tokens
             entry.seq.num_computed_tokens += entry.num_new_tokens
-            self.kv_cache.cache_blocks(
-                entry.seq.seq_id, entry.seq.token_ids, entry.seq.num_computed_tokens, entry.request.cache_salt
-            )
         self._record_prompt_logprobs(result)
 
         touched: dict[str, Request] = {}
