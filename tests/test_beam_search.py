@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quire import BeamSearchParams, SamplingParams
-from quire.sampling.beam_search import BeamSearch
+from quire import BeamSearchParams
 
 WIDTH = 4
 NEW_TOKENS = 32
