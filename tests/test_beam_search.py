@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from quire import BeamSearchParams
+from quire.sampling.beam_search import BeamSearch
 
 WIDTH = 4
 NEW_TOKENS = 32
@@ -14,7 +15,6 @@ PROMPTS = [
     "Once upon a time",
     "List three colours of the rainbow:\n1.",
     "Question: What is 12 times 12?\nAnswer:",
-    "PagedAttention stores the key and value cache of a transformer in fixed-size blocks because",
 ]
 
 
@@ -60,3 +60,52 @@ def test_beam_search_equals_transformers(llm_fp32, hf_model, tokenizer):
         assert [g[0] for g in got] == [e[0] for e in expected], (tokenizer.decode(prompt), got, expected)
         for (_, score), (_, ref) in zip(got, expected, strict=True):
             assert score == pytest.approx(ref, abs=1e-3)
+
+
+# -- the bookkeeping, without a model -------------------------------------------------------------
+
+EOS = 0
+
+
+def _search(width: int = 2, max_tokens: int = 10) -> BeamSearch:
+    return BeamSearch(BeamSearchParams(beam_width=width, max_tokens=max_tokens), EOS, max_tokens)
+
+
+def test_first_step_expands_the_prompt_into_the_best_candidates():
+    search = _search()
+    survivors = search.step([([], 0.0, [5, 6, 7, 8], [-0.1, -0.2, -0.3, -0.4])])
+    assert [(c.parent, c.token_id) for c in survivors] == [(0, 5), (0, 6)]
+    assert not search.done and search.num_generated == 1
+
+
+def test_eos_among_the_top_k_finishes_a_hypothesis_with_length_counting_the_eos():
+    search = _search()
+    search.step([([], 0.0, [5, 6, 7, 8], [-0.1, -0.2, -0.3, -0.4])])
+    survivors = search.step(
+        [([5], -0.1, [EOS, 9, 3, 4], [-0.05, -1.0, -2.0, -3.0]), ([6], -0.2, [7, 8, 1, 2], [-0.5, -0.6, -4.0, -5.0])]
+    )
+    (hyp,) = search.finished
+    assert hyp.token_ids == [5, EOS] and hyp.finish_reason == "stop"
+    assert hyp.score == pytest.approx(-0.15 / 2)  # cum / generated length (EOS included) ** 1.0
+    assert [(c.parent, c.token_id) for c in survivors] == [(1, 7), (1, 8)], "the finished beam does not continue"
+
+
+def test_eos_ranked_beyond_the_top_k_is_dropped():
+    search = _search()
+    search.step([([], 0.0, [5, 6, 7, 8], [-0.1, -0.2, -0.3, -0.4])])
+    search.step([([5], -0.1, [1, 2, EOS, 4], [-0.1, -0.2, -0.3, -3.0]), ([6], -0.2, [3, 4, 5, 6], [-2, -3, -4, -5])])
+    assert search.finished == []
+
+
+def test_search_ends_when_no_live_beam_can_beat_the_worst_hypothesis():
+    search = _search(width=1)
+    search.step([([], 0.0, [EOS, 5], [-0.1, -3.0])])
+    assert search.finished[0].score == pytest.approx(-0.1)
+    assert search.done, "-3.0 / 1 cannot beat -0.1"
+
+
+def test_max_tokens_finishes_the_top_k_candidates():
+    search = _search(width=2, max_tokens=1)
+    assert search.step([([], 0.0, [5, 6, 7, 8], [-0.1, -0.2, -0.3, -0.4])]) == []
+    assert search.done
+    assert [(h.token_ids, h.finish_reason) for h in search.finished] == [([5], "length"), ([6], "length")]
