@@ -166,6 +166,8 @@ def test_groups_and_beams_under_preemption_equal_an_unconstrained_engine(llm_no_
         SamplingParams(n=4, temperature=1.0, seed=10, max_tokens=12, ignore_eos=True),
     ]
     engine = small.engine
+    with pytest.raises(ValueError, match="KV blocks"):  # could never finish: 4 x 6 blocks > 24 if unshared
+        engine.add_request("too-big", prompts[0], SamplingParams(n=4, max_tokens=100))
     requests = [engine.add_request(f"p{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
     got = _finish(engine)
     assert requests[4].num_preemptions > 0 and sum(r.num_preemptions for r in requests[:4]) > 0

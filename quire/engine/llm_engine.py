@@ -158,13 +158,15 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use.")
         group_size = beam_params.beam_width if beam_params is not None else params.num_seqs
         limits = self.scheduler.config
+        name = "beam_width" if beam_params is not None else "best_of" if params.best_of is not None else "n"
         if group_size > min(limits.max_num_seqs, limits.max_num_batched_tokens):
-            name = "beam_width" if beam_params is not None else "best_of" if params.best_of is not None else "n"
             raise ValueError(
                 f"{name}={group_size} is more sequences than the engine runs at once "
                 f"(max_num_seqs={limits.max_num_seqs}, max_num_batched_tokens={limits.max_num_batched_tokens})."
             )
         text, token_ids = self._tokenize_prompt(prompt)
+        if group_size > 1:
+            self._check_group_fits(len(token_ids), group_size, params.max_tokens, name)
         salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
         generators = None
         if params.seed is not None:  # sequence i draws from seed + i (vLLM's convention)
@@ -196,6 +198,17 @@ class LLMEngine:
         self.requests[request_id] = request
         self.scheduler.add_request(request)
         return request
+
+    def _check_group_fits(self, prompt_len: int, group_size: int, max_tokens: int | None, name: str) -> None:
+        """A group must fit in the whole pool even unshared (as after a recompute), or it could never finish."""
+        block_size = self.kv_cache.block_size
+        longest = min(prompt_len + (max_tokens or self.max_model_len), self.max_model_len)
+        needed = group_size * -(-longest // block_size)
+        if needed > self.kv_cache.pool.num_blocks:
+            raise ValueError(
+                f"{name}={group_size} sequences of up to {longest} tokens may need {needed} KV blocks, more than "
+                f"the {self.kv_cache.pool.num_blocks} in the cache; lower {name} or max_tokens."
+            )
 
     def _tokenize_prompt(self, prompt: str | list[int] | dict) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
