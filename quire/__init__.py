@@ -1,8 +1,17 @@
 """Quire: an LLM inference and serving engine built on PagedAttention."""
 
 from quire.llm import LLM
-from quire.outputs import CompletionOutput, Logprob, RequestOutput
-from quire.sampling_params import SamplingParams
+from quire.outputs import BeamSearchOutput, BeamSearchSequence, CompletionOutput, Logprob, RequestOutput
+from quire.sampling_params import BeamSearchParams, SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = [
+    "LLM",
+    "SamplingParams",
+    "BeamSearchParams",
+    "RequestOutput",
+    "CompletionOutput",
+    "Logprob",
+    "BeamSearchOutput",
+    "BeamSearchSequence",
+]
 __version__ = "0.1.0"

@@ -55,7 +55,7 @@ class EngineArgs:
     seed: int = 0
     kv_cache_memory_gb: float | None = None
     num_kv_blocks: int | None = None
-    enable_prefix_caching: bool = False
+    enable_prefix_caching: bool = True
     num_threads: int | None = None
 
     @classmethod

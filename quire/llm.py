@@ -10,8 +10,8 @@ from tqdm.auto import tqdm
 
 from quire.config import EngineArgs
 from quire.engine.llm_engine import LLMEngine
-from quire.outputs import RequestOutput
-from quire.sampling_params import SamplingParams
+from quire.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
+from quire.sampling_params import BeamSearchParams, SamplingParams
 
 Prompt = str | dict[str, Any]
 
@@ -35,6 +35,46 @@ class LLM:
 
     def stats(self) -> dict[str, int]:
         return self.engine.stats()
+
+    def reset_prefix_cache(self) -> bool:
+        """Drop every cached prefix block, so the next prompts are computed in full."""
+        return self.engine.reset_prefix_cache()
+
+    def beam_search(
+        self,
+        prompts: Prompt | SequenceABC[Prompt],
+        params: BeamSearchParams,
+        use_tqdm: bool = False,
+    ) -> list[BeamSearchOutput]:
+        """Beam search over each prompt, inside the engine (beams share KV blocks); best beams first.
+
+        Ranking and stopping follow transformers' ``generate(num_beams=...)``; see
+        ``quire.sampling.beam_search``.
+        """
+        if not isinstance(params, BeamSearchParams):
+            raise ValueError(f"params must be a BeamSearchParams, got {type(params).__name__}.")
+        if isinstance(prompts, str | dict):
+            prompts = [prompts]
+        prompts = list(prompts)
+        results = self._run(prompts, [params] * len(prompts), use_tqdm)
+        tokenizer = self.engine.tokenizer
+        outputs = []
+        for result in results:
+            prompt_ids = list(result.prompt_token_ids)
+            sequences = [
+                BeamSearchSequence(
+                    tokens=prompt_ids + out.token_ids,
+                    text=tokenizer.decode(prompt_ids + out.token_ids, skip_special_tokens=True),
+                    cum_logprob=out.cumulative_logprob if out.cumulative_logprob is not None else 0.0,
+                    score=out.score,
+                    num_prompt_tokens=len(prompt_ids),
+                    output_text=out.text,
+                    finish_reason=out.finish_reason,
+                )
+                for out in result.outputs
+            ]
+            outputs.append(BeamSearchOutput(sequences))
+        return outputs
 
     def generate(
         self,
@@ -83,7 +123,9 @@ class LLM:
             prompts.append({"prompt": text, "prompt_token_ids": list(token_ids)})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
-    def _run(self, prompts: list[Prompt], params_list: list[SamplingParams], use_tqdm: bool) -> list[RequestOutput]:
+    def _run(
+        self, prompts: list[Prompt], params_list: list[SamplingParams] | list[BeamSearchParams], use_tqdm: bool
+    ) -> list[RequestOutput]:
         engine = self.engine
         ids: list[str] = []
         try:

@@ -29,6 +29,7 @@ class CompletionOutput:
     logprobs: list[PositionLogprobs] | None
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop string or stop token id that ended it
+    score: float | None = None  # beam search only: the length-penalised score it is ranked by
 
     def finished(self) -> bool:
         return self.finish_reason is not None
@@ -45,3 +46,27 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class BeamSearchSequence:
+    """One returned beam (vLLM's shape): ``tokens`` and ``text`` cover the prompt and the beam."""
+
+    tokens: list[int]
+    text: str
+    cum_logprob: float
+    score: float | None  # the length-penalised score the beams are ranked by
+    num_prompt_tokens: int
+    output_text: str = ""
+    finish_reason: str | None = None
+
+    @property
+    def output_tokens(self) -> list[int]:
+        return self.tokens[self.num_prompt_tokens :]
+
+
+@dataclass
+class BeamSearchOutput:
+    """A prompt's beams, best first."""
+
+    sequences: list[BeamSearchSequence]

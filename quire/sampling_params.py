@@ -61,12 +61,8 @@ class SamplingParams:
                 raise ValueError(f"{name} {message}, got {getattr(self, name)!r}.")
 
         check(_is_int(self.n) and self.n >= 1, "n", "must be an integer >= 1")
-        if self.n > 1:
-            raise ValueError(f"n > 1 (parallel sampling) is not supported yet, got n={self.n}.")
         if self.best_of is not None:
             check(_is_int(self.best_of) and self.best_of >= self.n, "best_of", "must be an integer >= n")
-            if self.best_of > 1:
-                raise ValueError(f"best_of > 1 is not supported yet, got best_of={self.best_of}.")
         check(-2.0 <= self.presence_penalty <= 2.0, "presence_penalty", "must be in [-2, 2]")
         check(-2.0 <= self.frequency_penalty <= 2.0, "frequency_penalty", "must be in [-2, 2]")
         check(self.repetition_penalty > 0.0, "repetition_penalty", "must be > 0")
@@ -91,6 +87,11 @@ class SamplingParams:
                 check(_is_int(value) and value >= 0, name, "must be an integer >= 0")
 
     @property
+    def num_seqs(self) -> int:
+        """Sequences generated for the request: ``best_of`` (default ``n``); the ``n`` best are returned."""
+        return self.best_of if self.best_of is not None else self.n
+
+    @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
 
@@ -100,6 +101,33 @@ class SamplingParams:
 
 
 _GREEDY_EPS = 1e-5
+
+
+@dataclass
+class BeamSearchParams:
+    """Beam search settings, with vLLM's names (``LLM.beam_search(prompts, params)``).
+
+    ``temperature`` is accepted for vLLM compatibility and, as in vLLM, does not change the
+    candidate scores: beams are ranked by the model's raw log-probabilities. The ranking and
+    stopping rules are transformers' (see ``quire.sampling.beam_search``).
+    """
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        def check(ok: bool, name: str, message: str) -> None:
+            if not ok:
+                raise ValueError(f"{name} {message}, got {getattr(self, name)!r}.")
+
+        check(_is_int(self.beam_width) and self.beam_width >= 1, "beam_width", "must be an integer >= 1")
+        check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
+        check(self.temperature >= 0.0, "temperature", "must be >= 0")
+        check(isinstance(self.length_penalty, int | float), "length_penalty", "must be a number")
 
 
 def _is_int(value: object) -> bool:

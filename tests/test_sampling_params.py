@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from quire.sampling_params import SamplingParams
+from quire.sampling_params import BeamSearchParams, SamplingParams
 
 
 def names_field(message: str, name: str) -> bool:
@@ -70,13 +70,26 @@ def test_non_list_stop_token_ids_raises_value_error():
     assert names_field(str(excinfo.value), "stop_token_ids"), str(excinfo.value)
 
 
-def test_n_and_best_of_above_one_are_rejected_naming_the_field():
+def test_n_and_best_of_are_validated_naming_the_field():
+    assert SamplingParams(n=2).num_seqs == 2
+    assert SamplingParams(n=2, best_of=5).num_seqs == 5
     with pytest.raises(ValueError, match=r"\bn\b"):
-        SamplingParams(n=2)
+        SamplingParams(n=0)
     with pytest.raises(ValueError, match="best_of"):
-        SamplingParams(best_of=2)
+        SamplingParams(n=3, best_of=2)
     with pytest.raises(ValueError, match="best_of"):
         SamplingParams(best_of=0)
+
+
+def test_beam_search_params_are_validated_naming_the_field():
+    assert BeamSearchParams(beam_width=4, max_tokens=8).length_penalty == 1.0
+    for kwargs, name in [
+        ({"beam_width": 0, "max_tokens": 8}, "beam_width"),
+        ({"beam_width": 2, "max_tokens": 0}, "max_tokens"),
+        ({"beam_width": 2, "max_tokens": 8, "temperature": -1.0}, "temperature"),
+    ]:
+        with pytest.raises(ValueError, match=name):
+            BeamSearchParams(**kwargs)
 
 
 @pytest.mark.parametrize(

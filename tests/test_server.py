@@ -17,7 +17,7 @@ import openai
 import pytest
 from server_utils import ServerThread, metric, wait_for
 
-from quire import SamplingParams
+from quire import BeamSearchParams, SamplingParams
 from quire.engine.async_engine import AsyncLLMEngine
 from quire.entrypoints.openai.api_server import build_app
 from quire.metrics import EngineMetrics
@@ -177,6 +177,52 @@ def test_seeded_sampling_is_reproducible_and_equals_offline(server, client):
     assert other != first
 
 
+def test_n_best_of_and_beam_search_on_completions(server, client):
+    prompt = PROMPTS[1]
+    sampled = {"max_tokens": 6, "temperature": 1.0, "seed": 5}
+    response = client.completions.create(model=MODEL, prompt=prompt, n=3, **sampled)
+    texts = [c.text for c in sorted(response.choices, key=lambda c: c.index)]
+    assert [c.index for c in sorted(response.choices, key=lambda c: c.index)] == [0, 1, 2]
+    (expected,) = offline(server, "generate", [prompt], SamplingParams(n=3, **sampled))
+    assert texts == [o.text for o in expected.outputs]
+    assert response.usage.completion_tokens == sum(len(o.token_ids) for o in expected.outputs)
+    texts_streamed, reasons, _ = stream_text(
+        client.completions.create(model=MODEL, prompt=prompt, n=3, stream=True, **sampled)
+    )
+    assert [texts_streamed[i] for i in range(3)] == texts and len(reasons) == 3
+
+    response = client.completions.create(model=MODEL, prompt=prompt, n=2, best_of=4, **sampled)
+    (expected,) = offline(server, "generate", [prompt], SamplingParams(n=2, best_of=4, **sampled))
+    assert [c.text for c in sorted(response.choices, key=lambda c: c.index)] == [o.text for o in expected.outputs]
+
+    response = client.completions.create(
+        model=MODEL, prompt=prompt, n=2, max_tokens=8, temperature=0, extra_body={"use_beam_search": True}
+    )
+    (beams,) = offline(server, "beam_search", [prompt], BeamSearchParams(beam_width=2, max_tokens=8))
+    got = [c.text for c in sorted(response.choices, key=lambda c: c.index)]
+    assert got == [s.output_text for s in beams.sequences]
+    response = client.completions.create(
+        model=MODEL, prompt=prompt, n=1, best_of=3, max_tokens=8, extra_body={"use_beam_search": True}
+    )
+    (beams,) = offline(server, "beam_search", [prompt], BeamSearchParams(beam_width=3, max_tokens=8))
+    assert [c.text for c in response.choices] == [beams.sequences[0].output_text]
+    assert_pool_free(server)
+
+
+def test_n_on_chat(server, client):
+    messages = [{"role": "user", "content": "Name a colour."}]
+    sampled = {"max_tokens": 6, "temperature": 1.0, "seed": 9}
+    response = client.chat.completions.create(model=MODEL, messages=messages, n=3, **sampled)
+    (expected,) = offline(server, "chat", messages, SamplingParams(n=3, **sampled))
+    choices = sorted(response.choices, key=lambda c: c.index)
+    assert [c.message.content for c in choices] == [o.text for o in expected.outputs]
+    streamed, reasons, _ = stream_text(
+        client.chat.completions.create(model=MODEL, messages=messages, n=3, stream=True, **sampled)
+    )
+    assert [streamed[i] for i in range(3)] == [o.text for o in expected.outputs] and len(reasons) == 3
+    assert_pool_free(server)
+
+
 def test_completion_logprobs_and_echo(server, client):
     prompt = "The quick brown fox"
     params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=2, prompt_logprobs=2)
@@ -273,9 +319,12 @@ def _post(server, path: str, body, **kwargs) -> httpx.Response:
         ("/v1/completions", {"prompt": "x", "stream": True, "stream_options": {"bogus": True}}, 400,
          "stream_options.bogus"),
         ("/v1/completions", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
-        ("/v1/completions", {"prompt": "x", "n": 2}, 400, "n"),
-        ("/v1/completions", {"prompt": "x", "best_of": 3}, 400, "best_of"),
-        ("/v1/completions", {"prompt": "x", "use_beam_search": True}, 400, "use_beam_search"),
+        ("/v1/completions", {"prompt": "x", "n": 0}, 400, "n"),
+        ("/v1/completions", {"prompt": "x", "n": 3, "best_of": 2}, 400, "best_of"),
+        ("/v1/completions", {"prompt": "x", "n": 2, "best_of": 3, "stream": True}, 400, "best_of"),
+        ("/v1/completions", {"prompt": "x", "use_beam_search": True, "stop": "."}, 400, "stop"),
+        ("/v1/completions", {"prompt": "x", "use_beam_search": True, "logprobs": 1}, 400, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "n": 100000}, 400, "n"),
         ("/v1/completions", {"prompt": "x", "priority": 5}, 400, "priority"),
         ("/v1/completions", {"prompt": "x", "temperature": -0.5}, 400, "temperature"),
         ("/v1/completions", {"prompt": "x", "top_p": 0}, 400, "top_p"),
@@ -296,7 +345,7 @@ def _post(server, path: str, body, **kwargs) -> httpx.Response:
         ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400,
          "top_logprobs"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 0}, 400, "n"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "tools": []}, 400, "tools"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "model": "nope"}, 404, "model"),
         ("/v1/completions", "{not json", 400, None),
@@ -323,7 +372,7 @@ def test_prompt_plus_max_tokens_over_the_context_is_400(server):
 
 def test_openai_client_sees_the_errors(server, client):
     with pytest.raises(openai.BadRequestError) as info:
-        client.completions.create(model=MODEL, prompt="x", n=2)
+        client.completions.create(model=MODEL, prompt="x", n=0)
     assert info.value.body["param"] == "n"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=[{"role": "user", "content": "x"}])

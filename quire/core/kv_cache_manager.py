@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from quire.core.block_pool import BlockPool
+from quire.core.block_pool import BlockHash, BlockPool, hash_block
 
 
 def cdiv(a: int, b: int) -> int:
@@ -16,12 +16,23 @@ class KVCacheManager:
     Blocks are allocated only when a step is about to write into them, so memory is wasted
     only in each sequence's last block. Forked sequences share blocks; a shared block is copied
     (copy-on-write) before a sequence writes into it.
+
+    With prefix caching, every full block a sequence computes is registered in the pool's hash
+    table (``cache_blocks``), and a new sequence starts from the longest run of cached full
+    blocks of its tokens (``allocate_cached_prefix``). Cached blocks are immutable: a write
+    into one copies it first, exactly like a write into a shared block.
     """
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> None:
         self.block_size = block_size
-        self.pool = BlockPool(num_blocks)
+        self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.block_tables: dict[int, list[int]] = {}
+        # Per sequence: the hashes of its leading full blocks, as far as they have been registered.
+        self._hashes: dict[int, list[BlockHash]] = {}
+
+    @property
+    def enable_prefix_caching(self) -> bool:
+        return self.pool.enable_caching
 
     @property
     def num_free_blocks(self) -> int:
@@ -36,8 +47,11 @@ class KVCacheManager:
         end = start + num_new_tokens
         new_blocks = max(0, cdiv(end, self.block_size) - len(table))
         first, last = start // self.block_size, min(cdiv(end, self.block_size), len(table))
-        shared = sum(1 for b in table[first:last] if self.pool.ref_counts[b] > 1)
+        shared = sum(1 for b in table[first:last] if not self._writable(b))
         return new_blocks + shared
+
+    def _writable(self, block: int) -> bool:
+        return self.pool.ref_counts[block] == 1 and self.pool.block_hashes[block] is None
 
     def allocate_slots(self, seq_id: int, start: int, num_new_tokens: int) -> list[tuple[int, int]]:
         """Make tokens [start, start + num_new_tokens) writable; returns (src, dst) block copies.
@@ -53,7 +67,7 @@ class KVCacheManager:
         copies: list[tuple[int, int]] = []
         for i in range(start // self.block_size, min(cdiv(end, self.block_size), len(table))):
             block = table[i]
-            if self.pool.ref_counts[block] > 1:
+            if not self._writable(block):
                 new_block = self.pool.allocate()
                 copies.append((block, new_block))
                 self.pool.decref(block)
@@ -69,8 +83,77 @@ class KVCacheManager:
         for block in table:
             self.pool.incref(block)
         self.block_tables[child_seq_id] = table
+        if parent_seq_id in self._hashes:
+            self._hashes[child_seq_id] = list(self._hashes[parent_seq_id])
 
     def free(self, seq_id: int) -> None:
-        # Release in reverse so the tail blocks (least likely shared) return to the pool first.
+        # Release in reverse: the tail of a sequence is the least shared part, so with the LRU
+        # free queue its cached blocks are evicted before the prefix blocks others may reuse.
         for block in reversed(self.block_tables.pop(seq_id, [])):
             self.pool.decref(block)
+        self._hashes.pop(seq_id, None)
+
+    # -- prefix cache -------------------------------------------------------------------
+
+    def find_cached_prefix(self, token_ids: list[int], salt: str | None = None) -> tuple[list[int], list[BlockHash]]:
+        """The longest run of cached full blocks that starts ``token_ids``, and their hashes.
+
+        At most ``len(token_ids) - 1`` tokens are matched, so at least one token is always
+        computed (its logits are needed to sample). Changes nothing.
+        """
+        if not self.pool.enable_caching:
+            return [], []
+        bs = self.block_size
+        blocks: list[int] = []
+        hashes: list[BlockHash] = []
+        parent: BlockHash | None = None
+        for i in range((len(token_ids) - 1) // bs):
+            tokens = tuple(token_ids[i * bs : (i + 1) * bs])
+            parent = hash_block(parent, tokens, salt if i == 0 else None)
+            block = self.pool.lookup(parent, tokens)
+            if block is None:
+                break
+            blocks.append(block)
+            hashes.append(parent)
+        return blocks, hashes
+
+    def allocate_cached_prefix(self, seq_id: int, token_ids: list[int], salt: str | None = None) -> int:
+        """Start ``seq_id``'s table with the cached blocks of its longest cached prefix.
+
+        Returns the number of tokens whose K/V are thereby already computed (a multiple of the
+        block size). Reviving a free cached block takes it out of the free queue.
+        """
+        assert not self.block_tables.get(seq_id), f"sequence {seq_id} already has blocks"
+        blocks, hashes = self.find_cached_prefix(token_ids, salt)
+        if not blocks:
+            return 0
+        for block in blocks:
+            self.pool.touch(block)
+        self.block_tables[seq_id] = blocks
+        self._hashes[seq_id] = hashes
+        return len(blocks) * self.block_size
+
+    def cache_blocks(
+        self, seq_id: int, token_ids: list[int], num_computed_tokens: int, salt: str | None = None
+    ) -> None:
+        """Register the full blocks among ``seq_id``'s first ``num_computed_tokens`` tokens in the hash table.
+
+        The scheduler calls it when it schedules the step that computes them (with the count
+        those tokens will reach): each layer writes all of a step's K/V before any sequence
+        attends, so another request scheduled in the same step can already share them, and
+        nothing runs between scheduling and executing a step that could free them.
+        """
+        if not self.pool.enable_caching:
+            return
+        bs = self.block_size
+        hashes = self._hashes.setdefault(seq_id, [])
+        table = self.block_tables.get(seq_id, [])
+        for i in range(len(hashes), min(num_computed_tokens // bs, len(table))):
+            tokens = tuple(token_ids[i * bs : (i + 1) * bs])
+            block_hash = hash_block(hashes[-1] if hashes else None, tokens, salt if i == 0 else None)
+            hashes.append(block_hash)
+            self.pool.cache_block(table[i], block_hash, tokens)
+
+    def reset_prefix_cache(self) -> None:
+        self.pool.reset_cache()
+        self._hashes.clear()

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from quire.outputs import PositionLogprobs
 from quire.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from quire.sampling.beam_search import BeamSearch
 
 
 class RequestStatus(enum.Enum):
@@ -60,8 +63,10 @@ class Sequence:
 class Request:
     """A user's request: a prompt, its sampling settings and its sequences.
 
-    The scheduler treats a request as one unit: all of its sequences run, are preempted and
-    finish together (all-or-nothing).
+    The scheduler treats a request as one unit (a sequence group): all of its sequences run,
+    are preempted and finish together (all-or-nothing). A request with ``group_size`` > 1
+    (``best_of`` / ``n`` parallel samples, or beam search) starts as one sequence that prefills
+    the prompt and forks when the prompt's last chunk samples.
     """
 
     request_id: str
@@ -74,7 +79,11 @@ class Request:
     eos_token_id: int | None
     priority: int = 0
     status: RequestStatus = RequestStatus.WAITING
-    generator: Any = None  # per-request random generator when params.seed is set (owned by the engine)
+    group_size: int = 1  # sequences the request forks into: best_of (or n), or the beam width
+    # Random generators when params.seed is set, one per sequence index (seed + index); owned by the engine.
+    generators: list[Any] | None = None
+    beam: BeamSearch | None = None  # beam-search state for beam-search requests
+    cache_salt: str | None = None  # extra key in the prefix-cache hashes: only requests with the same salt share
     prompt_logprobs: list[PositionLogprobs | None] | None = None
     first_token_time: float | None = None
     finished_time: float | None = None
@@ -90,5 +99,22 @@ class Request:
         return [s for s in self.seqs if not s.is_finished]
 
     @property
+    def forked(self) -> bool:
+        """True once the prompt sequence has sampled (and, for a group, forked)."""
+        if len(self.seqs) != 1:
+            return True
+        return self.seqs[0].num_output_tokens > 0
+
+    @property
+    def max_running_seqs(self) -> int:
+        """The most sequences this request can run at once from now on (the scheduler's seat count)."""
+        return len(self.unfinished_seqs) if self.forked else self.group_size
+
+    def generator_for(self, index: int) -> Any:
+        return self.generators[index] if self.generators is not None else None
+
+    @property
     def is_finished(self) -> bool:
+        if self.beam is not None:
+            return self.beam.done
         return all(s.is_finished for s in self.seqs)

@@ -28,6 +28,18 @@ class ScheduledSeq:
         """True when this chunk reaches the end of the sequence, so its last logits pick a token."""
         return self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq.token_ids)
 
+    @property
+    def num_samples(self) -> int:
+        """Tokens drawn from this chunk's last logits: ``best_of`` when a parallel-sampling group forks here.
+
+        Beam search forks differently (the engine picks the beams from the top candidates), so
+        its prompt sequence samples once like any other.
+        """
+        request = self.request
+        if not self.samples or request.beam is not None or request.group_size == 1 or request.forked:
+            return 1
+        return request.group_size
+
 
 @dataclass
 class SchedulerOutput:
@@ -53,6 +65,11 @@ class Scheduler:
     prompts are prefilled in chunks. When a running request cannot get a block, the most
     recently arrived running request is preempted by recompute: its blocks are freed and it
     goes back to the front of the waiting queue, keeping the tokens it generated.
+
+    ``max_num_seqs`` counts sequences, not requests: a group takes as many seats as it can run
+    sequences (``best_of`` or the beam width before it forks). With prefix caching, a request
+    being admitted (new or preempted) first takes the cached blocks of its longest cached
+    prefix, so only the rest is computed.
     """
 
     def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
@@ -61,6 +78,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        # Prefix cache, in tokens: looked up at admission, and found cached (hence not computed).
+        self.num_prefix_cache_queries = 0
+        self.num_prefix_cache_hits = 0
 
     # -- queue management -------------------------------------------------------------
 
@@ -107,11 +127,20 @@ class Scheduler:
                 index += 1
 
         # 2. Waiting requests in arrival order (preempted ones were put back at the front).
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        num_seqs = sum(r.max_running_seqs for r in self.running)
+        while self.waiting and budget > 0:
             request = self.waiting[0]
+            seats = request.max_running_seqs
+            if num_seqs + seats > self.config.max_num_seqs:
+                break
+            queried, hit = self._attach_cached_prefix(request)
             chunks = self._chunks(request, budget)
             if not chunks or not self._can_allocate(chunks):
+                self._release(request)
                 break
+            self.num_prefix_cache_queries += queried
+            self.num_prefix_cache_hits += hit
+            num_seqs += seats
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -122,29 +151,53 @@ class Scheduler:
     def _chunks(self, request: Request, budget: int) -> list[ScheduledSeq]:
         """The next tokens of each unfinished sequence of ``request`` that fit in ``budget``.
 
-        A request's sequences run together or not at all.
+        A request's sequences run together and sample together: when not all of their tokens
+        fit, the budget advances their prompts (or recomputes) in chunks that stop short of
+        each sequence's last token, so no sequence of a group samples without the others.
         """
         seqs = request.unfinished_seqs
-        if len(seqs) == 1:
-            seq = seqs[0]
-            num_new = min(seq.num_uncomputed_tokens, budget)
-            return [ScheduledSeq(request, seq, num_new)] if num_new > 0 else []
         needed = [s.num_uncomputed_tokens for s in seqs]
-        if sum(needed) > budget:
-            return []
-        return [ScheduledSeq(request, s, n) for s, n in zip(seqs, needed, strict=True) if n > 0]
+        if sum(needed) <= budget:
+            return [ScheduledSeq(request, s, n) for s, n in zip(seqs, needed, strict=True) if n > 0]
+        chunks = []
+        for seq, num in zip(seqs, needed, strict=True):
+            take = min(num - 1, budget)
+            if take > 0:
+                chunks.append(ScheduledSeq(request, seq, take))
+                budget -= take
+        return chunks
+
+    def _attach_cached_prefix(self, request: Request) -> tuple[int, int]:
+        """Give each sequence with nothing computed its cached prefix blocks; returns (queried, hit) tokens."""
+        queried = hit = 0
+        if not self.kv_cache.enable_prefix_caching:
+            return queried, hit
+        for seq in request.unfinished_seqs:
+            if seq.num_computed_tokens == 0 and not self.kv_cache.block_table(seq.seq_id):
+                tokens = self.kv_cache.allocate_cached_prefix(seq.seq_id, seq.token_ids, request.cache_salt)
+                seq.num_computed_tokens = tokens
+                queried += len(seq.token_ids)
+                hit += tokens
+        return queried, hit
+
+    def _release(self, request: Request) -> None:
+        """Undo ``_attach_cached_prefix`` for a request that could not be admitted after all."""
+        for seq in request.seqs:
+            self.kv_cache.free(seq.seq_id)
+            seq.num_computed_tokens = 0
 
     def _can_allocate(self, chunks: list[ScheduledSeq]) -> bool:
-        needed = sum(
-            self.kv_cache.num_blocks_needed(c.seq.seq_id, c.start, c.num_new_tokens) for c in chunks
-        )
+        needed = sum(self.kv_cache.num_blocks_needed(c.seq.seq_id, c.start, c.num_new_tokens) for c in chunks)
         return needed <= self.kv_cache.num_free_blocks
 
     def _allocate(self, chunks: list[ScheduledSeq], out: SchedulerOutput) -> None:
         for chunk in chunks:
-            out.blocks_to_copy += self.kv_cache.allocate_slots(
-                chunk.seq.seq_id, chunk.start, chunk.num_new_tokens
-            )
+            seq = chunk.seq
+            out.blocks_to_copy += self.kv_cache.allocate_slots(seq.seq_id, chunk.start, chunk.num_new_tokens)
+            # Blocks this step fills are cached now: a request admitted later in this same step may
+            # share them, since every layer writes the step's K/V before any sequence attends.
+            end = chunk.start + chunk.num_new_tokens
+            self.kv_cache.cache_blocks(seq.seq_id, seq.token_ids, end, chunk.request.cache_salt)
             chunk.block_table = self.kv_cache.block_table(chunk.seq.seq_id)
         out.scheduled += chunks
 

@@ -32,7 +32,7 @@ from quire.config import EngineArgs
 from quire.engine.llm_engine import LLMEngine
 from quire.metrics import EngineMetrics, StatLogger
 from quire.outputs import RequestOutput
-from quire.sampling_params import SamplingParams
+from quire.sampling_params import BeamSearchParams, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class AsyncLLMEngine:
         self,
         request_id: str,
         prompt: str | list[int] | dict,
-        params: SamplingParams,
+        params: SamplingParams | BeamSearchParams,
         arrival_time: float | None = None,
         priority: int = 0,
     ) -> asyncio.Queue:

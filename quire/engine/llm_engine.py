@@ -24,8 +24,9 @@ from quire.models.loader import (
     resolve_model_path,
 )
 from quire.outputs import CompletionOutput, Logprob, RequestOutput
+from quire.sampling.beam_search import BeamSearch
 from quire.sampling.sampler import Sampler
-from quire.sampling_params import SamplingParams
+from quire.sampling_params import BeamSearchParams, SamplingParams
 from quire.worker.cache_engine import CacheEngine, kv_bytes_per_block
 from quire.worker.model_runner import ModelRunner, PromptLogprobs, RunnerOutput
 
@@ -75,8 +76,6 @@ class LLMEngine:
             torch.set_num_threads(args.num_threads)
 
         config = args.create_config(path, self.arch.max_position_embeddings, dtype_name)
-        if config.cache.enable_prefix_caching:
-            logger.warning("enable_prefix_caching is accepted but not implemented yet: every prompt is computed.")
         num_blocks = self._num_kv_blocks(config)
         block_size = config.cache.block_size
         capacity = num_blocks * block_size
@@ -95,7 +94,7 @@ class LLMEngine:
         self.model.rotary.float()  # cos/sin tables stay float32
         self.model.prepare()
 
-        self.kv_cache = KVCacheManager(num_blocks, block_size)
+        self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
         self.scheduler = Scheduler(dataclasses.replace(config.scheduler, max_model_len=max_model_len), self.kv_cache)
         self.cache = CacheEngine(self.arch, num_blocks, block_size, self.dtype, self.device)
         generator = torch.Generator().manual_seed(config.model.seed)
@@ -135,21 +134,51 @@ class LLMEngine:
         self,
         request_id: str,
         prompt: str | list[int] | dict,
-        params: SamplingParams | None = None,
+        params: SamplingParams | BeamSearchParams | None = None,
         arrival_time: float | None = None,
         priority: int = 0,
     ) -> Request:
+        """Queue a request. ``params`` is a ``SamplingParams`` (``n`` / ``best_of`` sequences) or a
+        ``BeamSearchParams`` (beam search; its output comes when the search ends). A prompt dict
+        may carry a ``cache_salt``: only requests with the same salt share prefix-cache blocks.
+        """
         params = params or SamplingParams()
-        if not isinstance(params, SamplingParams):
+        beam_params = None
+        if isinstance(params, BeamSearchParams):
+            beam_params = params
+            params = SamplingParams(
+                temperature=0.0,
+                max_tokens=params.max_tokens,
+                ignore_eos=params.ignore_eos,
+                logprobs=2 * params.beam_width,
+            )
+        elif not isinstance(params, SamplingParams):
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}.")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use.")
+        group_size = beam_params.beam_width if beam_params is not None else params.num_seqs
+        limits = self.scheduler.config
+        name = "beam_width" if beam_params is not None else "best_of" if params.best_of is not None else "n"
+        if group_size > min(limits.max_num_seqs, limits.max_num_batched_tokens):
+            raise ValueError(
+                f"{name}={group_size} is more sequences than the engine runs at once "
+                f"(max_num_seqs={limits.max_num_seqs}, max_num_batched_tokens={limits.max_num_batched_tokens})."
+            )
         text, token_ids = self._tokenize_prompt(prompt)
-        generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        if group_size > 1:
+            self._check_group_fits(len(token_ids), group_size, params.max_tokens, name)
+        salt = prompt.get("cache_salt") if isinstance(prompt, dict) else None
+        generators = None
+        if params.seed is not None:  # sequence i draws from seed + i (vLLM's convention)
+            generators = [torch.Generator().manual_seed(params.seed + i) for i in range(group_size)]
         seq = Sequence(seq_id=next(self._seq_ids), index=0, token_ids=list(token_ids), num_prompt_tokens=len(token_ids))
-        if params.logprobs is not None:
+        if params.logprobs is not None and beam_params is None:
             seq.logprobs = []
         self.detokenizer.start(seq)
+        beam = None
+        if beam_params is not None:
+            max_new = min(beam_params.max_tokens, max(1, self.max_model_len - len(token_ids)))
+            beam = BeamSearch(beam_params, None if beam_params.ignore_eos else self.eos_token_id, max_new)
         request = Request(
             request_id=request_id,
             prompt=text,
@@ -160,12 +189,26 @@ class LLMEngine:
             seqs=[seq],
             eos_token_id=self.eos_token_id,
             priority=priority,
-            generator=generator,
+            group_size=group_size,
+            generators=generators,
+            beam=beam,
+            cache_salt=salt,
             prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
         self.requests[request_id] = request
         self.scheduler.add_request(request)
         return request
+
+    def _check_group_fits(self, prompt_len: int, group_size: int, max_tokens: int | None, name: str) -> None:
+        """A group must fit in the whole pool even unshared (as after a recompute), or it could never finish."""
+        block_size = self.kv_cache.block_size
+        longest = min(prompt_len + (max_tokens or self.max_model_len), self.max_model_len)
+        needed = group_size * -(-longest // block_size)
+        if needed > self.kv_cache.pool.num_blocks:
+            raise ValueError(
+                f"{name}={group_size} sequences of up to {longest} tokens may need {needed} KV blocks, more than "
+                f"the {self.kv_cache.pool.num_blocks} in the cache; lower {name} or max_tokens."
+            )
 
     def _tokenize_prompt(self, prompt: str | list[int] | dict) -> tuple[str | None, list[int]]:
         if isinstance(prompt, dict):
@@ -192,9 +235,7 @@ class LLMEngine:
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in token_ids):
             raise ValueError(f"prompt_token_ids must be integers in [0, {vocab}).")
         if len(token_ids) > self.max_model_len:
-            raise ValueError(
-                f"prompt is too long: {len(token_ids)} tokens, max_model_len is {self.max_model_len}."
-            )
+            raise ValueError(f"prompt is too long: {len(token_ids)} tokens, max_model_len is {self.max_model_len}.")
         return text, token_ids
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
@@ -203,6 +244,8 @@ class LLMEngine:
             return None
         for seq in request.unfinished_seqs:
             seq.finish_reason = "abort"
+        if request.beam is not None:
+            request.beam.done = True
         self.scheduler.finish_request(request)
         return self._make_output(request)
 
@@ -237,23 +280,44 @@ class LLMEngine:
             ranks = samples.ranks.tolist() if samples.ranks is not None else None
             top_ids = samples.top_token_ids.tolist() if samples.top_token_ids is not None else None
             top_lps = samples.top_logprobs.tolist() if samples.top_logprobs is not None else None
-            for row, entry in enumerate(result.sampled_seqs):
+            beam_rows: dict[str, list[tuple[Sequence, int]]] = {}
+            sampled = result.sampled_seqs
+            row = 0
+            while row < len(sampled):
+                entry = sampled[row]
                 request, seq = entry.request, entry.seq
+                count = 1  # a forking prompt sequence has one row per child, consecutive
+                while row + count < len(sampled) and sampled[row + count] is entry:
+                    count += 1
                 if request.first_token_time is None:
                     request.first_token_time = now
-                seq.token_ids.append(tokens[row])
-                seq.cumulative_logprob += logprobs[row]
-                if seq.logprobs is not None:
-                    k = request.params.logprobs
-                    seq.logprobs.append(
-                        self._position_logprobs(
-                            tokens[row], logprobs[row], ranks[row],
-                            top_ids[row][:k] if k else [], top_lps[row][:k] if k else [],
-                        )
-                    )
-                stats.num_generated_tokens += 1
-                self._check_stop(request, seq)
                 touched[request.request_id] = request
+                if request.beam is not None:
+                    beam_rows.setdefault(request.request_id, []).append((seq, row))
+                    row += count
+                    continue
+                # Fork before appending: the children copy the parent's state without the new token.
+                children = [seq] + [self._fork(seq, index) for index in range(1, count)]
+                request.seqs += children[1:]
+                for child in children:
+                    child.token_ids.append(tokens[row])
+                    child.cumulative_logprob += logprobs[row]
+                    if child.logprobs is not None:
+                        k = request.params.logprobs
+                        child.logprobs.append(
+                            self._position_logprobs(
+                                tokens[row],
+                                logprobs[row],
+                                ranks[row],
+                                top_ids[row][:k] if k else [],
+                                top_lps[row][:k] if k else [],
+                            )
+                        )
+                    stats.num_generated_tokens += 1
+                    self._check_stop(request, child)
+                    row += 1
+            for request_id, rows in beam_rows.items():
+                self._beam_step(touched[request_id], rows, top_ids, top_lps)
 
         outputs = []
         for request in touched.values():
@@ -261,8 +325,59 @@ class LLMEngine:
                 request.finished_time = time.time()
                 self.scheduler.finish_request(request)
                 del self.requests[request.request_id]
-            outputs.append(self._make_output(request))
+            elif len(request.seqs) > 1:
+                for seq in request.seqs:  # a finished member of a group gives its blocks back at once
+                    if seq.is_finished:
+                        self.kv_cache.free(seq.seq_id)
+            if request.beam is None or request.is_finished:
+                outputs.append(self._make_output(request))
         return outputs
+
+    def _fork(self, parent: Sequence, index: int) -> Sequence:
+        """A new sequence sharing ``parent``'s tokens, state and KV blocks (reference counts, no copy)."""
+        child = dataclasses.replace(
+            parent,
+            seq_id=next(self._seq_ids),
+            index=index,
+            token_ids=list(parent.token_ids),
+            logprobs=list(parent.logprobs) if parent.logprobs is not None else None,
+        )
+        self.kv_cache.fork(parent.seq_id, child.seq_id)
+        return child
+
+    def _beam_step(
+        self, request: Request, rows: list[tuple[Sequence, int]], top_ids: list[list[int]], top_lps: list[list[float]]
+    ) -> None:
+        """Pick the next beams of ``request`` from its live beams' top candidates; fork and free blocks to match.
+
+        A parent kept by several new beams is forked (its blocks shared, copied on write when the
+        beams diverge inside a block); a parent kept by none releases its blocks at once.
+        """
+        beam = request.beam
+        assert beam is not None
+        parents = [seq for seq, _ in rows]
+        assert parents == request.unfinished_seqs, "all live beams of a request sample in the same step"
+        survivors = beam.step(
+            [(seq.output_token_ids, seq.cumulative_logprob, top_ids[row], top_lps[row]) for seq, row in rows]
+        )
+        used: set[int] = set()
+        new_beams: list[Sequence] = []
+        for candidate in survivors:
+            parent = parents[candidate.parent]
+            if candidate.parent in used:
+                new_beams.append(self._fork(parent, len(new_beams)))
+            else:
+                used.add(candidate.parent)
+                new_beams.append(parent)
+        for i, (seq, candidate) in enumerate(zip(new_beams, survivors, strict=True)):
+            seq.index = i
+            seq.token_ids.append(candidate.token_id)
+            seq.cumulative_logprob = candidate.cum_logprob
+        self.stats_counters.num_generated_tokens += len(new_beams)
+        for i, parent in enumerate(parents):
+            if i not in used:
+                self.kv_cache.free(parent.seq_id)
+        request.seqs = new_beams
 
     def _check_stop(self, request: Request, seq: Sequence) -> None:
         """Finish ``seq`` if its newest token ends it; detokenize what it adds to the text."""
@@ -326,9 +441,22 @@ class LLMEngine:
             request.prompt_logprobs.append(self._position_logprobs(token, lps[i], ranks[i], top_ids[i], top_lps[i]))
 
     def _make_output(self, request: Request) -> RequestOutput:
+        """The request's outputs so far.
+
+        ``n == best_of``: every sequence, in index order (sequence ``i`` is the one seeded
+        ``seed + i``). ``best_of > n``: the ``n`` sequences with the highest cumulative logprob,
+        best first, re-indexed 0..n-1 (vLLM v0's choice; while running, the current best ``n``).
+        Beam search: the finished hypotheses, best score first.
+        """
+        if request.beam is not None:
+            return self._make_beam_output(request)
+        seqs = request.seqs
+        n = request.params.n
+        if len(seqs) > n:
+            seqs = sorted(seqs, key=lambda s: -s.cumulative_logprob)[:n]
         outputs = [
             CompletionOutput(
-                index=seq.index,
+                index=seq.index if len(request.seqs) <= n else i,
                 text=seq.output_text,
                 token_ids=list(seq.output_token_ids),
                 cumulative_logprob=seq.cumulative_logprob,
@@ -336,8 +464,33 @@ class LLMEngine:
                 finish_reason=seq.finish_reason,
                 stop_reason=seq.stop_reason,
             )
-            for seq in request.seqs
+            for i, seq in enumerate(seqs)
         ]
+        return self._request_output(request, outputs)
+
+    def _make_beam_output(self, request: Request) -> RequestOutput:
+        beam = request.beam
+        assert beam is not None
+        if beam.finished:
+            hyps = [(h.token_ids, h.cum_logprob, h.score, h.finish_reason) for h in beam.finished]
+        else:  # aborted before any beam finished: what the live beams hold
+            hyps = [(s.output_token_ids, s.cumulative_logprob, None, "abort") for s in request.seqs]
+        outputs = [
+            CompletionOutput(
+                index=i,
+                text=self.tokenizer.decode(token_ids, skip_special_tokens=True),
+                token_ids=list(token_ids),
+                cumulative_logprob=cum,
+                logprobs=None,
+                finish_reason=reason,
+                stop_reason=None,
+                score=score,
+            )
+            for i, (token_ids, cum, score, reason) in enumerate(hyps)
+        ]
+        return self._request_output(request, outputs)
+
+    def _request_output(self, request: Request, outputs: list[CompletionOutput]) -> RequestOutput:
         metrics = {"arrival_time": request.arrival_time, **request.metrics}
         if request.first_token_time is not None:
             metrics["first_token_time"] = request.first_token_time
@@ -368,4 +521,12 @@ class LLMEngine:
             "num_steps": self.stats_counters.num_steps,
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
+            "num_prefix_cache_queries": self.scheduler.num_prefix_cache_queries,
+            "num_prefix_cache_hits": self.scheduler.num_prefix_cache_hits,
+            "num_cached_kv_blocks": len(pool.cached),
         }
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix block (blocks in use stay in use). Returns True."""
+        self.kv_cache.reset_prefix_cache()
+        return True

@@ -61,8 +61,9 @@ class ModelRunner:
         # Rows whose logits we need: the last token of every chunk that completes its
         # sequence (to sample), and prompt positions whose logprobs were asked for.
         ends = metadata.query_start_loc[1:].tolist()
-        sampled = [e for e in entries if e.samples]
-        sample_rows = [ends[i] - 1 for i, e in enumerate(entries) if e.samples]
+        # A parallel-sampling group forking at the end of its prompt samples its last row once per child.
+        sampled = [e for e in entries if e.samples for _ in range(e.num_samples)]
+        sample_rows = [ends[i] - 1 for i, e in enumerate(entries) if e.samples for _ in range(e.num_samples)]
         prompt_rows: list[tuple[ScheduledSeq, int, int]] = []  # (entry, first position, row offset)
         extra_rows: list[int] = []
         for i, e in enumerate(entries):
@@ -126,7 +127,7 @@ class ModelRunner:
             top_p=torch.tensor([p.top_p for p in params]),
             top_k=torch.tensor([p.top_k for p in params], dtype=torch.long),
             min_p=torch.tensor([p.min_p for p in params]),
-            generators=[e.request.generator for e in entries],
+            generators=_row_generators(entries),
             num_logprobs=max(wants_logprobs) if wants_logprobs else -1,
         )
         if any(p.uses_penalties for p in params):
@@ -167,6 +168,16 @@ class ModelRunner:
             top_token_ids=top.indices if top else None,
             top_logprobs=top.values if top else None,
         )
+
+
+def _row_generators(entries: list[ScheduledSeq]) -> list[torch.Generator | None]:
+    """Each row's seeded generator: sequence ``index``'s, or child ``i``'s for the ``i``-th row of a fork."""
+    generators = []
+    child = 0
+    for i, e in enumerate(entries):
+        child = child + 1 if i > 0 and entries[i - 1] is e else 0
+        generators.append(e.request.generator_for(e.seq.index + child))
+    return generators
 
 
 def _pad(rows: list[list[int]], pad: int) -> torch.Tensor:

@@ -87,7 +87,8 @@ class OpenAIServingChat(OpenAIServing):
             logprobs=(top_logprobs or 0) if request.logprobs else None,
         )
         request_id = random_id("chatcmpl")
-        streams = await self.add_all(request_id, [prompt], params, request.priority, "messages")
+        beam = self.beam_search_params(request, params)
+        streams = await self.add_all(request_id, [prompt], params, request.priority, "messages", beam)
         created = int(time.time())
         if request.stream:
             body = self._stream(request, request_id, model, created, params, streams[0])

@@ -62,7 +62,8 @@ class OpenAIServingCompletion(OpenAIServing):
             prompt_logprobs=request.logprobs if request.echo else None,
         )
         request_id = random_id("cmpl")
-        streams = await self.add_all(request_id, prompts, params, request.priority, "prompt")
+        beam = self.beam_search_params(request, params)
+        streams = await self.add_all(request_id, prompts, params, request.priority, "prompt", beam)
         created = int(time.time())
         if request.stream:
             body = self._stream(request, request_id, model, created, prompts, params, streams)

@@ -16,7 +16,7 @@ from fastapi import Request
 from quire.engine.async_engine import AsyncLLMEngine
 from quire.entrypoints.openai.protocol import APIError, ChatCompletionRequest, CompletionRequest
 from quire.outputs import PositionLogprobs, RequestOutput
-from quire.sampling_params import SamplingParams
+from quire.sampling_params import BeamSearchParams, SamplingParams
 
 T = TypeVar("T")
 
@@ -69,7 +69,13 @@ class OpenAIServing:
 
     def check_unsupported(self, request: CompletionRequest | ChatCompletionRequest) -> None:
         if request.use_beam_search:
-            raise APIError("use_beam_search is not supported yet.", param="use_beam_search")
+            for name in ("stop", "logprobs", "echo", "seed"):
+                if getattr(request, name, None) not in (None, False):
+                    raise APIError(f"{name} is not supported with use_beam_search.", param=name)
+        elif request.stream and request.best_of is not None and request.best_of > request.n:
+            raise APIError(
+                "best_of > n is not supported with stream: the best are known only at the end.", param="best_of"
+            )
         if request.priority != 0 and not self.priority_enabled:
             raise APIError(
                 f"priority={request.priority} needs --scheduling-policy priority, which is not enabled.",
@@ -138,25 +144,64 @@ class OpenAIServing:
 
     # -- running requests ---------------------------------------------------------------------
 
+    def beam_search_params(self, request, params: SamplingParams) -> BeamSearchParams | None:
+        """For ``use_beam_search``: beams of width ``best_of`` (default ``n``); the ``n`` best are returned."""
+        if not request.use_beam_search:
+            return None
+        try:
+            return BeamSearchParams(
+                beam_width=params.num_seqs,
+                max_tokens=params.max_tokens if params.max_tokens is not None else self.engine.max_model_len,
+                ignore_eos=params.ignore_eos,
+                temperature=params.temperature,
+                length_penalty=request.length_penalty,
+                include_stop_str_in_output=params.include_stop_str_in_output,
+            )
+        except ValueError as exc:
+            raise APIError(str(exc), param="length_penalty" if "length_penalty" in str(exc) else None) from exc
+
     async def add_all(
-        self, request_id: str, prompts: list[EnginePrompt], params: SamplingParams, priority: int, field: str
+        self,
+        request_id: str,
+        prompts: list[EnginePrompt],
+        params: SamplingParams,
+        priority: int,
+        field: str,
+        beam: BeamSearchParams | None = None,
     ) -> list[AsyncIterator[RequestOutput]]:
-        """Add every prompt (all or none); returns one output stream per prompt."""
+        """Add every prompt (all or none); returns one output stream per prompt.
+
+        With ``beam``, each prompt runs a beam search and its stream yields the ``params.n`` best beams.
+        """
         arrival = time.time()
         streams, added = [], []
         try:
             for i, prompt in enumerate(prompts):
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-                queue = await self.engine.add_request(rid, prompt.as_engine_input(), params, arrival, priority)
+                engine_params = beam if beam is not None else params
+                queue = await self.engine.add_request(rid, prompt.as_engine_input(), engine_params, arrival, priority)
                 added.append(rid)
-                streams.append(self.engine.stream(rid, queue))
+                stream = self.engine.stream(rid, queue)
+                streams.append(_first_n(stream, params.n) if beam is not None else stream)
         except BaseException as exc:
             for rid in added:  # all or none: the streams never started, so abort them here
                 self.engine.cancel(rid)
             if isinstance(exc, ValueError):
-                raise APIError(str(exc), param=field) from exc
+                # The engine names a group size it cannot run as "n=", "best_of=" or "beam_width=".
+                match = re.match(r"(n|best_of|beam_width)=", str(exc))
+                param = {"beam_width": "n"}.get(match.group(1), match.group(1)) if match else field
+                raise APIError(str(exc), param=param) from exc
             raise
         return streams
+
+
+async def _first_n(stream: AsyncIterator[RequestOutput], n: int) -> AsyncIterator[RequestOutput]:
+    try:
+        async for output in stream:
+            output.outputs = output.outputs[:n]
+            yield output
+    finally:
+        await stream.aclose()
 
 
 async def last_output(stream: AsyncIterator[RequestOutput]) -> RequestOutput:
