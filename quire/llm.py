@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from quire.config import EngineArgs
 from quire.engine.llm_engine import LLMEngine
+from quire.models.loader import chat_prompt_token_ids
 from quire.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
 from quire.sampling_params import BeamSearchParams, SamplingParams
 
@@ -112,15 +113,8 @@ class LLM:
         tokenizer = self.engine.tokenizer
         prompts = []
         for conversation in conversations:
-            token_ids = tokenizer.apply_chat_template(
-                conversation,
-                chat_template=chat_template,
-                add_generation_prompt=add_generation_prompt,
-                tokenize=True,
-                return_dict=False,
-            )
-            text = tokenizer.decode(token_ids)
-            prompts.append({"prompt": text, "prompt_token_ids": list(token_ids)})
+            token_ids = chat_prompt_token_ids(tokenizer, conversation, add_generation_prompt, chat_template)
+            prompts.append({"prompt": tokenizer.decode(token_ids), "prompt_token_ids": token_ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _run(

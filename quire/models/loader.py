@@ -92,6 +92,22 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
+def chat_prompt_token_ids(
+    tokenizer, conversation: list[dict], add_generation_prompt: bool = True, chat_template: str | None = None
+) -> list[int]:
+    """A conversation through the model's chat template, as token ids: one place, so ``LLM.chat``
+    and the server's chat endpoint build identical prompts."""
+    return list(
+        tokenizer.apply_chat_template(
+            conversation,
+            chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt,
+            tokenize=True,
+            return_dict=False,
+        )
+    )
+
+
 # -- Hugging Face directory ---------------------------------------------------------------
 
 

@@ -26,6 +26,7 @@ from quire.entrypoints.openai.serving_engine import (
     usage,
     visible_text,
 )
+from quire.models.loader import chat_prompt_token_ids
 from quire.outputs import RequestOutput
 from quire.sampling_params import SamplingParams
 
@@ -45,16 +46,9 @@ def apply_chat_template(
     """The prompt ``LLM.chat`` would build for the same conversation (same template, same tokens)."""
     conversation = [{"role": m.role, "content": m.text()} for m in messages]
     try:
-        token_ids = tokenizer.apply_chat_template(
-            conversation,
-            chat_template=chat_template,
-            add_generation_prompt=add_generation_prompt,
-            tokenize=True,
-            return_dict=False,
-        )
+        token_ids = chat_prompt_token_ids(tokenizer, conversation, add_generation_prompt, chat_template)
     except Exception as exc:  # noqa: BLE001 - a template error is the request's fault
         raise APIError(f"could not apply the chat template: {exc}", param="messages") from exc
-    token_ids = list(token_ids)
     return EnginePrompt(tokenizer.decode(token_ids), token_ids)
 
 
