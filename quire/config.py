@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
+PREEMPTION_MODES = ("auto", "swap", "recompute")
+SCHEDULING_POLICIES = ("fcfs", "priority")
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,8 @@ class CacheConfig:
     num_kv_blocks: int | None  # exact count; None: derive from kv_cache_memory_gb
     kv_cache_memory_gb: float | None
     enable_prefix_caching: bool
+    swap_space_gb: float = 0.0  # host (swap) KV pool budget
+    num_host_kv_blocks: int | None = None  # exact host block count; None: derive from swap_space_gb
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,14 @@ class SchedulerConfig:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int
+    policy: str = "fcfs"  # "fcfs" | "priority"
+    preemption_mode: str = "auto"  # "auto" | "swap" | "recompute"
+    # "auto" swaps a single sequence once it holds at least this many computed tokens (below it,
+    # recompute is cheaper); see quire/bench/swap.py. Groups of several sequences always swap.
+    swap_min_tokens: int = 0
+    # Starvation guard under "priority": a request that has waited this many steps is promoted
+    # ahead of every request that has not been promoted.
+    priority_aging_steps: int = 1000
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,11 @@ class EngineArgs:
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
     num_threads: int | None = None
+    swap_space: float = 4.0  # GiB of host memory for swapped-out KV blocks (vLLM's name)
+    num_host_kv_blocks: int | None = None  # exact host block count, overrides swap_space (tests)
+    preemption_mode: str = "auto"
+    scheduling_policy: str = "fcfs"
+    priority_aging_steps: int = 1000
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -77,6 +94,19 @@ class EngineArgs:
                 positive_int(name, value)
         if self.kv_cache_memory_gb is not None and not self.kv_cache_memory_gb > 0:
             raise ValueError(f"kv_cache_memory_gb must be > 0, got {self.kv_cache_memory_gb!r}.")
+        if isinstance(self.swap_space, bool) or not isinstance(self.swap_space, int | float) or self.swap_space < 0:
+            raise ValueError(f"swap_space must be a number of GiB >= 0, got {self.swap_space!r}.")
+        if self.num_host_kv_blocks is not None and not (
+            isinstance(self.num_host_kv_blocks, int)
+            and not isinstance(self.num_host_kv_blocks, bool)
+            and self.num_host_kv_blocks >= 0
+        ):
+            raise ValueError(f"num_host_kv_blocks must be an integer >= 0, got {self.num_host_kv_blocks!r}.")
+        if self.preemption_mode not in PREEMPTION_MODES:
+            raise ValueError(f"preemption_mode must be one of {PREEMPTION_MODES}, got {self.preemption_mode!r}.")
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}.")
+        positive_int("priority_aging_steps", self.priority_aging_steps)
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}.")
 
@@ -96,10 +126,15 @@ class EngineArgs:
                 num_kv_blocks=self.num_kv_blocks,
                 kv_cache_memory_gb=self.kv_cache_memory_gb,
                 enable_prefix_caching=self.enable_prefix_caching,
+                swap_space_gb=float(self.swap_space),
+                num_host_kv_blocks=self.num_host_kv_blocks,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,
                 max_num_batched_tokens=max_batched,
                 max_model_len=max_model_len,
+                policy=self.scheduling_policy,
+                preemption_mode=self.preemption_mode,
+                priority_aging_steps=self.priority_aging_steps,
             ),
         )

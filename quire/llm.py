@@ -82,8 +82,12 @@ class LLM:
         prompts: Prompt | SequenceABC[Prompt],
         sampling_params: SamplingParams | SequenceABC[SamplingParams] | None = None,
         use_tqdm: bool = True,
+        priority: SequenceABC[int] | None = None,
     ) -> list[RequestOutput]:
-        """Run every prompt to completion; outputs come back in input order."""
+        """Run every prompt to completion; outputs come back in input order.
+
+        ``priority`` (one int per prompt, lower is more urgent) needs ``scheduling_policy="priority"``.
+        """
         if isinstance(prompts, str | dict):
             prompts = [prompts]
         prompts = list(prompts)
@@ -98,7 +102,13 @@ class LLM:
                     f"sampling_params has {len(params_list)} entries for {len(prompts)} prompts; "
                     "pass one SamplingParams or one per prompt."
                 )
-        return self._run(prompts, params_list, use_tqdm)
+        if priority is not None:
+            priority = list(priority)
+            if len(priority) != len(prompts):
+                raise ValueError(
+                    f"priority has {len(priority)} entries for {len(prompts)} prompts; pass one per prompt."
+                )
+        return self._run(prompts, params_list, use_tqdm, priority)
 
     def chat(
         self,
@@ -118,14 +128,19 @@ class LLM:
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def _run(
-        self, prompts: list[Prompt], params_list: list[SamplingParams] | list[BeamSearchParams], use_tqdm: bool
+        self,
+        prompts: list[Prompt],
+        params_list: list[SamplingParams] | list[BeamSearchParams],
+        use_tqdm: bool,
+        priority: list[int] | None = None,
     ) -> list[RequestOutput]:
         engine = self.engine
         ids: list[str] = []
+        priorities = priority if priority is not None else [0] * len(prompts)
         try:
-            for prompt, params in zip(prompts, params_list, strict=True):
+            for prompt, params, prio in zip(prompts, params_list, priorities, strict=True):
                 request_id = str(next(self._ids))
-                engine.add_request(request_id, prompt, params)
+                engine.add_request(request_id, prompt, params, priority=prio)
                 ids.append(request_id)
         except Exception:
             for request_id in ids:  # leave the engine as it was: no half-submitted batch

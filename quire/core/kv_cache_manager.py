@@ -21,11 +21,20 @@ class KVCacheManager:
     table (``cache_blocks``), and a new sequence starts from the longest run of cached full
     blocks of its tokens (``allocate_cached_prefix``). Cached blocks are immutable: a write
     into one copies it first, exactly like a write into a shared block.
+
+    A second pool of ``num_host_blocks`` lives in host memory. ``swap_out`` moves a group of
+    sequences' tables there and ``swap_in`` brings them back, one host block per distinct device
+    block, so blocks the group's sequences share stay shared on both sides. The caller (the
+    cache engine) performs the returned (src, dst) copies.
     """
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = False, num_host_blocks: int = 0
+    ) -> None:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.host_pool = BlockPool(num_host_blocks, enable_caching=False) if num_host_blocks else None
+        self.host_tables: dict[int, list[int]] = {}
         self.block_tables: dict[int, list[int]] = {}
         # Per sequence: the hashes of its leading full blocks, as far as they have been registered.
         self._hashes: dict[int, list[BlockHash]] = {}
@@ -87,11 +96,79 @@ class KVCacheManager:
             self._hashes[child_seq_id] = list(self._hashes[parent_seq_id])
 
     def free(self, seq_id: int) -> None:
+        """Release the sequence's blocks in both pools."""
         # Release in reverse: the tail of a sequence is the least shared part, so with the LRU
         # free queue its cached blocks are evicted before the prefix blocks others may reuse.
         for block in reversed(self.block_tables.pop(seq_id, [])):
             self.pool.decref(block)
         self._hashes.pop(seq_id, None)
+        for block in self.host_tables.pop(seq_id, []):
+            self.host_pool.decref(block)
+
+    # -- swapping -----------------------------------------------------------------------
+
+    @property
+    def num_host_blocks(self) -> int:
+        return self.host_pool.num_blocks if self.host_pool else 0
+
+    @property
+    def num_free_host_blocks(self) -> int:
+        return self.host_pool.num_free if self.host_pool else 0
+
+    def num_distinct_blocks(self, seq_ids: list[int], host: bool = False) -> int:
+        """Distinct blocks held by these sequences (on the device, or on the host)."""
+        tables = self.host_tables if host else self.block_tables
+        return len({b for sid in seq_ids for b in tables.get(sid, [])})
+
+    def can_swap_out(self, seq_ids: list[int]) -> bool:
+        return self.host_pool is not None and self.num_distinct_blocks(seq_ids) <= self.host_pool.num_free
+
+    def swap_out(self, seq_ids: list[int]) -> list[tuple[int, int]]:
+        """Move these sequences' tables to the host pool; returns (device, host) block copies.
+
+        The device blocks are released (a block other sequences also hold stays with them).
+        Prefix-cache hashes are forgotten: the sequences re-register their blocks after swap-in.
+        """
+        assert self.can_swap_out(seq_ids), "the caller checks can_swap_out first"
+        return self._move(seq_ids, self.block_tables, self.pool, self.host_tables, self.host_pool)
+
+    def num_blocks_needed_to_swap_in(self, seq_ids: list[int], writes: list[tuple[int, int, int]]) -> int:
+        """Device blocks ``swap_in(seq_ids)`` takes, plus those the ``writes`` (seq_id, start, n) then need."""
+        needed = self.num_distinct_blocks(seq_ids, host=True)
+        bs = self.block_size
+        for seq_id, start, num in writes:
+            table = self.host_tables.get(seq_id, [])
+            end = start + num
+            needed += max(0, cdiv(end, bs) - len(table))
+            last = min(cdiv(end, bs), len(table))
+            needed += sum(1 for b in table[start // bs : last] if self.host_pool.ref_counts[b] > 1)
+        return needed
+
+    def swap_in(self, seq_ids: list[int]) -> list[tuple[int, int]]:
+        """Bring these sequences' tables back from the host pool; returns (host, device) block copies."""
+        needed = self.num_distinct_blocks(seq_ids, host=True)
+        if needed > self.pool.num_free:
+            raise RuntimeError(f"need {needed} blocks to swap in, {self.pool.num_free} free")
+        return self._move(seq_ids, self.host_tables, self.host_pool, self.block_tables, self.pool)
+
+    def _move(self, seq_ids, src_tables, src_pool, dst_tables, dst_pool) -> list[tuple[int, int]]:
+        mapping: dict[int, int] = {}  # src block -> dst block, so shared blocks stay shared
+        for seq_id in seq_ids:
+            assert seq_id not in dst_tables, f"sequence {seq_id} already has blocks on the other side"
+            src_table = src_tables.pop(seq_id, [])
+            dst_table = []
+            for block in src_table:
+                dst = mapping.get(block)
+                if dst is None:
+                    dst = mapping[block] = dst_pool.allocate()
+                else:
+                    dst_pool.incref(dst)
+                dst_table.append(dst)
+            for block in reversed(src_table):
+                src_pool.decref(block)
+            dst_tables[seq_id] = dst_table
+            self._hashes.pop(seq_id, None)
+        return list(mapping.items())
 
     # -- prefix cache -------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
 class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
+    SWAPPED = "swapped"  # preempted with its K/V moved to the host pool
     FINISHED = "finished"
 
 
@@ -88,6 +89,8 @@ class Request:
     first_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0
+    queued_at_step: int = 0  # scheduler step at which it last entered the waiting or swapped queue
+    promoted: bool = False  # starvation guard: waited too long, now ahead of every unpromoted request
     metrics: dict[str, float] = field(default_factory=dict)
 
     @property

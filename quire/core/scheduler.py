@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
 from dataclasses import dataclass, field
 
 from quire.config import SchedulerConfig
-from quire.core.kv_cache_manager import KVCacheManager
+from quire.core.kv_cache_manager import KVCacheManager, cdiv
 from quire.core.request import Request, RequestStatus, Sequence
 
 
@@ -43,28 +44,52 @@ class ScheduledSeq:
 
 @dataclass
 class SchedulerOutput:
+    """One step's work: the chunks to compute and the block copies to make first.
+
+    The cache engine applies the block operations in this order before the forward: swap-outs
+    (device -> host) read blocks this step may hand to others, swap-ins (host -> device) fill
+    blocks that copy-on-write may then read, and copy-on-write copies come last.
+    """
+
     scheduled: list[ScheduledSeq] = field(default_factory=list)
+    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device, host)
+    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host, device)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
+    swapped_in: list[Request] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
         return sum(s.num_new_tokens for s in self.scheduled)
 
     @property
+    def has_block_ops(self) -> bool:
+        return bool(self.blocks_to_swap_out or self.blocks_to_swap_in or self.blocks_to_copy)
+
+    @property
     def is_empty(self) -> bool:
-        return not self.scheduled
+        return not self.scheduled and not self.has_block_ops
 
 
 class Scheduler:
-    """FCFS waiting queue and running set, filled each step up to a token budget.
+    """Waiting, running and swapped queues, filled each step up to a token budget.
 
     Each step gives running requests their tokens first (decodes, and the next chunk of a
-    prompt still being prefilled), then admits waiting requests while the budget, the
-    sequence limit and free blocks allow, so prefills and decodes share one batch and long
-    prompts are prefilled in chunks. When a running request cannot get a block, the most
-    recently arrived running request is preempted by recompute: its blocks are freed and it
-    goes back to the front of the waiting queue, keeping the tokens it generated.
+    prompt still being prefilled), then brings swapped requests back, then admits waiting
+    requests while the budget, the sequence limit and free blocks allow, so prefills and decodes
+    share one batch and long prompts are prefilled in chunks.
+
+    Order: under "fcfs" by arrival; under "priority" by (priority, arrival), lower values
+    first, with requests that waited ``priority_aging_steps`` promoted ahead of all others so
+    background work always finishes. When a running request cannot get a block, the last
+    request in that order is preempted, as a whole group: swapped to the host pool (its K/V
+    kept, it returns before new requests are admitted) or recomputed (its blocks freed, it goes
+    back to the waiting queue keeping its tokens). ``preemption_mode`` picks: "swap",
+    "recompute", or "auto", which swaps groups of several sequences (recomputing would lose
+    their sharing) and single sequences of at least ``swap_min_tokens`` computed tokens, and
+    recomputes the rest; swapping falls back to recompute when the host pool is full. Under
+    "priority", a waiting request that cannot start for lack of blocks or seats also preempts
+    strictly less urgent running requests.
 
     ``max_num_seqs`` counts sequences, not requests: a group takes as many seats as it can run
     sequences (``best_of`` or the beam width before it forks). With prefix caching, a request
@@ -77,7 +102,12 @@ class Scheduler:
         self.kv_cache = kv_cache
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.swapped: list[Request] = []
+        self.num_steps = 0
         self.num_preemptions = 0
+        self.num_preemptions_by_mode = {"swap": 0, "recompute": 0}
+        self.num_swapped_out_blocks = 0
+        self.num_swapped_in_blocks = 0
         # Prefix cache, in tokens: looked up at admission, and found cached (hence not computed).
         self.num_prefix_cache_queries = 0
         self.num_prefix_cache_hits = 0
@@ -86,29 +116,49 @@ class Scheduler:
 
     def add_request(self, request: Request) -> None:
         request.status = RequestStatus.WAITING
+        request.queued_at_step = self.num_steps
         self.waiting.append(request)
 
     def finish_request(self, request: Request) -> None:
-        """Drop a finished or aborted request from whichever queue holds it and free its blocks."""
+        """Drop a finished or aborted request from whichever queue holds it and free its blocks (both pools)."""
         if request.status is RequestStatus.RUNNING:
             self.running.remove(request)
         elif request.status is RequestStatus.WAITING:
             self.waiting.remove(request)
+        elif request.status is RequestStatus.SWAPPED:
+            self.swapped.remove(request)
         request.status = RequestStatus.FINISHED
         for seq in request.seqs:
             self.kv_cache.free(seq.seq_id)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.swapped)
+
+    def _order(self, request: Request) -> tuple[int, int, int]:
+        """Sort key: most urgent first (ascending). FCFS is arrival order alone."""
+        if self.config.policy == "priority":
+            return (not request.promoted, request.priority, request.arrival_order)
+        return (0, 0, request.arrival_order)
+
+    def _urgency(self, request: Request) -> tuple[int, int]:
+        return self._order(request)[:2]
 
     # -- the step ---------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
+        self.num_steps += 1
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
+        if self.config.policy == "priority":
+            self._promote_aged()
+            self.waiting = deque(sorted(self.waiting, key=self._order))
+            self.swapped.sort(key=self._order)
+            self._preempt_for_urgent_arrival(budget, out)
 
-        # 1. Running requests, oldest first, so preemption always hits the newest.
-        self.running.sort(key=lambda r: r.arrival_order)
+        num_preempted_for_urgency = len(out.preempted)
+
+        # 1. Running requests in order, so preemption always hits the last one.
+        self.running.sort(key=self._order)
         index = 0
         while index < len(self.running) and budget > 0:
             request = self.running[index]
@@ -126,10 +176,42 @@ class Scheduler:
                 budget -= sum(c.num_new_tokens for c in chunks)
                 index += 1
 
-        # 2. Waiting requests in arrival order (preempted ones were put back at the front).
+        # 2. Swapped requests come back, in order, unless running requests just had to be preempted
+        # for lack of blocks (bringing others back now would only thrash).
         num_seqs = sum(r.max_running_seqs for r in self.running)
+        short_of_blocks = len(out.preempted) > num_preempted_for_urgency
+        while self.swapped and budget > 0 and not short_of_blocks:
+            request = self.swapped[0]
+            if self.waiting and self._urgency(self.waiting[0]) < self._urgency(request):
+                break  # under "priority", a more urgent waiting request goes first
+            seats = request.max_running_seqs
+            if num_seqs + seats > self.config.max_num_seqs:
+                break
+            chunks = self._chunks(request, budget)
+            seq_ids = [s.seq_id for s in request.seqs]
+            writes = [(c.seq.seq_id, c.start, c.num_new_tokens) for c in chunks]
+            if (
+                not chunks
+                or self.kv_cache.num_blocks_needed_to_swap_in(seq_ids, writes) > self.kv_cache.num_free_blocks
+            ):
+                break
+            copies = self.kv_cache.swap_in(seq_ids)
+            out.blocks_to_swap_in += copies
+            self.num_swapped_in_blocks += len(copies)
+            self.swapped.pop(0)
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.swapped_in.append(request)
+            num_seqs += seats
+            self._allocate(chunks, out)
+            budget -= sum(c.num_new_tokens for c in chunks)
+
+        # 3. Waiting requests in order (recomputed ones were put back in front), once no swapped
+        # request is left to return -- except that under "priority" a strictly more urgent one may pass.
         while self.waiting and budget > 0:
             request = self.waiting[0]
+            if self.swapped and not self._urgency(request) < self._urgency(self.swapped[0]):
+                break
             seats = request.max_running_seqs
             if num_seqs + seats > self.config.max_num_seqs:
                 break
@@ -147,6 +229,43 @@ class Scheduler:
             self._allocate(chunks, out)
             budget -= sum(c.num_new_tokens for c in chunks)
         return out
+
+    def _promote_aged(self) -> None:
+        limit = self.config.priority_aging_steps
+        for request in itertools.chain(self.waiting, self.swapped):
+            if not request.promoted and self.num_steps - request.queued_at_step >= limit:
+                request.promoted = True
+
+    def _preempt_for_urgent_arrival(self, budget: int, out: SchedulerOutput) -> None:
+        """Make room for the most urgent waiting request by preempting strictly less urgent running ones.
+
+        It needs seats for its sequences and blocks for its first chunk (prefix-cache hits not
+        counted) on top of what the running requests take for this step's tokens.
+        """
+        candidates = [q[0] for q in (self.waiting, self.swapped) if q]
+        if not candidates or not self.running:
+            return
+        urgent = min(candidates, key=self._order)
+        if urgent.status is RequestStatus.WAITING:
+            first_chunk = min(sum(s.num_uncomputed_tokens for s in urgent.unfinished_seqs), budget)
+            blocks = cdiv(first_chunk, self.kv_cache.block_size) * urgent.max_running_seqs
+        else:
+            seq_ids = [s.seq_id for s in urgent.seqs]
+            writes = [(s.seq_id, s.num_computed_tokens, s.num_uncomputed_tokens) for s in urgent.unfinished_seqs]
+            blocks = self.kv_cache.num_blocks_needed_to_swap_in(seq_ids, writes)
+        while self.running:
+            victim = max(self.running, key=self._order)
+            if not self._urgency(victim) > self._urgency(urgent):
+                return
+            seats = sum(r.max_running_seqs for r in self.running) + urgent.max_running_seqs
+            running_needs = sum(
+                self.kv_cache.num_blocks_needed(s.seq_id, s.num_computed_tokens, min(s.num_uncomputed_tokens, budget))
+                for r in self.running
+                for s in r.unfinished_seqs
+            )
+            if seats <= self.config.max_num_seqs and running_needs + blocks <= self.kv_cache.num_free_blocks:
+                return
+            self._preempt(victim, out)
 
     def _chunks(self, request: Request, budget: int) -> list[ScheduledSeq]:
         """The next tokens of each unfinished sequence of ``request`` that fit in ``budget``.
@@ -202,13 +321,38 @@ class Scheduler:
         out.scheduled += chunks
 
     def _preempt(self, request: Request, out: SchedulerOutput) -> None:
-        """Recompute-style preemption: drop the request's K/V; it re-prefills when readmitted."""
+        """Take ``request``'s whole group off the device: swap it out, or drop its K/V for recompute."""
         self.running.remove(request)
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        request.queued_at_step = self.num_steps
+        out.preempted.append(request)
+        seq_ids = [s.seq_id for s in request.seqs]
+        if self._should_swap(request) and self.kv_cache.can_swap_out(seq_ids):
+            copies = self.kv_cache.swap_out(seq_ids)
+            out.blocks_to_swap_out += copies
+            self.num_swapped_out_blocks += len(copies)
+            self.num_preemptions_by_mode["swap"] += 1
+            request.status = RequestStatus.SWAPPED
+            self.swapped.append(request)
+            self.swapped.sort(key=self._order)
+            return
         for seq in request.seqs:
             self.kv_cache.free(seq.seq_id)
             seq.num_computed_tokens = 0
+        self.num_preemptions_by_mode["recompute"] += 1
         request.status = RequestStatus.WAITING
-        request.num_preemptions += 1
-        self.num_preemptions += 1
-        self.waiting.appendleft(request)
-        out.preempted.append(request)
+        if self.config.policy == "priority":
+            self.waiting.append(request)
+            self.waiting = deque(sorted(self.waiting, key=self._order))
+        else:
+            self.waiting.appendleft(request)
+
+    def _should_swap(self, request: Request) -> bool:
+        mode = self.config.preemption_mode
+        if mode != "auto":
+            return mode == "swap"
+        seqs = request.unfinished_seqs
+        if len(seqs) > 1:  # a forked group: recompute would lose its shared blocks
+            return True
+        return bool(seqs) and seqs[0].num_computed_tokens >= self.config.swap_min_tokens

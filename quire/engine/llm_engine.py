@@ -42,6 +42,11 @@ AUTO_DTYPE = "float32"
 # Default KV budget: this share of available memory, capped.
 _KV_MEMORY_FRACTION = 0.3
 _KV_MEMORY_CAP_GB = 4.0
+# preemption_mode="auto" swaps a single sequence once it has this many computed tokens and
+# recomputes shorter ones; groups of several sequences always swap. Measured with
+# `quire bench swap` (docs/benchmarks.md): on this CPU, swapping out and back in costs less
+# than recomputing at every length and block size measured, so the crossover is the first block.
+SWAP_MIN_TOKENS = 16
 
 
 def resolve_dtype(dtype: str) -> str:
@@ -94,9 +99,13 @@ class LLMEngine:
         self.model.rotary.float()  # cos/sin tables stay float32
         self.model.prepare()
 
-        self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching)
-        self.scheduler = Scheduler(dataclasses.replace(config.scheduler, max_model_len=max_model_len), self.kv_cache)
-        self.cache = CacheEngine(self.arch, num_blocks, block_size, self.dtype, self.device)
+        num_host_blocks = self._num_host_blocks(config)
+        self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching, num_host_blocks)
+        scheduler_config = dataclasses.replace(
+            config.scheduler, max_model_len=max_model_len, swap_min_tokens=SWAP_MIN_TOKENS
+        )
+        self.scheduler = Scheduler(scheduler_config, self.kv_cache)
+        self.cache = CacheEngine(self.arch, num_blocks, block_size, self.dtype, self.device, num_host_blocks)
         generator = torch.Generator().manual_seed(config.model.seed)
         self.runner = ModelRunner(self.model, self.cache, Sampler(generator), self.device)
         self.detokenizer = Detokenizer(self.tokenizer)
@@ -122,6 +131,12 @@ class LLMEngine:
         if num_blocks < 1:
             raise ValueError(f"kv_cache_memory_gb={cache.kv_cache_memory_gb} is too small for one KV block.")
         return num_blocks
+
+    def _num_host_blocks(self, config: EngineConfig) -> int:
+        cache = config.cache
+        if cache.num_host_kv_blocks is not None:
+            return cache.num_host_kv_blocks
+        return int(cache.swap_space_gb * 2**30 // kv_bytes_per_block(self.arch, cache.block_size, self.dtype))
 
     def _eos_token_id(self) -> int | None:
         if self.tokenizer.eos_token_id is not None:
@@ -156,6 +171,10 @@ class LLMEngine:
             raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}.")
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use.")
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise ValueError(f"priority must be an integer, got {priority!r}.")
+        if priority != 0 and self.scheduler.config.policy != "priority":
+            raise ValueError(f"priority={priority} needs scheduling_policy='priority' (the engine uses 'fcfs').")
         group_size = beam_params.beam_width if beam_params is not None else params.num_seqs
         limits = self.scheduler.config
         name = "beam_width" if beam_params is not None else "best_of" if params.best_of is not None else "n"
@@ -239,6 +258,7 @@ class LLMEngine:
         return text, token_ids
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
+        """End a request from whatever state it is in; its blocks in both pools are free on return."""
         request = self.requests.pop(request_id, None)
         if request is None:
             return None
@@ -248,6 +268,8 @@ class LLMEngine:
             request.beam.done = True
         self.scheduler.finish_request(request)
         return self._make_output(request)
+
+    abort = abort_request
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
@@ -510,12 +532,20 @@ class LLMEngine:
 
     def stats(self) -> dict[str, int]:
         pool = self.kv_cache.pool
+        scheduler = self.scheduler
         return {
             "num_kv_blocks": pool.num_blocks,
             "num_free_kv_blocks": pool.num_free,
             "peak_used_kv_blocks": pool.peak_used,
             "block_size": self.kv_cache.block_size,
-            "num_preemptions": self.scheduler.num_preemptions,
+            "num_preemptions": scheduler.num_preemptions,
+            "num_preemptions_swap": scheduler.num_preemptions_by_mode["swap"],
+            "num_preemptions_recompute": scheduler.num_preemptions_by_mode["recompute"],
+            "num_swapped": len(scheduler.swapped),
+            "num_swapped_out_blocks": scheduler.num_swapped_out_blocks,
+            "num_swapped_in_blocks": scheduler.num_swapped_in_blocks,
+            "num_host_blocks": self.kv_cache.num_host_blocks,
+            "num_free_host_blocks": self.kv_cache.num_free_host_blocks,
             "num_prompt_tokens_computed": self.stats_counters.num_prompt_tokens_computed,
             "num_generated_tokens": self.stats_counters.num_generated_tokens,
             "num_steps": self.stats_counters.num_steps,

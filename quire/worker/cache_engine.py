@@ -1,4 +1,4 @@
-"""The KV cache tensors: one allocation for all layers, carved into fixed-size blocks."""
+"""The KV cache tensors: one allocation for all layers, carved into fixed-size blocks, plus a host pool."""
 
 from __future__ import annotations
 
@@ -13,27 +13,61 @@ def kv_bytes_per_block(config: LlamaArchConfig, block_size: int, dtype: torch.dt
 
 
 class CacheEngine:
-    """Owns ``kv[layer, k_or_v, block, slot, kv_head, head_dim]``.
+    """Owns ``kv[layer, k_or_v, block, slot, kv_head, head_dim]`` on the device and ``host_kv`` in host memory.
 
-    Allocated once, uninitialised (``torch.empty``): the OS backs pages only when blocks are
-    first written, and no block is read before it is written.
+    Both are allocated once, uninitialised (``torch.empty``): the OS backs pages only when blocks
+    are first written, and no block is read before it is written. The host pool is where
+    preempted groups are swapped to; on a GPU it is pinned so the copies can be DMA transfers.
+    Every block operation is one indexed copy over all layers at once, whatever the block count.
     """
 
     def __init__(
-        self, config: LlamaArchConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
+        self,
+        config: LlamaArchConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        num_host_blocks: int = 0,
     ) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.kv = torch.empty(
-            (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim),
-            dtype=dtype,
-            device=device,
-        )
+        shape = (config.num_layers, 2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        self.kv = torch.empty(shape, dtype=dtype, device=device)
         self.layers = list(self.kv.unbind(0))
+        host_shape = (*shape[:2], num_host_blocks, *shape[3:])
+        self.host_kv = torch.empty(host_shape, dtype=dtype, device="cpu", pin_memory=device.type == "cuda")
+
+    def apply(
+        self,
+        swap_out: list[tuple[int, int]],
+        swap_in: list[tuple[int, int]],
+        copy: list[tuple[int, int]],
+    ) -> None:
+        """A step's block operations, in the order the scheduler's decisions require (see SchedulerOutput)."""
+        self.swap_out(swap_out)
+        self.swap_in(swap_in)
+        self.copy_blocks(copy)
+
+    def swap_out(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy (device block, host block) pairs to the host pool."""
+        if pairs:
+            src, dst = _indices(pairs, self.kv.device, self.host_kv.device)
+            self.host_kv.index_copy_(2, dst, self.kv.index_select(2, src).to(self.host_kv.device))
+
+    def swap_in(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy (host block, device block) pairs back to the device."""
+        if pairs:
+            src, dst = _indices(pairs, self.host_kv.device, self.kv.device)
+            self.kv.index_copy_(2, dst, self.host_kv.index_select(2, src).to(self.kv.device, non_blocking=True))
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate each source block into its destination, in every layer."""
-        if not pairs:
-            return
-        src = torch.tensor([p[0] for p in pairs], device=self.kv.device)
-        dst = torch.tensor([p[1] for p in pairs], device=self.kv.device)
-        self.kv[:, :, dst] = self.kv[:, :, src]
+        if pairs:
+            src, dst = _indices(pairs, self.kv.device, self.kv.device)
+            self.kv.index_copy_(2, dst, self.kv.index_select(2, src))
+
+
+def _indices(pairs: list[tuple[int, int]], src_device, dst_device) -> tuple[torch.Tensor, torch.Tensor]:
+    src = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=src_device)
+    dst = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=dst_device)
+    return src, dst

@@ -53,8 +53,10 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        self.cache.copy_blocks(sched.blocks_to_copy)
+        self.cache.apply(sched.blocks_to_swap_out, sched.blocks_to_swap_in, sched.blocks_to_copy)
         entries = sched.scheduled
+        if not entries:  # a step that only swapped a group out
+            return RunnerOutput(sampled_seqs=[], samples=None)
         input_ids, positions, metadata = self._prepare_inputs(entries)
         hidden = self.model(input_ids, positions, self.cache.layers, metadata)
 
@@ -150,9 +152,7 @@ class ModelRunner:
             batch.banned_tokens = torch.tensor(banned_tokens, dtype=torch.long)
         return batch
 
-    def _prompt_logprobs(
-        self, entry: ScheduledSeq, first: int, logits: torch.Tensor, offset: int
-    ) -> PromptLogprobs:
+    def _prompt_logprobs(self, entry: ScheduledSeq, first: int, logits: torch.Tensor, offset: int) -> PromptLogprobs:
         last = min(entry.start + entry.num_new_tokens, entry.seq.num_prompt_tokens - 1)
         n = last - first
         logprobs = torch.log_softmax(logits[offset : offset + n], dim=-1)
