@@ -215,9 +215,9 @@ def test_engine_failure_fails_requests_and_health(tiny_llama_dir):
         assert refused.status_code == 500 and refused.json()["error"]["type"] == "server_error"
 
 
-def test_cli_rejects_unbuilt_features_before_loading(capsys):
-    assert cli_main(["serve", "--scheduling-policy", "priority"]) == 2
-    assert "scheduling_policy" in capsys.readouterr().err
+def test_cli_rejects_bad_engine_arguments_before_loading(capsys):
+    assert cli_main(["serve", "--priority-aging-steps", "0"]) == 2
+    assert "priority_aging_steps" in capsys.readouterr().err
     assert cli_main(["serve", "--swap-space", "-1"]) == 2
     assert "swap_space" in capsys.readouterr().err
     assert cli_main(["serve", "a.gguf", "--model", "b.gguf"]) == 2
@@ -237,7 +237,8 @@ def test_quire_serve_and_bench_serve(tiny_llama_dir, tmp_path):
     cmd = [
         sys.executable, "-m", "quire.entrypoints.cli", "serve", tiny_llama_dir, "--port", str(port),
         "--dtype", "float32", "--num-kv-blocks", "64", "--served-model-name", "tiny", "t2",
-        "--log-stats-interval", "0.2", "--api-key", "k", "--swap-space", "1",
+        "--log-stats-interval", "0.2", "--api-key", "k", "--swap-space", "1", "--scheduling-policy", "priority",
+        "--preemption-mode", "swap",
     ]
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -278,5 +279,35 @@ def test_quire_serve_and_bench_serve(tiny_llama_dir, tmp_path):
         proc.wait(timeout=60)
         output = Path(log.name).read_text()
         log.close()
-    assert "swap_space is accepted but not implemented" in output
     assert "Avg prompt throughput:" in output, output
+
+
+def test_priority_and_swap_through_the_server(tiny_llama_dir):
+    """`priority` in request bodies, swap preemption, and the swapped-request and host-cache metrics."""
+    llm_engine = _engine(
+        tiny_llama_dir, num_kv_blocks=NUM_KV_BLOCKS, num_host_kv_blocks=64, max_num_batched_tokens=128,
+        scheduling_policy="priority", preemption_mode="swap",
+    )
+    engine = AsyncLLMEngine(llm_engine, metrics=EngineMetrics(MODEL), log_stats_interval=None)
+    with ServerThread(build_app(engine, served_model_names=[MODEL])) as server:
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        async def main():
+            results = await asyncio.gather(*(
+                client.completions.create(
+                    model=MODEL, prompt=[(7 * i + j) % 900 + 1 for j in range(20 + 3 * i)], max_tokens=40,
+                    n=1 + i % 2, seed=i, temperature=1.0, extra_body={"ignore_eos": True, "priority": i % 3},
+                )
+                for i in range(10)
+            ))
+            return results
+
+        results = asyncio.run(main())
+        assert all(c.finish_reason == "length" for r in results for c in r.choices)
+        assert [len(r.choices) for r in results] == [1 + i % 2 for i in range(10)]
+        stats = llm_engine.stats()
+        assert stats["num_swapped_out_blocks"] > 0 and stats["num_preemptions_swap"] > 0, stats
+        assert wait_for(lambda: _pool_free(server), timeout=30), engine.stats()
+        assert llm_engine.stats()["num_free_host_blocks"] == 64
+        assert metric(server.url, "quire:cpu_cache_usage_perc") == 0
+        assert metric(server.url, "quire:num_requests_swapped") == 0
+        assert metric(server.url, "quire:num_preemptions_total") >= stats["num_preemptions_swap"]

@@ -154,7 +154,7 @@ def test_prefix_cache_32_requests_sharing_a_400_token_system_prompt(llm_fp32, ll
 
 def test_groups_and_beams_under_preemption_equal_an_unconstrained_engine(llm_no_cache):
     """A small pool forces recompute preemption of groups and beams; the prefix cache serves readmissions."""
-    small = LLM(dtype="float32", seed=0, num_kv_blocks=24, max_num_batched_tokens=64)
+    small = LLM(dtype="float32", seed=0, num_kv_blocks=24, max_num_batched_tokens=64, preemption_mode="recompute")
     shared = _unique_prompt(4, 40)
     prompts = [{"prompt_token_ids": shared + _unique_prompt(200 + i, 5 + 7 * i)} for i in range(6)]
     params = [

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from quire.config import EngineArgs
-
-logger = logging.getLogger(__name__)
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -27,35 +24,27 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--num-threads", type=int, default=None)
     parser.add_argument(
-        "--swap-space", type=float, default=None, help="GiB of host memory for swapped-out KV blocks"
+        "--swap-space", type=float, default=defaults.swap_space, help="GiB of host memory for swapped-out KV blocks"
     )
-    parser.add_argument("--scheduling-policy", default=None, choices=["fcfs", "priority"])
+    parser.add_argument("--num-host-kv-blocks", type=int, default=None, help="exact host block count")
+    parser.add_argument("--preemption-mode", default=defaults.preemption_mode, choices=["auto", "swap", "recompute"])
+    parser.add_argument("--scheduling-policy", default=defaults.scheduling_policy, choices=["fcfs", "priority"])
+    parser.add_argument(
+        "--priority-aging-steps",
+        type=int,
+        default=defaults.priority_aging_steps,
+        help="under --scheduling-policy priority, promote a request after waiting this many steps",
+    )
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
-    """The ``EngineArgs`` keyword arguments in ``args``.
-
-    Arguments the engine does not have yet (they land with the swap/priority issue) are checked
-    here: ``--swap-space`` must be >= 0 and is accepted with a warning (there is no host KV pool
-    yet, so nothing is swapped: preemption recomputes); ``--scheduling-policy fcfs`` is what the
-    engine does, and ``priority`` is rejected with a ValueError. Once ``EngineArgs`` has these
-    fields they are passed through like every other engine argument.
-    """
-    fields = set(EngineArgs.field_names())
-    swap_space = getattr(args, "swap_space", None)
-    if swap_space is not None and "swap_space" not in fields:
-        if swap_space < 0:
-            raise ValueError(f"swap_space must be >= 0, got {swap_space!r}.")
-        logger.warning("swap_space is accepted but not implemented yet: preempted requests are recomputed.")
-    policy = getattr(args, "scheduling_policy", None)
-    if policy == "priority" and "scheduling_policy" not in fields:
-        raise ValueError("scheduling_policy='priority' is not supported yet; use 'fcfs'.")
+    """The ``EngineArgs`` keyword arguments in ``args``; an unset option (None) keeps the engine's default."""
     defaults = EngineArgs()
     kwargs = {}
     for name in EngineArgs.field_names():
         value = getattr(args, name, None)
         if hasattr(args, name) and (value is not None or getattr(defaults, name) is None):
-            kwargs[name] = value  # an unset option (None) keeps the engine's default
+            kwargs[name] = value
     return kwargs
 
 

@@ -50,24 +50,25 @@ class CacheEngine:
 
     def swap_out(self, pairs: list[tuple[int, int]]) -> None:
         """Copy (device block, host block) pairs to the host pool."""
-        if pairs:
-            src, dst = _indices(pairs, self.kv.device, self.host_kv.device)
-            self.host_kv.index_copy_(2, dst, self.kv.index_select(2, src).to(self.host_kv.device))
+        _copy_blocks(self.kv, self.host_kv, pairs)
 
     def swap_in(self, pairs: list[tuple[int, int]]) -> None:
         """Copy (host block, device block) pairs back to the device."""
-        if pairs:
-            src, dst = _indices(pairs, self.host_kv.device, self.kv.device)
-            self.kv.index_copy_(2, dst, self.host_kv.index_select(2, src).to(self.kv.device, non_blocking=True))
+        _copy_blocks(self.host_kv, self.kv, pairs)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: duplicate each source block into its destination, in every layer."""
-        if pairs:
-            src, dst = _indices(pairs, self.kv.device, self.kv.device)
-            self.kv.index_copy_(2, dst, self.kv.index_select(2, src))
+        _copy_blocks(self.kv, self.kv, pairs)
 
 
-def _indices(pairs: list[tuple[int, int]], src_device, dst_device) -> tuple[torch.Tensor, torch.Tensor]:
-    src = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=src_device)
-    dst = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=dst_device)
-    return src, dst
+def _copy_blocks(src_kv: torch.Tensor, dst_kv: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
+    """``dst_kv[:, :, d] = src_kv[:, :, s]`` for every (s, d) pair: one gather and one scatter for all layers."""
+    if not pairs:
+        return
+    src = torch.tensor([p[0] for p in pairs], dtype=torch.long, device=src_kv.device)
+    dst = torch.tensor([p[1] for p in pairs], dtype=torch.long, device=dst_kv.device)
+    # [layer * k_or_v, block, everything in a block]: each block is one contiguous run per (layer, k_or_v).
+    src_view = src_kv.view(src_kv.shape[0] * 2, src_kv.shape[2], -1)
+    dst_view = dst_kv.view(dst_kv.shape[0] * 2, dst_kv.shape[2], -1)
+    moved = src_view.index_select(1, src).to(dst_kv.device, non_blocking=True)
+    dst_view.index_copy_(1, dst, moved)

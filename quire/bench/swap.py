@@ -1,0 +1,167 @@
+"""Swap vs recompute (the paper's Fig. 19): what preempting one sequence costs each way, on this machine.
+
+Swap: the real ``KVCacheManager.swap_out`` + ``swap_in`` bookkeeping and the real ``CacheEngine``
+copies (device -> host -> device, one indexed copy over all layers each way) for a sequence of
+``context`` tokens. Recompute: the real engine prefilling those ``context`` tokens again in one
+step (what a recomputed request costs when it is readmitted). Both are timed for every block
+size and context length; the crossover is the shortest context at which recompute costs more
+than swapping, which ``preemption_mode="auto"`` uses (``SWAP_MIN_TOKENS`` in the engine).
+
+    python -m quire.bench.swap [--block-sizes 1 2 4 ...] [--contexts 16 32 ...] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+DEFAULT_BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+DEFAULT_CONTEXTS = (16, 32, 64, 128, 256, 512, 1024, 2048)
+# Recompute does not depend much on the block size (only the attention reads go through it), and
+# a 2048-token prefill takes seconds here, so recompute is timed at every context for this block
+# size and at every block size for these contexts.
+RECOMPUTE_BLOCK_SIZE = 16
+RECOMPUTE_CONTEXTS_ALL_BLOCK_SIZES = (256,)
+
+
+@dataclass
+class SwapPoint:
+    block_size: int
+    context: int
+    num_blocks: int
+    swap_out_ms: float
+    swap_in_ms: float
+    recompute_ms: float | None
+
+    @property
+    def swap_ms(self) -> float:
+        return self.swap_out_ms + self.swap_in_ms
+
+
+def _median_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def _time_swap(kv, cache, context: int, repeats: int) -> tuple[float, float]:
+    """Median ms to swap a ``context``-token sequence out, and back in (bookkeeping and copies)."""
+    seq_id = -1
+    kv.allocate_slots(seq_id, 0, context)
+    outs, ins = [], []
+    for _ in range(repeats + 1):  # the first round warms up
+        start = time.perf_counter()
+        cache.swap_out(kv.swap_out([seq_id]))
+        mid = time.perf_counter()
+        cache.swap_in(kv.swap_in([seq_id]))
+        outs.append((mid - start) * 1e3)
+        ins.append((time.perf_counter() - mid) * 1e3)
+    kv.free(seq_id)
+    return statistics.median(outs[1:]), statistics.median(ins[1:])
+
+
+def _time_recompute(llm, token_ids: list[int], repeats: int) -> float:
+    """Median ms for the engine to prefill ``token_ids`` in one step (and sample one token)."""
+    from quire import SamplingParams
+
+    prompt = {"prompt_token_ids": token_ids}
+    params = SamplingParams(max_tokens=1, temperature=0)
+    return _median_ms(lambda: llm.generate([prompt], params, use_tqdm=False), repeats)
+
+
+def measure(
+    model: str | None,
+    block_sizes: tuple[int, ...],
+    contexts: tuple[int, ...],
+    repeats: int = 5,
+    dtype: str = "float32",
+) -> list[SwapPoint]:
+    from quire import LLM
+
+    points = []
+    corpus = list(range(1000, 1000 + max(contexts)))
+    for block_size in block_sizes:
+        longest = max(contexts)
+        num_blocks = -(-longest // block_size) + 2
+        llm = LLM(
+            model,
+            dtype=dtype,
+            block_size=block_size,
+            num_kv_blocks=num_blocks,
+            num_host_kv_blocks=num_blocks,
+            max_num_batched_tokens=longest,
+            enable_prefix_caching=False,
+        )
+        engine = llm.engine
+        engine.cache.kv.zero_()  # back every page, so first-touch costs are not timed
+        engine.cache.host_kv.zero_()
+        for context in contexts:
+            swap_out_ms, swap_in_ms = _time_swap(engine.kv_cache, engine.cache, context, repeats)
+            recompute = None
+            if block_size == RECOMPUTE_BLOCK_SIZE or context in RECOMPUTE_CONTEXTS_ALL_BLOCK_SIZES:
+                recompute = _time_recompute(llm, corpus[:context], max(1, repeats // 2))
+            num = -(-context // block_size)
+            points.append(SwapPoint(block_size, context, num, swap_out_ms, swap_in_ms, recompute))
+    return points
+
+
+def crossover(points: list[SwapPoint]) -> int | None:
+    """Shortest context whose recompute costs more than swapping out and in (at the recompute block size)."""
+    timed = sorted(
+        (p for p in points if p.recompute_ms is not None and p.block_size == RECOMPUTE_BLOCK_SIZE),
+        key=lambda p: p.context,
+    )
+    for point in timed:
+        if point.recompute_ms > point.swap_ms:
+            return point.context
+    return None
+
+
+def print_table(points: list[SwapPoint]) -> None:
+    print(
+        f"{'block':>6} {'context':>8} {'blocks':>7} {'swap out ms':>12} {'swap in ms':>11} "
+        f"{'swap ms':>8} {'recompute ms':>13} {'recompute/swap':>15}"
+    )
+    for p in points:
+        ratio = f"{p.recompute_ms / p.swap_ms:15.1f}" if p.recompute_ms is not None else f"{'':>15}"
+        rec = f"{p.recompute_ms:13.2f}" if p.recompute_ms is not None else f"{'':>13}"
+        print(
+            f"{p.block_size:6d} {p.context:8d} {p.num_blocks:7d} {p.swap_out_ms:12.3f} {p.swap_in_ms:11.3f} "
+            f"{p.swap_ms:8.3f} {rec} {ratio}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model path (default: the embedded default model)")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--block-sizes", type=int, nargs="+", default=list(DEFAULT_BLOCK_SIZES))
+    parser.add_argument("--contexts", type=int, nargs="+", default=list(DEFAULT_CONTEXTS))
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", default=None, help="write the points here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(torch.get_num_threads())
+    points = measure(args.model, tuple(args.block_sizes), tuple(args.contexts), args.repeats, args.dtype)
+    print_table(points)
+    cross = crossover(points)
+    print(
+        f"crossover (recompute > swap, block size {RECOMPUTE_BLOCK_SIZE}): "
+        f"{cross if cross is not None else 'none in the measured range'} tokens"
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"points": [asdict(p) | {"swap_ms": p.swap_ms} for p in points], "crossover": cross}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
