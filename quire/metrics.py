@@ -6,9 +6,8 @@ one process. The async engine feeds it from its step thread (``prometheus_client
 thread-safe); the server exports ``render()`` at ``/metrics``.
 
 Figures are derived from ``LLMEngine.stats()`` deltas and from finished ``RequestOutput``s, so
-the engine itself needs no knowledge of Prometheus. Stats the engine does not report yet
-(swapped requests, the host KV pool, prefix-cache queries/hits) read as 0 until it does: the
-keys looked up are listed in ``STATS_KEYS``.
+the engine itself needs no knowledge of Prometheus. The keys looked up are listed in
+``STATS_KEYS``; a key an engine does not report reads as 0.
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ logger = logging.getLogger("quire.metrics")
 
 PREFIX = "quire:"
 
-# The LLMEngine.stats() keys read here; the optional ones default to 0.
+# The LLMEngine.stats() keys read here; missing ones read as 0.
 STATS_KEYS = {
     "running": "num_running",
     "waiting": "num_waiting",

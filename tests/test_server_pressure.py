@@ -290,6 +290,7 @@ def test_priority_and_swap_through_the_server(tiny_llama_dir):
     )
     engine = AsyncLLMEngine(llm_engine, metrics=EngineMetrics(MODEL), log_stats_interval=None)
     with ServerThread(build_app(engine, served_model_names=[MODEL])) as server:
+        server.engine = engine
         client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
         async def main():
             results = await asyncio.gather(*(

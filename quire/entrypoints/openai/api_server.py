@@ -92,9 +92,9 @@ def build_app(
     api_key: str | None = None,
     model_path: str | None = None,
     manage_engine: bool = True,
-    priority_enabled: bool = False,
 ) -> FastAPI:
     names = list(served_model_names or ["quire"])
+    priority_enabled = engine.engine.scheduler.config.policy == "priority"
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -203,13 +203,11 @@ def run_server(args) -> int:
     llm_engine = LLMEngine(EngineArgs(**kwargs))
     metrics = EngineMetrics(names[0])
     engine = AsyncLLMEngine(llm_engine, metrics=metrics, log_stats_interval=args.log_stats_interval)
-    priority = getattr(llm_engine.args, "scheduling_policy", "fcfs") == "priority"
     app = build_app(
         engine,
         served_model_names=names,
         api_key=args.api_key,
         model_path=llm_engine.config.model.model,
-        priority_enabled=priority,
     )
     logger.info("serving %s on http://%s:%d (max_model_len %d)", names[0], args.host, args.port, engine.max_model_len)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.uvicorn_log_level, timeout_keep_alive=5)
