@@ -80,4 +80,6 @@ def test_tiny_family_matches_transformers(family, tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     llm = LLM(model=str(tmp_path), dtype="float32", block_size=8, max_num_batched_tokens=128)
     assert type(llm.engine.model).__name__ == MODEL_CLASSES[cls.__name__].__name__
-    check_against_reference(llm, hf, fidelity_prompts(tokenizer))
+    prompts = fidelity_prompts(tokenizer)
+    # Short, medium and the two longest (chunked at 128 tokens), plus the chat prompt: enough per family.
+    check_against_reference(llm, hf, [prompts[i] for i in (0, 2, 5, 7, 8)])

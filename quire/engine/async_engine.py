@@ -117,6 +117,7 @@ class AsyncLLMEngine:
         await asyncio.to_thread(self._thread.join)
         self._thread = None
         self._fail_all(EngineDeadError("the engine was shut down"))
+        self.engine.shutdown()  # tensor-parallel workers, if any
 
     async def check_health(self) -> None:
         if self._dead is not None:
