@@ -17,7 +17,13 @@ from quire.core.kv_cache_manager import KVCacheManager
 from quire.core.request import Request, Sequence
 from quire.core.scheduler import Scheduler
 from quire.distributed.comm import TPGroup
-from quire.distributed.launch import COLLECTIVE_TIMEOUT, WorkerDiedError, WorkerProcesses, rendezvous_for
+from quire.distributed.launch import (
+    COLLECTIVE_TIMEOUT,
+    Rendezvous,
+    WorkerDiedError,
+    WorkerProcesses,
+    rendezvous_for,
+)
 from quire.distributed.partition import head_shard
 from quire.engine.detokenizer import Detokenizer
 from quire.models.loader import (
@@ -74,6 +80,7 @@ class LLMEngine:
         self.group = TPGroup()
         self.workers: WorkerProcesses | None = None
         self._failure: BaseException | None = None
+        path = resolve_model_path(args.model)  # a wrong path fails before any worker starts
         rendezvous = rendezvous_for(args.tensor_parallel_size) if args.tensor_parallel_size > 1 else None
         if rendezvous is not None and rendezvous.rank != 0:
             # Started by torchrun (or by hand) as another rank: serve the driver, then end the process.
@@ -81,19 +88,19 @@ class LLMEngine:
             raise SystemExit(0)
         if rendezvous is not None and rendezvous.spawn_workers:
             self.workers = WorkerProcesses(worker_main, args, rendezvous)
-        self._finalizer = weakref.finalize(self, _stop_workers, self.group, self.workers)
+        self._ranks = _Ranks(self.group, self.workers, torch.get_num_threads())
+        self._finalizer = weakref.finalize(self, self._ranks.stop)
         try:
-            self._build(args, rendezvous)
+            self._build(args, path, rendezvous)
         except BaseException:
             self.shutdown()
             raise
 
-    def _build(self, args: EngineArgs, rendezvous) -> None:
-        path = resolve_model_path(args.model)
+    def _build(self, args: EngineArgs, path: str, rendezvous: Rendezvous | None) -> None:
         if rendezvous is not None:
-            self.group = TPGroup.connect(rendezvous.init_method, 0, rendezvous.size, COLLECTIVE_TIMEOUT)
-            self._finalizer.detach()
-            self._finalizer = weakref.finalize(self, _stop_workers, self.group, self.workers)
+            self.group = self._ranks.group = TPGroup.connect(
+                rendezvous.init_method, 0, rendezvous.size, COLLECTIVE_TIMEOUT
+            )
         loaded = load_model_files(path)
         self.tokenizer = load_tokenizer(path)
         self.arch = loaded.config
@@ -381,6 +388,7 @@ class LLMEngine:
             return self.runner.execute(sched)
         except Exception as exc:
             self._failure = exc if isinstance(exc, WorkerDiedError) else self._diagnose(exc)
+            self._ranks.broken = True
             raise self._failure from exc
 
     def _diagnose(self, exc: BaseException) -> WorkerDiedError:
@@ -595,12 +603,23 @@ class LLMEngine:
         return True
 
 
-def _stop_workers(group: TPGroup, workers: WorkerProcesses | None) -> None:
-    """Tell the workers to leave their loop and wait for the spawned ones (best effort: they may be dead)."""
-    if group.size > 1:
-        try:
-            send_stop(group)
-        except Exception as exc:  # a dead group: the workers have exited or will on their own
-            logger.debug("could not send stop to the workers: %s", exc)
-    if workers is not None:
-        workers.stop()
+@dataclass
+class _Ranks:
+    """What stopping the tensor-parallel ranks needs, kept apart from the engine so a finalizer can hold it."""
+
+    group: TPGroup
+    workers: WorkerProcesses | None
+    threads: int  # torch threads before the engine shared the cores among ranks
+    broken: bool = False  # a collective failed: the group cannot carry a stop message
+
+    def stop(self) -> None:
+        """Tell the workers to leave their loop, wait for the spawned ones, give the threads back."""
+        if self.group.size > 1 and not self.broken:
+            try:
+                send_stop(self.group)
+            except Exception as exc:  # a dead group: the workers have exited or will on their own
+                logger.debug("could not send stop to the workers: %s", exc)
+        if self.workers is not None:
+            self.workers.stop()
+        if self.group.size > 1:
+            torch.set_num_threads(self.threads)

@@ -19,6 +19,7 @@ from quire.distributed.comm import TPGroup
 from quire.worker.cache_engine import BLOCK_OPS
 
 HEADER_LEN = 16
+assert 5 + len(BLOCK_OPS) <= HEADER_LEN, "the header holds 5 sizes and one count per block operation"
 _STEP, _STOP = 1, 2
 
 
