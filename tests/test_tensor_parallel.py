@@ -178,7 +178,11 @@ def test_dead_worker_engine_raises_worker_died(tiny_llama_dir):
     engine = llm.engine
     engine.add_request("a", "hello there", SamplingParams(max_tokens=50, ignore_eos=True))
     engine.step()
+    engine.check_health()
     engine.workers.procs[0].kill()
+    engine.workers.procs[0].join(30)
+    with pytest.raises(WorkerDiedError, match="rank 1"):  # noticed while idle, as /health asks
+        engine.check_health()
     with pytest.raises(WorkerDiedError, match="rank 1"):
         while engine.has_unfinished_requests():
             engine.step()

@@ -124,6 +124,7 @@ class AsyncLLMEngine:
             raise EngineDeadError(f"engine step failed: {self._dead!r}") from self._dead
         if not self.is_running:
             raise EngineDeadError("the engine loop is not running")
+        self.engine.check_health()  # an idle engine too: a tensor-parallel worker may have exited
 
     # -- requests -----------------------------------------------------------------------------
 

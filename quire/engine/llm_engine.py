@@ -400,6 +400,16 @@ class LLMEngine:
         who = f"worker {', '.join(dead)} died" if dead else "a rank failed or stopped answering"
         return WorkerDiedError(f"tensor-parallel step failed, {who}: {exc}")
 
+    def check_health(self) -> None:
+        """Raise ``WorkerDiedError`` if a tensor-parallel rank failed or a spawned worker exited.
+
+        Reads only process exit codes, so any thread may call it while another runs ``step``.
+        """
+        if self._failure is not None:
+            raise WorkerDiedError(f"the tensor-parallel group failed: {self._failure}")
+        if self.workers is not None:
+            self.workers.check()
+
     def shutdown(self) -> None:
         """Stop the tensor-parallel workers (nothing to do with one rank). The engine is unusable after."""
         self._finalizer()
