@@ -69,6 +69,7 @@ class EngineArgs:
     num_kv_blocks: int | None = None
     enable_prefix_caching: bool = True
     num_threads: int | None = None
+    tensor_parallel_size: int = 1
     swap_space: float = 4.0  # GiB of host memory for swapped-out KV blocks (vLLM's name)
     num_host_kv_blocks: int | None = None  # exact host block count, overrides swap_space (tests)
     preemption_mode: str = "auto"
@@ -88,6 +89,7 @@ class EngineArgs:
             raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}.")
         positive_int("block_size", self.block_size)
         positive_int("max_num_seqs", self.max_num_seqs)
+        positive_int("tensor_parallel_size", self.tensor_parallel_size)
         for name in ("max_model_len", "max_num_batched_tokens", "num_kv_blocks", "num_threads"):
             value = getattr(self, name)
             if value is not None:

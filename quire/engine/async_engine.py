@@ -117,12 +117,14 @@ class AsyncLLMEngine:
         await asyncio.to_thread(self._thread.join)
         self._thread = None
         self._fail_all(EngineDeadError("the engine was shut down"))
+        self.engine.shutdown()  # tensor-parallel workers, if any
 
     async def check_health(self) -> None:
         if self._dead is not None:
             raise EngineDeadError(f"engine step failed: {self._dead!r}") from self._dead
         if not self.is_running:
             raise EngineDeadError("the engine loop is not running")
+        self.engine.check_health()  # an idle engine too: a tensor-parallel worker may have exited
 
     # -- requests -----------------------------------------------------------------------------
 

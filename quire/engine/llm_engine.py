@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import logging
 import time
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -15,24 +16,34 @@ from quire.config import EngineArgs, EngineConfig
 from quire.core.kv_cache_manager import KVCacheManager
 from quire.core.request import Request, Sequence
 from quire.core.scheduler import Scheduler
+from quire.distributed.comm import TPGroup
+from quire.distributed.launch import (
+    COLLECTIVE_TIMEOUT,
+    Rendezvous,
+    WorkerDiedError,
+    WorkerProcesses,
+    rendezvous_for,
+)
+from quire.distributed.partition import head_shard
 from quire.engine.detokenizer import Detokenizer
-from quire.models.llama import LlamaForCausalLM
 from quire.models.loader import (
     available_memory_bytes,
     load_model_files,
     load_tokenizer,
     resolve_model_path,
 )
+from quire.models.registry import build_model
 from quire.outputs import CompletionOutput, Logprob, RequestOutput
 from quire.sampling.beam_search import BeamSearch
 from quire.sampling.sampler import Sampler
 from quire.sampling_params import BeamSearchParams, SamplingParams
 from quire.worker.cache_engine import CacheEngine, kv_bytes_per_block
 from quire.worker.model_runner import ModelRunner, PromptLogprobs, RunnerOutput
+from quire.worker.step_inputs import send_stop
+from quire.worker.tp_worker import TORCH_DTYPES, run_worker, threads_per_rank, worker_main
 
 logger = logging.getLogger(__name__)
 
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # "auto" must be the fastest dtype *at equal fidelity*. bfloat16 is ~1.5x faster here but not at
 # equal fidelity: on the fidelity prompts its greedy text leaves float32's (and transformers') in
 # 3 of 9 prompts within 32 tokens, and its rounding makes outputs depend on the batch (3 of 9
@@ -70,17 +81,48 @@ class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
         args.validate()
         self.args = args
-        path = resolve_model_path(args.model)
+        # Tensor parallelism: this process is rank 0 (the driver) of ``tensor_parallel_size`` ranks.
+        self.group = TPGroup()
+        self.workers: WorkerProcesses | None = None
+        self._failure: BaseException | None = None
+        path = resolve_model_path(args.model)  # a wrong path fails before any worker starts
+        rendezvous = rendezvous_for(args.tensor_parallel_size) if args.tensor_parallel_size > 1 else None
+        if rendezvous is not None and rendezvous.rank != 0:
+            # Started by torchrun (or by hand) as another rank: serve the driver, then end the process.
+            run_worker(args, rendezvous)
+            raise SystemExit(0)
+        if rendezvous is not None and rendezvous.spawn_workers:
+            self.workers = WorkerProcesses(worker_main, args, rendezvous)
+        self._ranks = _Ranks(self.group, self.workers, torch.get_num_threads())
+        self._finalizer = weakref.finalize(self, self._ranks.stop)
+        try:
+            self._build(args, path, rendezvous)
+        except BaseException:
+            self.shutdown()
+            raise
+
+    def _build(self, args: EngineArgs, path: str, rendezvous: Rendezvous | None) -> None:
+        if rendezvous is not None:
+            self.group = self._ranks.group = TPGroup.connect(
+                rendezvous.init_method, 0, rendezvous.size, COLLECTIVE_TIMEOUT
+            )
         loaded = load_model_files(path)
         self.tokenizer = load_tokenizer(path)
         self.arch = loaded.config
         dtype_name = resolve_dtype(args.dtype)
-        self.dtype = _TORCH_DTYPES[dtype_name]
+        self.dtype = TORCH_DTYPES[dtype_name]
         self.device = torch.device("cpu")
-        if args.num_threads:
-            torch.set_num_threads(args.num_threads)
+        if args.num_threads or args.tensor_parallel_size > 1:
+            torch.set_num_threads(threads_per_rank(args))
+        # This rank's KV heads; rank 0 holds the most, so it sizes the cache for every rank.
+        self.num_local_kv_heads = len(
+            head_shard(self.arch.num_heads, self.arch.num_kv_heads, self.group.size, self.group.rank).kv_heads
+        )
 
-        config = args.create_config(path, self.arch.max_position_embeddings, dtype_name)
+        model_max_len = self.arch.max_position_embeddings
+        if self.arch.sliding_window:  # no windowed attention: stay within the window
+            model_max_len = min(model_max_len, self.arch.sliding_window)
+        config = args.create_config(path, model_max_len, dtype_name)
         num_blocks = self._num_kv_blocks(config)
         block_size = config.cache.block_size
         capacity = num_blocks * block_size
@@ -90,24 +132,25 @@ class LLMEngine:
             max_model_len = capacity
         self.max_model_len = max_model_len
         self.config = config
+        num_host_blocks = self._num_host_blocks(config)
+        if self.group.size > 1:
+            dtype_code = list(TORCH_DTYPES).index(dtype_name)
+            self.group.broadcast(torch.tensor([num_blocks, block_size, max_model_len, dtype_code, num_host_blocks]))
 
         self.attention = TorchAttentionBackend()
-        model = LlamaForCausalLM(self.arch, self.attention, max_positions=max_model_len)
-        model.load_weights(loaded.weights, loaded.quantized)
+        self.model = build_model(loaded, self.attention, self.dtype, max_model_len, self.device, self.group)
         del loaded
-        self.model = model.to(device=self.device, dtype=self.dtype).eval()
-        self.model.rotary.float()  # cos/sin tables stay float32
-        self.model.prepare()
 
-        num_host_blocks = self._num_host_blocks(config)
         self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching, num_host_blocks)
         scheduler_config = dataclasses.replace(
             config.scheduler, max_model_len=max_model_len, swap_min_tokens=SWAP_MIN_TOKENS
         )
         self.scheduler = Scheduler(scheduler_config, self.kv_cache)
-        self.cache = CacheEngine(self.arch, num_blocks, block_size, self.dtype, self.device, num_host_blocks)
+        self.cache = CacheEngine(
+            self.arch, num_blocks, block_size, self.dtype, self.device, self.num_local_kv_heads, num_host_blocks
+        )
         generator = torch.Generator().manual_seed(config.model.seed)
-        self.runner = ModelRunner(self.model, self.cache, Sampler(generator), self.device)
+        self.runner = ModelRunner(self.model, self.cache, Sampler(generator), self.device, self.group)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.eos_token_id = self._eos_token_id()
         self.requests: dict[str, Request] = {}
@@ -122,7 +165,7 @@ class LLMEngine:
         cache = config.cache
         if cache.num_kv_blocks is not None:
             return cache.num_kv_blocks
-        per_block = kv_bytes_per_block(self.arch, cache.block_size, self.dtype)
+        per_block = kv_bytes_per_block(self.arch, cache.block_size, self.dtype, self.num_local_kv_heads)
         if cache.kv_cache_memory_gb is not None:
             budget = cache.kv_cache_memory_gb * 2**30
         else:
@@ -136,7 +179,8 @@ class LLMEngine:
         cache = config.cache
         if cache.num_host_kv_blocks is not None:
             return cache.num_host_kv_blocks
-        return int(cache.swap_space_gb * 2**30 // kv_bytes_per_block(self.arch, cache.block_size, self.dtype))
+        per_block = kv_bytes_per_block(self.arch, cache.block_size, self.dtype, self.num_local_kv_heads)
+        return int(cache.swap_space_gb * 2**30 // per_block)
 
     def _eos_token_id(self) -> int | None:
         if self.tokenizer.eos_token_id is not None:
@@ -284,7 +328,7 @@ class LLMEngine:
         scheduled_at = time.time()
         for entry in sched.scheduled:  # queue time, for the server's metrics
             entry.request.metrics.setdefault("first_scheduled_time", scheduled_at)
-        result = self.runner.execute(sched)
+        result = self._execute(sched)
         stats = self.stats_counters
         stats.num_steps += 1
         for entry in sched.scheduled:
@@ -354,6 +398,44 @@ class LLMEngine:
             if request.beam is None or request.is_finished:
                 outputs.append(self._make_output(request))
         return outputs
+
+    def _execute(self, sched) -> RunnerOutput:
+        """Run the step on every rank; any rank's failure ends the engine with a ``WorkerDiedError``."""
+        if self.group.size == 1:
+            return self.runner.execute(sched)
+        if self._failure is not None:
+            raise WorkerDiedError(f"the tensor-parallel group failed earlier: {self._failure}") from self._failure
+        try:
+            if self.workers is not None:
+                self.workers.check()
+            return self.runner.execute(sched)
+        except Exception as exc:
+            self._failure = exc if isinstance(exc, WorkerDiedError) else self._diagnose(exc)
+            self._ranks.broken = True
+            raise self._failure from exc
+
+    def _diagnose(self, exc: BaseException) -> WorkerDiedError:
+        """Name the dead worker when a collective fails (its exit code shows up within moments)."""
+        deadline = time.monotonic() + 2.0
+        while self.workers is not None and not self.workers.dead() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        dead = self.workers.dead() if self.workers is not None else []
+        who = f"worker {', '.join(dead)} died" if dead else "a rank failed or stopped answering"
+        return WorkerDiedError(f"tensor-parallel step failed, {who}: {exc}")
+
+    def check_health(self) -> None:
+        """Raise ``WorkerDiedError`` if a tensor-parallel rank failed or a spawned worker exited.
+
+        Reads only process exit codes, so any thread may call it while another runs ``step``.
+        """
+        if self._failure is not None:
+            raise WorkerDiedError(f"the tensor-parallel group failed: {self._failure}")
+        if self.workers is not None:
+            self.workers.check()
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers (nothing to do with one rank). The engine is unusable after."""
+        self._finalizer()
 
     def _fork(self, parent: Sequence, index: int) -> Sequence:
         """A new sequence sharing ``parent``'s tokens, state and KV blocks (reference counts, no copy)."""
@@ -560,3 +642,25 @@ class LLMEngine:
         """Forget every cached prefix block (blocks in use stay in use). Returns True."""
         self.kv_cache.reset_prefix_cache()
         return True
+
+
+@dataclass
+class _Ranks:
+    """What stopping the tensor-parallel ranks needs, kept apart from the engine so a finalizer can hold it."""
+
+    group: TPGroup
+    workers: WorkerProcesses | None
+    threads: int  # torch threads before the engine shared the cores among ranks
+    broken: bool = False  # a collective failed: the group cannot carry a stop message
+
+    def stop(self) -> None:
+        """Tell the workers to leave their loop, wait for the spawned ones, give the threads back."""
+        if self.group.size > 1 and not self.broken:
+            try:
+                send_stop(self.group)
+            except Exception as exc:  # a dead group: the workers have exited or will on their own
+                logger.debug("could not send stop to the workers: %s", exc)
+        if self.workers is not None:
+            self.workers.stop()
+        if self.group.size > 1:
+            torch.set_num_threads(self.threads)

@@ -24,6 +24,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--num-threads", type=int, default=None)
     parser.add_argument(
+        "--tensor-parallel-size", "-tp", type=int, default=defaults.tensor_parallel_size,
+        help="ranks to shard the model over (local worker processes, or torchrun's ranks; see README)",
+    )
+    parser.add_argument(
         "--swap-space", type=float, default=defaults.swap_space, help="GiB of host memory for swapped-out KV blocks"
     )
     parser.add_argument("--num-host-kv-blocks", type=int, default=None, help="exact host block count")

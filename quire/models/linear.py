@@ -1,4 +1,4 @@
-"""A bias-free linear layer that picks the fastest CPU path for the number of rows it gets.
+"""A linear layer that picks the fastest CPU path for the number of rows it gets.
 
 A step's batch ranges from one decode row to a few hundred prefill rows, and no single GEMM call
 is fast across that range on this CPU (see docs/benchmarks.md):
@@ -40,11 +40,15 @@ def _onednn_available(dtype: torch.dtype) -> bool:
 
 
 class Linear(nn.Module):
-    """``y = x W^T`` with ``weight`` [out_features, in_features] (nn.Linear's layout and name)."""
+    """``y = x W^T (+ b)`` with ``weight`` [out_features, in_features] (nn.Linear's layout and names).
 
-    def __init__(self, in_features: int, out_features: int) -> None:
+    The bias, when there is one, is added after whichever product path ran.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
         self._kernels = None
         self._small_rows = 0
         self._packed: torch.Tensor | None = None
@@ -68,6 +72,11 @@ class Linear(nn.Module):
             self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.matmul(x)
+        return out if self.bias is None else out.add_(self.bias)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """``x W^T`` without the bias."""
         rows = x.shape[0]
         if rows <= self._quant_rows:
             out = x.new_empty(rows, self.weight.shape[0])

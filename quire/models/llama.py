@@ -1,7 +1,9 @@
-"""The Llama family, written for a flattened batch of tokens from many sequences.
+"""The rotary family: Llama, Mistral, Qwen2 (q/k/v bias), Qwen3 (per-head q/k RMSNorm).
 
-There is no batch or padding dimension: a step's tokens arrive as one row each, with their
-positions, and attention finds each token's context through the paged KV cache.
+Written for a flattened batch of tokens from many sequences: there is no batch or padding
+dimension; a step's tokens arrive as one row each, with their positions, and attention finds each
+token's context through the paged KV cache. The four architectures differ only in options of
+``ArchConfig`` (and Mistral/Qwen's sliding window, which caps ``max_model_len``).
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ import torch
 from torch import nn
 
 from quire.attention.backend import AttentionBackend, AttentionMetadata
-from quire.models.config import LlamaArchConfig
+from quire.distributed.comm import TPGroup
+from quire.models.blocks import Attention, GatedMLP, RMSNorm
+from quire.models.causal_lm import CausalLM, Target
+from quire.models.config import ArchConfig
 from quire.models.layer_ops import layer_ops
-from quire.models.linear import Linear
+from quire.models.parallel_layers import ParallelLMHead, VocabParallelEmbedding
 
 
-def rope_inv_freq(config: LlamaArchConfig) -> torch.Tensor:
+def rope_inv_freq(config: ArchConfig) -> torch.Tensor:
     """Rotary inverse frequencies, including the ``linear`` and ``llama3`` scalings."""
     dim = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
@@ -43,7 +48,7 @@ def rope_inv_freq(config: LlamaArchConfig) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     """Precomputed float32 cos/sin per position; ``layer_ops`` applies them (half-split layout)."""
 
-    def __init__(self, config: LlamaArchConfig, max_positions: int) -> None:
+    def __init__(self, config: ArchConfig, max_positions: int) -> None:
         super().__init__()
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), rope_inv_freq(config))
         self.register_buffer("cos", freqs.cos(), persistent=False)
@@ -54,83 +59,52 @@ class RotaryEmbedding(nn.Module):
         return self.cos[positions], self.sin[positions]
 
 
-class LlamaAttention(nn.Module):
-    def __init__(self, config: LlamaArchConfig, backend: AttentionBackend, ops) -> None:
-        super().__init__()
-        self.ops = ops
-        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        # q, k and v in one matmul.
-        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size)
-        self.o_proj = Linear(self.q_size, config.hidden_size)
-        self.scale = self.head_dim**-0.5
-        self.backend = backend
-
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        rotary: tuple[torch.Tensor, torch.Tensor],
-        kv_cache: torch.Tensor,
-        metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        tokens = hidden.shape[0]
-        qkv = self.qkv_proj(hidden)
-        # Rotate q and k heads in one pass.
-        qk = self.ops.rotate(qkv, rotary, self.num_heads + self.num_kv_heads, self.head_dim)
-        query, key = qk.split([self.num_heads, self.num_kv_heads], dim=1)
-        value = qkv[:, self.q_size + self.kv_size :].view(tokens, self.num_kv_heads, self.head_dim)
-        out = self.backend.forward(
-            query.contiguous(), key, value, kv_cache[0], kv_cache[1], metadata, self.scale
-        )
-        return self.o_proj(out.view(tokens, self.q_size))
-
-
-class LlamaMLP(nn.Module):
-    def __init__(self, config: LlamaArchConfig, ops) -> None:
-        super().__init__()
-        self.ops = ops
-        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size)
-        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.silu_and_mul(self.gate_up_proj(x)))
-
-
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, config: LlamaArchConfig, backend: AttentionBackend, ops) -> None:
+    def __init__(self, config: ArchConfig, backend: AttentionBackend, ops, group: TPGroup) -> None:
         super().__init__()
-        self.ops = ops
-        self.eps = config.rms_norm_eps
-        self.input_layernorm = nn.Parameter(torch.ones(config.hidden_size))
-        self.post_attention_layernorm = nn.Parameter(torch.ones(config.hidden_size))
-        self.self_attn = LlamaAttention(config, backend, ops)
-        self.mlp = LlamaMLP(config, ops)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        self.self_attn = Attention(config, backend, ops, group, qkv_bias=config.qkv_bias, o_bias=config.o_bias)
+        self.mlp = GatedMLP(config, ops, group)
 
     def forward(self, hidden, residual, rotary, kv_cache, metadata):
         """Returns (this layer's MLP output, the residual stream before it); the next layer adds them."""
-        normed, residual = self.ops.add_rms_norm(hidden, residual, self.input_layernorm, self.eps)
+        normed, residual = self.input_layernorm(hidden, residual)
         attn = self.self_attn(normed, rotary, kv_cache, metadata)
-        normed, residual = self.ops.add_rms_norm(attn, residual, self.post_attention_layernorm, self.eps)
+        normed, residual = self.post_attention_layernorm(attn, residual)
         return self.mlp(normed), residual
 
 
-class LlamaForCausalLM(nn.Module):
+# Checkpoint projections fused into one weight here: their module suffix -> (fused module, part).
+_FUSED = {
+    "q_proj": ("qkv_proj", "q"),
+    "k_proj": ("qkv_proj", "k"),
+    "v_proj": ("qkv_proj", "v"),
+    "gate_proj": ("gate_up_proj", "gate"),
+    "up_proj": ("gate_up_proj", "up"),
+}
+
+
+class LlamaForCausalLM(CausalLM):
     """Token ids and positions in, hidden states out; ``compute_logits`` for the rows that need them."""
 
     def __init__(
-        self, config: LlamaArchConfig, backend: AttentionBackend, max_positions: int, use_fused_ops: bool = True
+        self,
+        config: ArchConfig,
+        backend: AttentionBackend,
+        max_positions: int,
+        use_fused_ops: bool = True,
+        group: TPGroup | None = None,
     ) -> None:
         super().__init__()
+        group = group or TPGroup()
         self.config = config
-        self.ops = layer_ops(use_fused_ops)
-        ops = self.ops
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(config, backend, ops) for _ in range(config.num_layers))
-        self.norm = nn.Parameter(torch.ones(config.hidden_size))
-        self.lm_head = Linear(config.hidden_size, config.vocab_size)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.embed_tokens.weight  # one tensor, listed once by named_parameters
+        self.ops = ops = layer_ops(use_fused_ops)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, group)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config, backend, ops, group) for _ in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops)
+        tied = self.embed_tokens if config.tie_word_embeddings else None
+        self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, group, tied)
         self.rotary = RotaryEmbedding(config, max_positions)
 
     def forward(
@@ -145,78 +119,18 @@ class LlamaForCausalLM(nn.Module):
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, rotary, kv_cache, metadata)
-        return self.ops.add_rms_norm(hidden, residual, self.norm, self.config.rms_norm_eps)[0]
+        return self.norm(hidden, residual)[0]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()
-
-    def prepare(self) -> LlamaForCausalLM:
-        """Set up the linear layers' fast paths; call after the weights are loaded and cast."""
-        for module in self.modules():
-            if isinstance(module, Linear):
-                module.prepare(self.ops.kernels)
-        return self
-
-    def load_weights(self, weights: dict[str, torch.Tensor], quantized: dict | None = None) -> None:
-        """Take Hugging Face Llama names (``model.layers.0.self_attn.q_proj.weight`` ...).
-
-        ``quantized`` (GGUF block-format copies of some weights, same names) is handed to the linear
-        layers that use them, fused like their float weights.
-        """
-        self._attach_quantized(quantized or {})
-        params = dict(self.named_parameters())
-        fused: dict[str, dict[str, torch.Tensor]] = {}
-        seen: set[str] = set()
-        for name, tensor in weights.items():
-            name = name.removeprefix("model.")
-            if name.endswith("rotary_emb.inv_freq"):
-                continue
-            if name == "lm_head.weight" and self.config.tie_word_embeddings:
-                continue
-            for part, target in (
-                ("q_proj", "qkv_proj"), ("k_proj", "qkv_proj"), ("v_proj", "qkv_proj"),
-                ("gate_proj", "gate_up_proj"), ("up_proj", "gate_up_proj"),
-            ):
-                if f".{part}." in name:
-                    fused.setdefault(name.replace(part, target), {})[part] = tensor
-                    break
-            else:
-                name = name.replace("layernorm.weight", "layernorm").replace("norm.weight", "norm")
-                if name not in params:
-                    raise ValueError(f"unexpected weight {name!r} in checkpoint")
-                self._copy(params[name], tensor, name)
-                seen.add(name)
-        order = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-        for name, parts in fused.items():
-            kind = "qkv_proj" if "qkv_proj" in name else "gate_up_proj"
-            missing = [p for p in order[kind] if p not in parts]
-            if missing:
-                raise ValueError(f"checkpoint lacks {missing} for {name}")
-            self._copy(params[name], torch.cat([parts[p] for p in order[kind]], dim=0), name)
-            seen.add(name)
-        absent = sorted(set(params) - seen)
-        if absent:
-            raise ValueError(f"checkpoint lacks weights: {absent[:5]}{'...' if len(absent) > 5 else ''}")
-
-    def _attach_quantized(self, quantized: dict) -> None:
-        modules = dict(self.named_modules())
-        parts_of = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-        for module_name, module in modules.items():
-            if not isinstance(module, Linear):
-                continue
-            if module_name == "lm_head":
-                names = ["model.embed_tokens.weight" if self.config.tie_word_embeddings else "lm_head.weight"]
-            else:
-                fused = module_name.rsplit(".", 1)[-1]
-                parts = parts_of.get(fused, (fused,))
-                names = [f"model.{module_name.replace(fused, p)}.weight" for p in parts]
-            found = [quantized.get(n) for n in names]
-            if all(q is not None for q in found) and len({q.kind for q in found}) == 1:
-                module.quantized = type(found[0])(found[0].kind, torch.cat([q.blocks for q in found]))
-
-    @staticmethod
-    def _copy(param: nn.Parameter, tensor: torch.Tensor, name: str) -> None:
-        if tuple(param.shape) != tuple(tensor.shape):
-            raise ValueError(f"weight {name}: expected shape {tuple(param.shape)}, got {tuple(tensor.shape)}")
-        with torch.no_grad():
-            param.copy_(tensor)
+    def map_weight(self, name: str, tensor: torch.Tensor | None) -> list[Target]:
+        """Hugging Face names (``model.layers.0.self_attn.q_proj.weight`` ...) to this model's modules."""
+        name = name.removeprefix("model.")
+        if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.lm_head.tied):
+            return []
+        module, _, param = name.rpartition(".")
+        parent, _, leaf = module.rpartition(".")
+        if leaf in _FUSED:
+            fused, part = _FUSED[leaf]
+            return [(f"{parent}.{fused}", param, part, tensor)]
+        if leaf in ("q_norm", "k_norm"):  # Qwen3: per-head norms are parameters of the attention module
+            return [(parent, leaf, "", tensor)]
+        return [(module, param, "", tensor)]

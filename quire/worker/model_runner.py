@@ -1,16 +1,23 @@
-"""SchedulerOutput → one flattened batch → model → sampler → per-sequence results."""
+"""SchedulerOutput → one flattened batch → model → sampler → per-sequence results.
+
+``execute`` (driver) turns the scheduler's decision into ``StepInputs`` tensors, sends them to
+the tensor-parallel workers if there are any, and runs ``run`` like every worker does: block
+operations, forward, logits. Sampling and everything per-request stay on the driver.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
-from quire.attention.backend import AttentionMetadata
 from quire.core.scheduler import ScheduledSeq, SchedulerOutput
-from quire.models.llama import LlamaForCausalLM
+from quire.distributed.comm import TPGroup
+from quire.models.causal_lm import CausalLM
 from quire.sampling.sampler import Sampler, SamplerOutput, SamplingBatch
 from quire.worker.cache_engine import CacheEngine
+from quire.worker.step_inputs import StepInputs
 
 
 @dataclass
@@ -39,30 +46,30 @@ class ModelRunner:
 
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: CausalLM,
         cache: CacheEngine,
-        sampler: Sampler,
+        sampler: Sampler | None,
         device: torch.device,
+        group: TPGroup | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
-        self.sampler = sampler
+        self.sampler = sampler  # None on tensor-parallel workers: they never sample
         self.device = device
+        self.group = group or TPGroup()
         self.block_size = cache.block_size
         self.vocab_size = model.config.vocab_size
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> RunnerOutput:
-        self.cache.apply(sched.blocks_to_swap_out, sched.blocks_to_swap_in, sched.blocks_to_copy)
         entries = sched.scheduled
-        if not entries:  # a step that only swapped a group out
-            return RunnerOutput(sampled_seqs=[], samples=None)
-        input_ids, positions, metadata = self._prepare_inputs(entries)
-        hidden = self.model(input_ids, positions, self.cache.layers, metadata)
-
         # Rows whose logits we need: the last token of every chunk that completes its
         # sequence (to sample), and prompt positions whose logprobs were asked for.
-        ends = metadata.query_start_loc[1:].tolist()
+        ends = []
+        end = 0
+        for e in entries:
+            end += e.num_new_tokens
+            ends.append(end)
         # A parallel-sampling group forking at the end of its prompt samples its last row once per child.
         sampled = [e for e in entries if e.samples for _ in range(e.num_samples)]
         sample_rows = [ends[i] - 1 for i, e in enumerate(entries) if e.samples for _ in range(e.num_samples)]
@@ -79,10 +86,12 @@ class ModelRunner:
                 prompt_rows.append((e, first, len(sample_rows) + len(extra_rows)))
                 extra_rows.extend(range(row0, row0 + last - first))
 
-        if not sample_rows and not extra_rows:
+        inputs = self._step_inputs(sched, sample_rows + extra_rows)
+        if self.group.size > 1:
+            inputs.send(self.group)
+        logits = self.run(inputs)
+        if logits is None:
             return RunnerOutput(sampled_seqs=[], samples=None)
-        rows = torch.tensor(sample_rows + extra_rows, dtype=torch.long, device=self.device)
-        logits = self.model.compute_logits(hidden.index_select(0, rows))
         samples = None
         if sampled:
             samples = self.sampler(logits[: len(sample_rows)], self._sampling_batch(sampled))
@@ -91,35 +100,46 @@ class ModelRunner:
             out.prompt_logprobs.append((entry, self._prompt_logprobs(entry, first, logits, offset)))
         return out
 
-    def _prepare_inputs(self, entries: list[ScheduledSeq]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+    @torch.inference_mode()
+    def run(self, inputs: StepInputs) -> torch.Tensor | None:
+        """Block operations, the forward, and the logits of ``inputs.logit_rows`` (None if none, or off the driver).
+
+        Every rank runs this with the same inputs; the model's collectives keep them in step.
+        """
+        self.cache.apply_block_ops(inputs.block_ops)
+        if not len(inputs.input_ids):  # a step that only swapped a group out
+            return None
+        input_ids, positions, metadata = inputs.batch(self.block_size, self.device)
+        hidden = self.model(input_ids, positions, self.cache.layers, metadata)
+        if not len(inputs.logit_rows):
+            return None
+        return self.model.compute_logits(hidden.index_select(0, inputs.logit_rows.long().to(self.device)))
+
+    @staticmethod
+    def _step_inputs(sched: SchedulerOutput, logit_rows: list[int]) -> StepInputs:
+        entries = sched.scheduled
         ids: list[int] = []
         for e in entries:
             ids += e.seq.token_ids[e.start : e.start + e.num_new_tokens]
         query_lens = torch.tensor([e.num_new_tokens for e in entries], dtype=torch.int32)
-        starts = torch.tensor([e.start for e in entries], dtype=torch.int32)
         query_start_loc = torch.zeros(len(entries) + 1, dtype=torch.int32)
         torch.cumsum(query_lens, 0, out=query_start_loc[1:])
-        num_tokens = len(ids)
-        # Position of every flattened token: its row index shifted by where its sequence starts.
-        shift = torch.repeat_interleave(query_start_loc[:-1] - starts, query_lens, output_size=num_tokens)
-        positions = torch.arange(num_tokens, dtype=torch.int32) - shift
-
         tables = [e.block_table for e in entries]
-        width = max(len(t) for t in tables)
-        block_tables = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
-        seq_of_token = torch.repeat_interleave(torch.arange(len(entries)), query_lens, output_size=num_tokens)
-        blocks = block_tables[seq_of_token, (positions // self.block_size).long()].long()
-        slot_mapping = blocks * self.block_size + (positions % self.block_size).long()
-
-        metadata = AttentionMetadata(
-            slot_mapping=slot_mapping.to(self.device),
-            block_tables=block_tables.to(self.device),
-            query_start_loc=query_start_loc.to(self.device),
-            seq_lens=(starts + query_lens).to(self.device),
-            max_query_len=int(query_lens.max()),
+        width = max((len(t) for t in tables), default=1)
+        # Every ``blocks_to_*`` list of the scheduler output travels as-is; CacheEngine runs them.
+        block_ops = {
+            f.name: torch.tensor(getattr(sched, f.name), dtype=torch.int32).view(-1, 2)
+            for f in dataclasses.fields(sched)
+            if f.name.startswith("blocks_to_") and getattr(sched, f.name)
+        }
+        return StepInputs(
+            input_ids=torch.tensor(ids, dtype=torch.int32),
+            query_start_loc=query_start_loc,
+            starts=torch.tensor([e.start for e in entries], dtype=torch.int32),
+            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+            logit_rows=torch.tensor(logit_rows, dtype=torch.int32),
+            block_ops=block_ops,
         )
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        return input_ids, positions.long().to(self.device), metadata
 
     def _sampling_batch(self, entries: list[ScheduledSeq]) -> SamplingBatch:
         params = [e.request.params for e in entries]
