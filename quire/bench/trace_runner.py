@@ -36,7 +36,8 @@ from quire.bench.allocators import ContiguousAllocator, MemorySnapshot, PagedAll
 from quire.bench.datasets import TraceRequest
 from quire.bench.step_model import StepSample, StepTimeModel
 from quire.config import SchedulerConfig
-from quire.core.request import Request, Sequence as Seq
+from quire.core.request import Request
+from quire.core.request import Sequence as Seq
 from quire.core.scheduler import Scheduler, SchedulerOutput
 from quire.sampling_params import SamplingParams
 
