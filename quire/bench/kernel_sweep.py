@@ -17,17 +17,11 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
-from quire.attention import cpu_kernel
-from quire.attention.reference import paged_attention_reference
-from quire.bench.attention_kernel import HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS, make_case, time_call
 from quire.bench.report import LoadMeter, Output, load_now, print_table, pyplot
 
 __all__ = ["KernelPoint", "add_cli_args", "measure", "run"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_DTYPES = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)
@@ -43,25 +37,33 @@ class KernelPoint:
         return 100 * (self.paged_ms / self.contiguous_ms - 1)
 
 
-def measure(batch_size: int, context_len: int, dtype: torch.dtype, min_time: float) -> KernelPoint:
-    case = make_case(f"b{batch_size} ctx{context_len}", [1] * batch_size, [context_len] * batch_size, dtype)
+def measure(batch_size: int, context_len: int, dtype: str, min_time: float) -> KernelPoint:
+    import torch
+    import torch.nn.functional as F
+
+    from quire.attention import cpu_kernel
+    from quire.attention.reference import paged_attention_reference
+    from quire.bench.attention_kernel import make_case, time_call
+
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    case = make_case(f"b{batch_size} ctx{context_len}", [1] * batch_size, [context_len] * batch_size, torch_dtype)
     # The same K/V, laid out contiguously per sequence as a non-paged system keeps it.
     tables = case.block_tables.long()
     k = case.key_cache[tables].flatten(1, 2)[:, :context_len].transpose(1, 2).contiguous()
     v = case.value_cache[tables].flatten(1, 2)[:, :context_len].transpose(1, 2).contiguous()
     q = case.query.unsqueeze(2)  # [batch, heads, 1, head_dim]
 
-    def contiguous() -> torch.Tensor:
+    def contiguous():
         return F.scaled_dot_product_attention(q, k, v, scale=case.scale, enable_gqa=True).squeeze(2)
 
     if cpu_kernel.is_available():
         out = torch.empty_like(case.query)
 
-        def paged() -> torch.Tensor:
+        def paged():
             return cpu_kernel.paged_attention(*case.args, out=out)
     else:
 
-        def paged() -> torch.Tensor:
+        def paged():
             return paged_attention_reference(*case.args)
 
     paged_s, _ = time_call(paged, min_time)
@@ -73,7 +75,7 @@ def measure(batch_size: int, context_len: int, dtype: torch.dtype, min_time: flo
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", default="1,8,32,64")
     parser.add_argument("--context-lens", default="64,128,256,512,1024,2048")
-    parser.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    parser.add_argument("--dtype", default="float32", choices=_DTYPES)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per measurement")
     parser.add_argument("--results-dir", default="bench-results")
@@ -81,7 +83,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
     from tqdm import tqdm
+
+    from quire.attention import cpu_kernel
+    from quire.bench.attention_kernel import HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS
 
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batch_sizes.split(",")]
@@ -97,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(grid, desc="kernel", unit="case", leave=False, disable=True if args.no_progress else None) as bar:
         for batch_size, context_len in bar:
             with meter.measure():
-                points.append(measure(batch_size, context_len, _DTYPES[args.dtype], args.min_time))
+                points.append(measure(batch_size, context_len, args.dtype, args.min_time))
     rows = [
         [
             p.batch_size,

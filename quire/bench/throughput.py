@@ -663,6 +663,13 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
         prog="python -m quire.bench.throughput",
         description="Offline throughput and single-stream latency of Quire against transformers.",
     )
+    add_cli_args(parser)
+    parser.add_argument("--json", dest="json_path", metavar="PATH", help="also write every figure to PATH as JSON")
+    return config_from_args(parser.parse_args(argv), parser)
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """The options (shared by ``python -m quire.bench.throughput`` and ``quire bench throughput``)."""
     parser.add_argument("--num-requests", type=int, default=None,
                         help=f"requests in the mix (default 64; {QUICK_NUM_REQUESTS} with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
@@ -684,9 +691,9 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
                         help="before each timed section, wait up to this long for other processes to leave the "
                         "CPUs (default 60; 0: never wait)")
     parser.add_argument("--model", default=None, help="HF model directory or .gguf (default: embedded SmolLM2)")
-    parser.add_argument("--json", dest="json_path", metavar="PATH", help="also write every figure to PATH as JSON")
-    args = parser.parse_args(argv)
 
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BenchConfig:
     def dtypes(value: str | None, flag: str) -> tuple[str, ...]:
         names = tuple(d.strip() for d in (value or ("float32" if args.quick else "float32,bfloat16")).split(","))
         unknown = [d for d in names if d not in _TORCH_DTYPES]
@@ -707,7 +714,7 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
         single_repeats=args.single_repeats or (1 if args.quick else 3),
         quick=args.quick,
         wait_idle_s=max(0.0, args.wait_idle),
-        json_path=args.json_path,
+        json_path=getattr(args, "json_path", None),
         model=args.model,
     )
     for name in ("num_requests", "hf_batch_size", "threads", "single_prompt_len", "single_repeats"):
@@ -749,7 +756,11 @@ def _run_guarded(label: str, run: Callable[[], RunResult], engine: str, dtype: s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    return run(parse_args(argv))
+
+
+def run(cfg: BenchConfig) -> int:
+    """Every run of ``cfg``, printed (and written to ``cfg.json_path`` if set); non-zero if one failed."""
     # Offline machine: never let transformers try the Hub; tokenizers must not fork-warn.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
