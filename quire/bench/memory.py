@@ -110,7 +110,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help="requests/s for every dataset; inf = all at once (default: simulated 2 ShareGPT / 30 "
         "Alpaca as the paper, real inf)",
     )
-    parser.add_argument("--num-requests", type=int, default=None, help="per dataset (default: simulated 500, real 32)")
+    parser.add_argument("--num-requests", type=int, default=None, help="per dataset (default: simulated 500, real 80)")
     parser.add_argument("--allocators", default=",".join(ALLOCATORS), help=f"comma-separated of {list(ALLOCATORS)}")
     parser.add_argument(
         "--kv-slots", type=int, default=None, help="KV budget in tokens (default: simulated 15,700, real 2,048)"
@@ -143,7 +143,7 @@ def _defaults(args: argparse.Namespace) -> None:
     sim = args.simulate
     if args.dataset is None:
         args.dataset = "sharegpt,alpaca" if sim else "alpaca"
-    args.num_requests = args.num_requests or (500 if sim else 32)
+    args.num_requests = args.num_requests or (500 if sim else 80)
     args.kv_slots = args.kv_slots or (15_700 if sim else 2_048)
     args.max_model_len = args.max_model_len or (2048 if sim else 256)
     args.max_num_batched_tokens = args.max_num_batched_tokens or (2560 if sim else 512)
