@@ -6,7 +6,9 @@ Decode (one query token per sequence, every sequence with the same context). The
 Quire's CPU kernel reading K/V through shuffled block tables (block size 16); the contiguous
 side is what a system without paging runs: one PyTorch SDPA call over a ``[batch, kv_heads,
 context, head_dim]`` K/V tensor. Overhead % = paged / contiguous - 1 (the paper reports 20-26 %
-for its CUDA kernel against FasterTransformer's). Heads and head_dim are the default model's
+for its CUDA kernel against FasterTransformer's), from the *fastest* call of each: on a shared
+2-core machine a descheduled OpenMP thread stalls a call by a whole time slice (~12 ms here),
+which swamps medians of sub-millisecond calls; the medians are reported too. Heads and head_dim are the default model's
 (9 query / 3 KV heads, 64).
 """
 
@@ -28,8 +30,10 @@ _DTYPES = ("float32", "bfloat16")
 class KernelPoint:
     batch_size: int
     context_len: int
-    paged_ms: float
+    paged_ms: float  # fastest call
     contiguous_ms: float
+    paged_median_ms: float
+    contiguous_median_ms: float
     max_abs_diff: float  # paged vs contiguous outputs: both must compute the same attention
 
     @property
@@ -66,10 +70,11 @@ def measure(batch_size: int, context_len: int, dtype: str, min_time: float) -> K
         def paged():
             return paged_attention_reference(*case.args)
 
-    paged_s, _ = time_call(paged, min_time)
-    contiguous_s, _ = time_call(contiguous, min_time)
+    paged_median, paged_best = time_call(paged, min_time)
+    contiguous_median, contiguous_best = time_call(contiguous, min_time)
     diff = (paged().float() - contiguous().float()).abs().max().item()
-    return KernelPoint(batch_size, context_len, 1e3 * paged_s, 1e3 * contiguous_s, diff)
+    times = (paged_best, contiguous_best, paged_median, contiguous_median)
+    return KernelPoint(batch_size, context_len, *(1e3 * t for t in times), diff)
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -111,6 +116,8 @@ def run(args: argparse.Namespace) -> int:
             f"{p.paged_ms:.3f}",
             f"{p.contiguous_ms:.3f}",
             f"{p.overhead_pct:+.0f}",
+            f"{p.paged_median_ms:.3f}",
+            f"{p.contiguous_median_ms:.3f}",
             f"{p.max_abs_diff:.1e}",
         ]
         for p in points
@@ -118,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
     impl = "compiled kernel" if kernel else "pure-PyTorch reference (kernel unavailable)"
     print_table(
         f"Decode attention, paged ({impl}) vs contiguous SDPA, {args.dtype}, {args.threads} threads",
-        ["batch", "context", "paged ms", "contiguous ms", "overhead %", "max |diff|"],
+        ["batch", "context", "paged ms", "contiguous ms", "overhead %", "paged median", "contig. median", "max |diff|"],
         rows,
         out.console,
     )
