@@ -214,3 +214,32 @@ def test_sharing(tiny_model, tmp_path):
     results = _json(tmp_path, "sharing")["results"]
     assert set(results["parallel"]) and set(results["beam"]) and set(results["prefix"])
     assert (tmp_path / "sharing_fig15.png").exists()
+
+
+def test_contiguous_reservations_drive_the_real_engine_to_the_same_tokens(tiny_model):
+    """An Orca allocator hands the engine runs of consecutive blocks; greedy outputs must not change."""
+    from quire.bench.allocators import ContiguousAllocator, PagedAllocator, Policy
+    from quire.bench.datasets import TraceRequest, corpus_tokens
+    from quire.bench.engine_setup import load_engine
+    from quire.bench.trace_runner import EngineExecutor
+
+    engine = load_engine(tiny_model, kv_slots=256, block_size=4, max_model_len=64)
+    tokens = corpus_tokens(engine.tokenizer)
+    trace = [TraceRequest(tuple(tokens[i * 7 : i * 7 + 3 + 4 * i]), 5 + 3 * i, 0.0) for i in range(4)]
+
+    def serve(name, allocator) -> list[list[int]]:
+        executor = EngineExecutor(engine, allocator)
+        for i, request in enumerate(trace):
+            req = executor.add(f"{name}-{i}", request)
+            allocator.expect(req.seqs[0].seq_id, request.prompt_len, request.output_len)
+        outputs = {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    outputs[out.request_id] = out.outputs[0].token_ids
+        return [outputs[f"{name}-{i}"] for i in range(len(trace))]
+
+    paged = serve("paged", PagedAllocator(64, 4))
+    for policy in Policy:
+        assert serve(policy.value, ContiguousAllocator(64, 4, policy, 64)) == paged
+    assert [len(t) for t in paged] == [r.output_len for r in trace]
