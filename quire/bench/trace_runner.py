@@ -13,8 +13,10 @@ next arrival (identical to waiting in real time, without the wait). After every 
 allocator's ``snapshot`` splits the KV slots into token states / reservation / internal /
 external fragmentation / free; shares and the batch size are averaged weighted by step time,
 over the measurement window: from the start until every request has arrived *and* been
-admitted. That is the loaded part of the run; the drain after it (fewer and fewer requests
-left) would dilute every system's figures by an amount that depends only on the trace's end.
+admitted, or until the first request finishes if that is later (an all-at-once trace that fits
+at once is admitted in the first step). That is the loaded part of the run; the drain after it
+(fewer and fewer requests left) would dilute every system's figures by an amount that depends
+only on the trace's end.
 
 Static batching (``static_batch``): requests that arrived wait outside the engine and are let
 in ``static_batch`` at a time, only when the previous batch has completely finished. In a
@@ -171,7 +173,7 @@ class TraceRunResult:
     allocator: str
     num_requests: int
     duration_s: float  # virtual time until the last request finished
-    window_s: float  # the measurement window the averages cover (until the last admission)
+    window_s: float  # the window the averages cover (until the last admission, at least to the first finish)
     shares: MemoryShares
     mean_batched_requests: float  # time-averaged requests in a step
     request_throughput: float  # requests / duration
@@ -201,7 +203,8 @@ def run_trace(
     outside: deque[tuple[int, TraceRequest]] = deque()  # arrived, held back by static batching
     lengths: dict[str, TraceRequest] = {}
     clock = 0.0
-    window_end = math.inf  # set when the last request has been admitted
+    window_end = math.inf  # set once the last request has been admitted and one has finished
+    admitted_all = False
     sums = {"token_states": 0.0, "reserved": 0.0, "internal_frag": 0.0, "external_frag": 0.0, "free": 0.0}
     weight = batch_sum = 0.0
     latencies: list[float] = []
@@ -244,7 +247,8 @@ def run_trace(
                 sums[key] += dt * getattr(snap, key) / snap.capacity
             batch_sum += dt * len({c.request.request_id for c in outcome.output.scheduled})
         clock += outcome.seconds
-        if math.isinf(window_end) and not (pending or outside or scheduler.waiting):
+        admitted_all = admitted_all or not (pending or outside or scheduler.waiting)
+        if math.isinf(window_end) and admitted_all and (outcome.finished or latencies):
             window_end = clock
         for req in outcome.finished:
             request = lengths.pop(req.request_id)
