@@ -207,7 +207,7 @@ def plot(points: Sequence[KernelPoint], out: Output, dtype: str) -> None:
             marker="s",
             linestyle="--",
             color=color,
-            label=f"contiguous, batch {batch}",
+            label=f"SDPA contiguous, batch {batch}",
         )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
