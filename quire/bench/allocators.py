@@ -224,6 +224,10 @@ class ContiguousAllocator:
     def fork(self, parent_seq_id: int, child_seq_id: int) -> None:
         raise NotImplementedError("contiguous reservations cannot be shared (no parallel sampling or beam search)")
 
+    def can_swap_out(self, *args: object) -> bool:
+        """Never preempted in Orca; if asked (swap-capable schedulers), the answer is recompute."""
+        return False
+
     def cache_blocks(self, *args: object, **kwargs: object) -> None:
         """No prefix cache."""
 
