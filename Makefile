@@ -26,7 +26,7 @@ test: setup
 	$(BIN)/python -m pytest -q
 
 bench: setup
-	$(BIN)/python -m quire.bench.throughput
+	$(BIN)/quire bench throughput
 
 clean:
 	rm -rf $(VENV) build *.egg-info

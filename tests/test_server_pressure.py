@@ -258,17 +258,18 @@ def test_quire_serve_and_bench_serve(tiny_llama_dir, tmp_path):
         code = cli_main([
             "bench", "serve", "--base-url", url, "--api-key", "k", "--num-prompts", "8", "--dataset", "alpaca-like",
             "--request-rate", "50", "--burstiness", "0.5", "--max-output-len", "12", "--ignore-eos",
-            "--max-concurrency", "4", "--result-json", str(result),
+            "--max-concurrency", "4", "--result-json", str(result), "--results-dir", str(tmp_path),
         ])
         assert code == 0
         summary = json.loads(result.read_text())
         assert summary["completed"] == 8 and summary["failed"] == 0
         assert summary["total_output_tokens"] > 0 and summary["total_input_tokens"] > 0
         assert summary["mean_ttft_ms"] > 0 and summary["p99_e2el_ms"] >= summary["median_e2el_ms"] > 0
+        assert (tmp_path / "serve.png").exists()
         chat = subprocess.run(
             [sys.executable, "-m", "quire.entrypoints.cli", "bench", "serve", "--base-url", url, "--api-key", "k",
              "--endpoint", "/v1/chat/completions", "--num-prompts", "3", "--dataset", "random",
-             "--random-input-len", "20", "--random-output-len", "6", "--ignore-eos"],
+             "--random-input-len", "20", "--random-output-len", "6", "--ignore-eos", "--results-dir", str(tmp_path)],
             env=env, capture_output=True, text=True, timeout=300,
         )
         assert chat.returncode == 0, chat.stderr

@@ -125,6 +125,19 @@ def prefix_cache_run(llm, prefix_len: int, num_requests: int, max_tokens: int, s
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_cli_args(parser)
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = parser.parse_args(argv)
+    results = measure(args)
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print_results(results, args.prefix_requests)
+    return 0
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """The options of ``measure`` (shared by ``python -m quire.bench.sharing`` and ``quire bench sharing``)."""
     parser.add_argument("--num-requests", type=int, default=200, help="requests per parallel-sampling simulation")
     parser.add_argument("--beam-requests", type=int, default=6, help="prompts per beam-search run (0: skip)")
     parser.add_argument("--beam-max-tokens", type=int, default=96, help="cap on a beam search's max_tokens")
@@ -132,9 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prefix-max-tokens", type=int, default=16)
     parser.add_argument("--repeat", type=int, default=2, help="timed runs per setting (on and off alternate); min kept")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    args = parser.parse_args(argv)
+    parser.add_argument("--model", default=None, help="HF model directory or .gguf (default: embedded SmolLM2)")
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """Every figure of this benchmark, as a dict (see the module docstring)."""
     results: dict = {"parallel": {}, "beam": {}, "prefix": {}}
+    model = getattr(args, "model", None)
 
     for dataset in ("alpaca-like", "sharegpt-like"):
         for n in (2, 4, 6):
@@ -144,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         from quire import LLM
 
         if args.beam_requests:
-            llm = LLM(dtype="float32", enable_prefix_caching=False)
+            llm = LLM(model, dtype="float32", enable_prefix_caching=False)
             for dataset in ("alpaca-like", "sharegpt-like"):
                 for width in (2, 4, 6):
                     saving = beam_search_savings(
@@ -153,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                     results["beam"][f"{dataset} width={width}"] = round(100 * saving, 1)
             del llm
         if args.prefix_requests:
-            llm_on = LLM(dtype="float32", enable_prefix_caching=True)
-            llm_off = LLM(dtype="float32", enable_prefix_caching=False)
+            llm_on = LLM(model, dtype="float32", enable_prefix_caching=True)
+            llm_off = LLM(model, dtype="float32", enable_prefix_caching=False)
             for llm in (llm_on, llm_off):  # warm up
                 prefix_cache_run(llm, 80, 2, 2, seed=99)
             for prefix_len in (80, 341):
@@ -177,10 +194,10 @@ def main(argv: list[str] | None = None) -> int:
                     "throughput_gain": round(off["seconds"] / on["seconds"], 2),
                     "outputs_equal": on["texts"] == off["texts"],
                 }
+    return results
 
-    if args.json:
-        print(json.dumps(results, indent=2))
-        return 0
+
+def print_results(results: dict, prefix_requests: int) -> None:
     print(f"KV blocks saved by sharing / blocks needed without sharing (block size {BLOCK_SIZE})")
     for kind, label in (("parallel", "n"), ("beam", "width")):
         for key, value in results[kind].items():
@@ -191,12 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     for key, r in results["prefix"].items():
         plen = int(key.split("=")[1])
         print(
-            f"  prefix cache, {plen}-token shared prefix, {args.prefix_requests} requests: prompt tokens computed "
+            f"  prefix cache, {plen}-token shared prefix, {prefix_requests} requests: prompt tokens computed "
             f"{r['computed_on']} vs {r['computed_off']} ({r['prefill_saved_pct']}% saved), "
             f"{r['seconds_on']}s vs {r['seconds_off']}s: {r['throughput_gain']}x throughput "
             f"(paper: {PAPER_PREFIX_SPEEDUP[plen]}x), outputs equal: {r['outputs_equal']}"
         )
-    return 0
 
 
 if __name__ == "__main__":

@@ -7,18 +7,15 @@ step (what a recomputed request costs when it is readmitted). Both are timed for
 size and context length; the crossover is the shortest context at which recompute costs more
 than swapping, which ``preemption_mode="auto"`` uses (``SWAP_MIN_TOKENS`` in the engine).
 
-    python -m quire.bench.swap [--block-sizes 1 2 4 ...] [--contexts 16 32 ...] [--json out.json]
+    quire bench swap [--block-sizes 1 2 4 ...] [--contexts 16 32 ...] [--results-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass
-
-import torch
 
 DEFAULT_BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DEFAULT_CONTEXTS = (16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -126,41 +123,87 @@ def crossover(points: list[SwapPoint]) -> int | None:
     return None
 
 
-def print_table(points: list[SwapPoint]) -> None:
-    print(
-        f"{'block':>6} {'context':>8} {'blocks':>7} {'swap out ms':>12} {'swap in ms':>11} "
-        f"{'swap ms':>8} {'recompute ms':>13} {'recompute/swap':>15}"
-    )
-    for p in points:
-        ratio = f"{p.recompute_ms / p.swap_ms:15.1f}" if p.recompute_ms is not None else f"{'':>15}"
-        rec = f"{p.recompute_ms:13.2f}" if p.recompute_ms is not None else f"{'':>13}"
-        print(
-            f"{p.block_size:6d} {p.context:8d} {p.num_blocks:7d} {p.swap_out_ms:12.3f} {p.swap_in_ms:11.3f} "
-            f"{p.swap_ms:8.3f} {rec} {ratio}"
-        )
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model path (default: the embedded default model)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--block-sizes", type=int, nargs="+", default=list(DEFAULT_BLOCK_SIZES))
     parser.add_argument("--contexts", type=int, nargs="+", default=list(DEFAULT_CONTEXTS))
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--json", default=None, help="write the points here")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
-    points = measure(args.model, tuple(args.block_sizes), tuple(args.contexts), args.repeats, args.dtype)
-    print_table(points)
+    parser.add_argument("--results-dir", default="bench-results")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``quire bench swap``: table, ``swap.json`` and ``swap.png`` (Fig. 19a's layout: latency vs block size)."""
+    from quire.bench.report import LoadMeter, Output, load_now, print_table, pyplot
+
+    out = Output(args.results_dir)
+    load = load_now()
+    meter = LoadMeter()
+    with meter.measure():
+        points = measure(args.model, tuple(args.block_sizes), tuple(args.contexts), args.repeats, args.dtype)
     cross = crossover(points)
-    print(
-        f"crossover (recompute > swap, block size {RECOMPUTE_BLOCK_SIZE}): "
-        f"{cross if cross is not None else 'none in the measured range'} tokens"
+    print_table(
+        "Swap vs recompute (Fig. 19): one sequence preempted and restored",
+        ["block size", "context", "blocks", "swap out ms", "swap in ms", "swap ms", "recompute ms", "recompute/swap"],
+        [
+            [
+                p.block_size,
+                p.context,
+                p.num_blocks,
+                p.swap_out_ms,
+                p.swap_in_ms,
+                p.swap_ms,
+                p.recompute_ms,
+                p.recompute_ms / p.swap_ms if p.recompute_ms is not None else None,
+            ]
+            for p in points
+        ],
+        out.console,
     )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"points": [asdict(p) | {"swap_ms": p.swap_ms} for p in points], "crossover": cross}, f, indent=1)
+    out.console.print(
+        f"crossover (recompute > swap, block size {RECOMPUTE_BLOCK_SIZE}): "
+        f"{cross if cross is not None else 'none in the measured range'} tokens; other CPUs busy: {meter.other_cpus}"
+    )
+    out.write_json(
+        "swap",
+        {
+            "load": load,
+            "other_cpus": meter.other_cpus,
+            "crossover_tokens": cross,
+            "points": [asdict(p) | {"swap_ms": p.swap_ms} for p in points],
+        },
+    )
+    plt = pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for context in sorted({p.context for p in points}):
+        row = [p for p in points if p.context == context]
+        axes[0].plot([p.block_size for p in row], [p.swap_ms for p in row], marker="o", label=f"swap, {context} tok")
+        timed = [p for p in row if p.recompute_ms is not None]
+        if len(timed) > 1:
+            axes[0].plot(
+                [p.block_size for p in timed],
+                [p.recompute_ms for p in timed],
+                "--",
+                marker="s",
+                label=f"recompute, {context} tok",
+            )
+    axes[0].set(xscale="log", yscale="log", xlabel="block size", ylabel="ms", title="latency vs block size")
+    axes[0].legend(fontsize=7)
+    at_bs = sorted((p for p in points if p.block_size == RECOMPUTE_BLOCK_SIZE), key=lambda p: p.context)
+    axes[1].plot([p.context for p in at_bs], [p.swap_ms for p in at_bs], marker="o", label="swap out + in")
+    axes[1].plot([p.context for p in at_bs], [p.recompute_ms for p in at_bs], marker="s", label="recompute")
+    axes[1].set(
+        xscale="log", yscale="log", xlabel="context tokens", ylabel="ms", title=f"block size {RECOMPUTE_BLOCK_SIZE}"
+    )
+    axes[1].legend()
+    out.save_figure("swap", figure)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_cli_args(parser)
+    return run(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Offline throughput and single-stream latency: Quire against transformers on the same requests.
 
-    python -m quire.bench.throughput [--quick] [--dtypes float32,bfloat16] [--skip-hf] [--json PATH]
+    quire bench throughput [--quick] [--dtypes float32,bfloat16] [--skip-hf] [--model PATH]
+    (or python -m quire.bench.throughput ... [--json PATH])
 
 What is measured, and why this way:
 
@@ -245,6 +246,7 @@ class BenchConfig:
     quick: bool
     wait_idle_s: float
     json_path: str | None
+    model: str | None = None  # HF dir or .gguf; None: the embedded default model
 
 
 # -- shared measurement helpers ------------------------------------------------------------
@@ -297,7 +299,7 @@ def run_quire(
 
     result = RunResult(engine="quire", dtype=dtype)
     start = time.perf_counter()
-    llm = LLM(dtype=dtype, seed=cfg.seed, num_threads=cfg.threads)
+    llm = LLM(cfg.model, dtype=dtype, seed=cfg.seed, num_threads=cfg.threads)
     result.load_s = time.perf_counter() - start
 
     prompts = [{"prompt_token_ids": list(r.prompt_token_ids)} for r in requests]
@@ -353,13 +355,13 @@ def run_quire(
 # -- transformers ----------------------------------------------------------------------------
 
 
-def load_hf_model(dtype: str):
-    """transformers' Llama on the very GGUF file Quire loads (dequantized the same way)."""
+def load_hf_model(dtype: str, model_path: str | None = None):
+    """transformers' Llama on the very GGUF file (or HF directory) Quire loads (dequantized the same way)."""
     from transformers import AutoModelForCausalLM
 
-    from quire.models.loader import default_model_path
-
-    path = Path(default_model_path())
+    path = _model_file(model_path)
+    if path.is_dir():
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=_TORCH_DTYPES[dtype]).eval()
     # The GGUF converter draws its own tqdm bar on stderr, past transformers' logging switches;
     # keep it out of the report unless the load fails.
     captured = io.StringIO()
@@ -372,6 +374,12 @@ def load_hf_model(dtype: str):
         sys.stderr.write(captured.getvalue())
         raise
     return model.eval()
+
+
+def _model_file(model_path: str | None) -> Path:
+    from quire.models.loader import resolve_model_path
+
+    return Path(resolve_model_path(model_path))
 
 
 def _pad_token_id(gen_config) -> int:
@@ -416,7 +424,7 @@ def run_hf(
     """Static batches in workload order, each as long as its longest request; then the single stream."""
     result = RunResult(engine="transformers", dtype=dtype)
     start = time.perf_counter()
-    model = load_hf_model(dtype)
+    model = load_hf_model(dtype, cfg.model)
     result.load_s = time.perf_counter() - start
     pad_id = _pad_token_id(model.generation_config)
 
@@ -655,6 +663,13 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
         prog="python -m quire.bench.throughput",
         description="Offline throughput and single-stream latency of Quire against transformers.",
     )
+    add_cli_args(parser)
+    parser.add_argument("--json", dest="json_path", metavar="PATH", help="also write every figure to PATH as JSON")
+    return config_from_args(parser.parse_args(argv), parser)
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    """The options (shared by ``python -m quire.bench.throughput`` and ``quire bench throughput``)."""
     parser.add_argument("--num-requests", type=int, default=None,
                         help=f"requests in the mix (default 64; {QUICK_NUM_REQUESTS} with --quick)")
     parser.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
@@ -675,9 +690,10 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
     parser.add_argument("--wait-idle", type=float, default=60.0, metavar="SECONDS",
                         help="before each timed section, wait up to this long for other processes to leave the "
                         "CPUs (default 60; 0: never wait)")
-    parser.add_argument("--json", dest="json_path", metavar="PATH", help="also write every figure to PATH as JSON")
-    args = parser.parse_args(argv)
+    parser.add_argument("--model", default=None, help="HF model directory or .gguf (default: embedded SmolLM2)")
 
+
+def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BenchConfig:
     def dtypes(value: str | None, flag: str) -> tuple[str, ...]:
         names = tuple(d.strip() for d in (value or ("float32" if args.quick else "float32,bfloat16")).split(","))
         unknown = [d for d in names if d not in _TORCH_DTYPES]
@@ -698,7 +714,8 @@ def parse_args(argv: Sequence[str] | None) -> BenchConfig:
         single_repeats=args.single_repeats or (1 if args.quick else 3),
         quick=args.quick,
         wait_idle_s=max(0.0, args.wait_idle),
-        json_path=args.json_path,
+        json_path=getattr(args, "json_path", None),
+        model=args.model,
     )
     for name in ("num_requests", "hf_batch_size", "threads", "single_prompt_len", "single_repeats"):
         if getattr(cfg, name) < 1:
@@ -739,7 +756,11 @@ def _run_guarded(label: str, run: Callable[[], RunResult], engine: str, dtype: s
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    return run(parse_args(argv))
+
+
+def run(cfg: BenchConfig) -> int:
+    """Every run of ``cfg``, printed (and written to ``cfg.json_path`` if set); non-zero if one failed."""
     # Offline machine: never let transformers try the Hub; tokenizers must not fork-warn.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -751,16 +772,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     hf_logging.set_verbosity_error()  # generation-config chatter would bury the table
     hf_logging.disable_progress_bar()  # GGUF dequantization bars, one per model load
 
-    from quire.models.loader import default_model_path
-
     env = environment()
     say("== environment ==")
     for key, value in env.items():
         say(f"  {key}: {value}")
 
-    model_path = Path(default_model_path())
+    model_path = _model_file(cfg.model)
     say(f"  model: {model_path.name}")
-    tokenizer = AutoTokenizer.from_pretrained(str(model_path.parent), gguf_file=model_path.name)
+    if model_path.is_dir():
+        tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_path.parent), gguf_file=model_path.name)
     requests = make_workload(tokenizer, num_requests=cfg.num_requests, seed=cfg.seed)
     single_prompt = single_stream_prompt(tokenizer, cfg.single_prompt_len)
     summary: WorkloadSummary = summarize(requests)

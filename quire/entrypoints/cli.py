@@ -1,4 +1,4 @@
-"""The ``quire`` command line: ``quire serve``, ``quire generate`` and ``quire bench serve``."""
+"""The ``quire`` command line: ``quire serve``, ``quire generate`` and ``quire bench ...``."""
 
 from __future__ import annotations
 
@@ -104,12 +104,6 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
 
 
-def _bench_serve(args: argparse.Namespace) -> int:
-    from quire.bench.serve import run
-
-    return run(args)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="quire", description="Quire: PagedAttention LLM inference engine")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -142,13 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_args(gen)
     gen.set_defaults(func=_generate)
 
-    bench = commands.add_parser("bench", help="benchmarks")
-    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
-    bench_serve = bench_commands.add_parser("serve", help="load-test an OpenAI-compatible server")
-    from quire.bench.serve import add_cli_args
+    bench = commands.add_parser("bench", help="benchmarks reproducing the paper's comparisons (tables, JSON, PNGs)")
+    from quire.bench.cli import add_bench_commands
 
-    add_cli_args(bench_serve)
-    bench_serve.set_defaults(func=_bench_serve)
+    add_bench_commands(bench)
 
     args = parser.parse_args(argv)
     return args.func(args)

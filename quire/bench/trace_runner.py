@@ -1,0 +1,275 @@
+"""Serve one request trace through the real scheduler under one KV allocator, and account for its memory.
+
+The same loop drives two executors:
+
+* ``SimulatedExecutor``: Quire's ``Scheduler`` with the allocator, no model; each step's
+  duration comes from a ``StepTimeModel`` and every scheduled sequence that samples gets one
+  token (outputs are exactly the trace's lengths, as with ``ignore_eos``).
+* ``EngineExecutor``: the real ``LLMEngine`` and model, its scheduler rebuilt around the
+  allocator; each step's duration is its wall time.
+
+Time is a virtual clock advanced by step durations; when nothing is running it jumps to the
+next arrival (identical to waiting in real time, without the wait). After every step the
+allocator's ``snapshot`` splits the KV slots into token states / reservation / internal /
+external fragmentation / free; shares and the batch size are averaged weighted by step time,
+over the measurement window: from the start until every request has arrived *and* been
+admitted, or until the first request finishes if that is later (an all-at-once trace that fits
+at once is admitted in the first step). That is the loaded part of the run; the drain after it
+(fewer and fewer requests left) would dilute every system's figures by an amount that depends
+only on the trace's end.
+
+Static batching (``static_batch``): requests that arrived wait outside the engine and are let
+in ``static_batch`` at a time, only when the previous batch has completely finished. In a
+simulation the members that finished early keep costing a decode row each step (the batch
+computes padding for them); the real engine drops them from the compute, which flatters the
+baseline.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from quire.bench.allocators import ContiguousAllocator, MemorySnapshot, PagedAllocator, StaticBatchAllocator
+from quire.bench.datasets import TraceRequest
+from quire.bench.step_model import StepSample, StepTimeModel
+from quire.config import SchedulerConfig
+from quire.core.request import Request
+from quire.core.request import Sequence as Seq
+from quire.core.scheduler import Scheduler, SchedulerOutput
+from quire.sampling_params import SamplingParams
+
+Allocator = PagedAllocator | ContiguousAllocator
+
+__all__ = ["EngineExecutor", "MemoryShares", "SimulatedExecutor", "TraceRunResult", "run_trace"]
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    output: SchedulerOutput
+    seconds: float
+    finished: list[Request]
+    batched_tokens: int
+    attended_tokens: int
+
+
+class Executor(Protocol):
+    scheduler: Scheduler
+
+    def add(self, request_id: str, request: TraceRequest) -> Request: ...
+
+    def step(self, idle_contexts: Sequence[int] = ()) -> StepOutcome: ...
+
+
+def _shape(out: SchedulerOutput) -> tuple[int, int]:
+    """(batched tokens, attended K/V positions) of a step, read before its tokens are marked computed."""
+    return out.num_batched_tokens, sum(c.start + c.num_new_tokens for c in out.scheduled)
+
+
+class SimulatedExecutor:
+    """The scheduler and allocator without a model: steps take ``step_model`` seconds."""
+
+    def __init__(self, allocator: Allocator, config: SchedulerConfig, step_model: StepTimeModel) -> None:
+        self.scheduler = Scheduler(config, allocator)
+        self.step_model = step_model
+        self._next_id = 0
+
+    def add(self, request_id: str, request: TraceRequest) -> Request:
+        prompt = list(request.prompt_token_ids)
+        seq = Seq(seq_id=self._next_id, index=0, token_ids=list(prompt), num_prompt_tokens=len(prompt))
+        req = Request(
+            request_id=request_id,
+            prompt=None,
+            prompt_token_ids=prompt,
+            params=SamplingParams(max_tokens=request.output_len, ignore_eos=True),
+            arrival_order=self._next_id,
+            arrival_time=request.arrival_time,
+            seqs=[seq],
+            eos_token_id=None,
+        )
+        self._next_id += 1
+        self.scheduler.add_request(req)
+        return req
+
+    def step(self, idle_contexts: Sequence[int] = ()) -> StepOutcome:
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            raise RuntimeError("the scheduler scheduled nothing although requests are unfinished")
+        tokens, attended = _shape(out)
+        seconds = self.step_model.seconds(tokens + len(idle_contexts), attended + sum(idle_contexts))
+        done: dict[str, Request] = {}
+        for chunk in out.scheduled:
+            samples = chunk.samples
+            seq = chunk.seq
+            seq.num_computed_tokens += chunk.num_new_tokens
+            if samples:
+                seq.token_ids.append(seq.token_ids[-1])  # the id is never read; only the count matters
+                if seq.num_output_tokens >= chunk.request.params.max_tokens:
+                    seq.finish_reason = "length"
+                    done[chunk.request.request_id] = chunk.request
+        for request in done.values():
+            self.scheduler.finish_request(request)
+        return StepOutcome(out, seconds, list(done.values()), tokens, attended)
+
+
+class EngineExecutor:
+    """The real engine and model, with ``allocator`` as the KV manager of a fresh scheduler.
+
+    The engine keeps its model, KV tensor and model runner; only the scheduler (and the
+    engine's handle on the KV manager) is replaced, so consecutive runs reuse one loaded model.
+    """
+
+    def __init__(self, engine, allocator: Allocator) -> None:
+        self.engine = engine
+        self.scheduler = Scheduler(engine.scheduler.config, allocator)
+        engine.scheduler = self.scheduler
+        engine.kv_cache = allocator
+        self._last: tuple[SchedulerOutput, int, int] | None = None
+        self._requests: dict[str, Request] = {}
+        schedule = self.scheduler.schedule
+
+        def recording_schedule() -> SchedulerOutput:
+            out = schedule()
+            self._last = (out, *_shape(out))
+            return out
+
+        self.scheduler.schedule = recording_schedule  # type: ignore[method-assign]
+
+    def add(self, request_id: str, request: TraceRequest) -> Request:
+        params = SamplingParams(max_tokens=request.output_len, ignore_eos=True, temperature=0.0)
+        req = self.engine.add_request(request_id, list(request.prompt_token_ids), params)
+        self._requests[request_id] = req
+        return req
+
+    def step(self, idle_contexts: Sequence[int] = ()) -> StepOutcome:
+        start = time.perf_counter()
+        outputs = self.engine.step()
+        seconds = time.perf_counter() - start
+        assert self._last is not None
+        out, tokens, attended = self._last
+        if out.is_empty:
+            raise RuntimeError("the scheduler scheduled nothing although requests are unfinished")
+        finished = [self._requests.pop(o.request_id) for o in outputs if o.finished]
+        return StepOutcome(out, seconds, finished, tokens, attended)
+
+
+@dataclass(frozen=True)
+class MemoryShares:
+    """Time-averaged shares of the KV budget (fractions summing to 1)."""
+
+    token_states: float
+    reserved: float
+    internal_frag: float
+    external_frag: float
+    free: float
+
+
+@dataclass
+class TraceRunResult:
+    allocator: str
+    num_requests: int
+    duration_s: float  # virtual time until the last request finished
+    window_s: float  # the window the averages cover (until the last admission, at least to the first finish)
+    shares: MemoryShares
+    mean_batched_requests: float  # time-averaged requests in a step
+    request_throughput: float  # requests / duration
+    output_throughput: float  # output tokens / duration
+    mean_normalized_latency: float  # mean over requests of (finish - arrival) / output tokens, s/token
+    num_steps: int
+    num_preemptions: int
+    kv_slots: int
+    steps: list[StepSample] = field(default_factory=list, repr=False)
+
+
+def _live_computed(scheduler: Scheduler) -> dict[int, int]:
+    return {s.seq_id: s.num_computed_tokens for r in scheduler.running for s in r.seqs if not s.is_finished}
+
+
+def run_trace(
+    name: str,
+    trace: Sequence[TraceRequest],
+    executor: Executor,
+    allocator: Allocator,
+    static_batch: int | None = None,
+    on_finish: Callable[[int], None] | None = None,
+) -> TraceRunResult:
+    """Serve ``trace`` (sorted by arrival) to completion; ``on_finish(n)`` is told of completions (progress)."""
+    scheduler = executor.scheduler
+    pending = deque(enumerate(trace))
+    outside: deque[tuple[int, TraceRequest]] = deque()  # arrived, held back by static batching
+    lengths: dict[str, TraceRequest] = {}
+    clock = 0.0
+    window_end = math.inf  # set once the last request has been admitted and one has finished
+    admitted_all = False
+    sums = {"token_states": 0.0, "reserved": 0.0, "internal_frag": 0.0, "external_frag": 0.0, "free": 0.0}
+    weight = batch_sum = 0.0
+    latencies: list[float] = []
+    steps: list[StepSample] = []
+    output_tokens = 0
+
+    def release(index: int, request: TraceRequest) -> None:
+        request_id = f"{name}-{index}"
+        lengths[request_id] = request
+        req = executor.add(request_id, request)
+        allocator.expect(req.seqs[0].seq_id, request.prompt_len, request.output_len)
+
+    while pending or outside or scheduler.has_unfinished_requests():
+        while pending and pending[0][1].arrival_time <= clock:
+            index, request = pending.popleft()
+            if static_batch is None:
+                release(index, request)
+            else:
+                outside.append((index, request))
+        if static_batch is not None and not scheduler.has_unfinished_requests():
+            for _ in range(min(static_batch, len(outside))):
+                release(*outside.popleft())
+        if not scheduler.has_unfinished_requests():
+            clock = pending[0][1].arrival_time
+            continue
+        idle: list[int] = []
+        if static_batch is not None and isinstance(allocator, StaticBatchAllocator):
+            idle = allocator.held_lengths()
+        outcome = executor.step(idle)
+        steps.append(StepSample(outcome.batched_tokens, outcome.attended_tokens, outcome.seconds))
+        if clock < window_end:
+            head = scheduler.waiting[0] if scheduler.waiting else None
+            nxt = lengths[head.request_id] if head is not None else (outside[0][1] if outside else None)
+            snap: MemorySnapshot = allocator.snapshot(
+                _live_computed(scheduler), (nxt.prompt_len, nxt.output_len) if nxt is not None else None
+            )
+            dt = outcome.seconds
+            weight += dt
+            for key in sums:
+                sums[key] += dt * getattr(snap, key) / snap.capacity
+            batch_sum += dt * len({c.request.request_id for c in outcome.output.scheduled})
+        clock += outcome.seconds
+        admitted_all = admitted_all or not (pending or outside or scheduler.waiting)
+        if math.isinf(window_end) and admitted_all and (outcome.finished or latencies):
+            window_end = clock
+        for req in outcome.finished:
+            request = lengths.pop(req.request_id)
+            latencies.append((clock - request.arrival_time) / request.output_len)
+            output_tokens += request.output_len
+        if on_finish is not None and outcome.finished:
+            on_finish(len(outcome.finished))
+
+    weight = weight or 1.0
+    return TraceRunResult(
+        allocator=name,
+        num_requests=len(trace),
+        duration_s=clock,
+        window_s=min(clock, window_end),
+        shares=MemoryShares(**{k: v / weight for k, v in sums.items()}),
+        mean_batched_requests=batch_sum / weight,
+        request_throughput=len(latencies) / clock if clock else 0.0,
+        output_throughput=output_tokens / clock if clock else 0.0,
+        mean_normalized_latency=sum(latencies) / len(latencies),
+        num_steps=len(steps),
+        num_preemptions=scheduler.num_preemptions,
+        kv_slots=allocator.capacity,
+        steps=steps,
+    )
