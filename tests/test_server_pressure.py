@@ -14,7 +14,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -82,12 +81,11 @@ def test_api_key_is_enforced(pressured):
 
 
 def test_soak_under_kv_pressure(pressured):
-    """Mixed lengths, n, priorities and cancellations for a bounded time; nothing lost or leaked."""
+    """Mixed lengths, n, priorities and cancellations; every request is accounted for, nothing leaked."""
     url = pressured.url
     limit = pressured.engine.max_model_len
     rng = random.Random(1)
-    deadline = time.monotonic() + 20.0
-    max_requests = 160
+    max_requests = 48  # a fixed count, not a deadline: what finishes must not depend on the machine's speed
     counts = {"done": 0, "cancelled": 0, "rejected": 0}
     preemptions_before = metric(url, "quire:num_preemptions_total")
 
@@ -151,8 +149,6 @@ def test_soak_under_kv_pressure(pressured):
 
     async def worker(http: httpx.AsyncClient, ids) -> None:
         for i in ids:
-            if time.monotonic() > deadline:
-                return
             await one(http, i)
 
     async def main() -> None:
@@ -162,7 +158,8 @@ def test_soak_under_kv_pressure(pressured):
 
     asyncio.run(main())
     print("soak:", counts)
-    assert counts["done"] >= 30, counts
+    assert sum(counts.values()) == max_requests, counts
+    assert counts["done"] >= 10, counts
     assert counts["cancelled"] >= 5, counts
     assert metric(url, "quire:num_preemptions_total") > preemptions_before  # the pool really was too small
     assert wait_for(lambda: _pool_free(pressured), timeout=30), pressured.engine.stats()
