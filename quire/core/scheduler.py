@@ -56,7 +56,6 @@ class SchedulerOutput:
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host, device)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
     preempted: list[Request] = field(default_factory=list)
-    swapped_in: list[Request] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -201,7 +200,6 @@ class Scheduler:
             self.swapped.pop(0)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
-            out.swapped_in.append(request)
             num_seqs += seats
             self._allocate(chunks, out)
             budget -= sum(c.num_new_tokens for c in chunks)
