@@ -52,11 +52,14 @@ class KVCacheManager:
 
     def num_blocks_needed(self, seq_id: int, start: int, num_new_tokens: int) -> int:
         """Blocks a write of tokens [start, start + num_new_tokens) would take from the pool."""
-        table = self.block_tables.get(seq_id, [])
+        return self._blocks_for_write(self.block_tables.get(seq_id, []), start, num_new_tokens, self._writable)
+
+    def _blocks_for_write(self, table: list[int], start: int, num_new_tokens: int, writable) -> int:
+        """New blocks past the end of ``table``, plus a copy of each non-``writable`` block the write lands in."""
         end = start + num_new_tokens
         new_blocks = max(0, cdiv(end, self.block_size) - len(table))
         first, last = start // self.block_size, min(cdiv(end, self.block_size), len(table))
-        shared = sum(1 for b in table[first:last] if not self._writable(b))
+        shared = sum(1 for b in table[first:last] if not writable(b))
         return new_blocks + shared
 
     def _writable(self, block: int) -> bool:
@@ -135,13 +138,10 @@ class KVCacheManager:
     def num_blocks_needed_to_swap_in(self, seq_ids: list[int], writes: list[tuple[int, int, int]]) -> int:
         """Device blocks ``swap_in(seq_ids)`` takes, plus those the ``writes`` (seq_id, start, n) then need."""
         needed = self.num_distinct_blocks(seq_ids, host=True)
-        bs = self.block_size
+        # Swapped-in blocks are fresh (no hash): only those the group's sequences share need a copy.
+        refs = self.host_pool.ref_counts
         for seq_id, start, num in writes:
-            table = self.host_tables.get(seq_id, [])
-            end = start + num
-            needed += max(0, cdiv(end, bs) - len(table))
-            last = min(cdiv(end, bs), len(table))
-            needed += sum(1 for b in table[start // bs : last] if self.host_pool.ref_counts[b] > 1)
+            needed += self._blocks_for_write(self.host_tables.get(seq_id, []), start, num, lambda b: refs[b] == 1)
         return needed
 
     def swap_in(self, seq_ids: list[int]) -> list[tuple[int, int]]:
