@@ -97,3 +97,31 @@ def test_linear_every_path_agrees_with_torch(dtype):
     for rows in (1, SMALL_ROWS[dtype] + 1, PACKED_ROWS[dtype].start, PACKED_ROWS[dtype].stop):
         x = torch.randn(rows, 576).to(dtype)
         _close(layer(x), x.double() @ layer.weight.detach().double().t(), dtype)
+
+
+@pytest.mark.parametrize("vocab", [1, 17, 49152])
+def test_argmax_logsumexp_matches_torch_including_ties(vocab):
+    kernels = cpu_kernel.fused_ops()
+    logits = torch.randn(6, vocab) * 8
+    if vocab > 40:
+        logits[1, 3] = logits[1, 40] = logits[1].max() + 1  # a tie: the first index wins, as in torch.argmax
+    indices, lse = torch.empty(6, dtype=torch.long), torch.empty(6)
+    kernels.argmax_logsumexp(logits, indices, lse)
+    assert torch.equal(indices, logits.argmax(dim=-1))
+    want = logits.double().logsumexp(dim=-1)
+    assert ((lse.double() - want).abs() / want.abs().clamp(min=1)).max() < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_write_kv_writes_strided_rows_into_their_slots(dtype):
+    kernels = cpu_kernel.fused_ops()
+    qkv = torch.randn(5, 3 * 2 * 8).to(dtype)  # rows of a fused projection: key and value are strided views
+    key, value = qkv[:, 16:32].view(5, 2, 8), qkv[:, 32:].view(5, 2, 8)
+    key_cache, value_cache = torch.zeros(12, 2, 8, dtype=dtype), torch.zeros(12, 2, 8, dtype=dtype)
+    slots = torch.tensor([7, 0, 11, 3, 4])
+    kernels.write_kv(key, value, key_cache, value_cache, slots)
+    assert torch.equal(key_cache[slots], key) and torch.equal(value_cache[slots], value)
+    untouched = [s for s in range(12) if s not in slots.tolist()]
+    assert not key_cache[untouched].any() and not value_cache[untouched].any()
+    with pytest.raises(RuntimeError, match="out of range"):
+        kernels.write_kv(key, value, key_cache, value_cache, torch.tensor([0, 1, 2, 3, 12]))

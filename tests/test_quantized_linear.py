@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from quire.attention import cpu_kernel
-from quire.models.linear import QUANT_ROWS, Linear
+from quire.models.linear import QUANT_ROWS, Linear, pack_quantized
 from quire.models.loader import default_model_path, load_model_files
 
 pytestmark = pytest.mark.skipif(not cpu_kernel.is_available(), reason="CPU extension did not build")
@@ -41,15 +41,40 @@ def test_blocks_expand_to_exactly_the_float_weights(loaded, name):
     assert torch.equal(expanded, weight)
 
 
-@pytest.mark.parametrize("rows", [1, 2, 3, 6])
-def test_quant_linear_equals_the_float_product(loaded, rows):
-    name = "model.layers.0.mlp.gate_proj.weight"
+@pytest.mark.parametrize("rows", [1, 2, 3, 6, 8, 9, 17, 40])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "model.layers.0.mlp.gate_proj.weight",  # Q4_1, 3072 rows
+        "model.layers.5.mlp.down_proj.weight",  # Q4_1, K = 1536
+        "model.embed_tokens.weight",  # Q8_0, the LM head
+    ],
+)
+def test_quant_linear_equals_the_float_product(loaded, name, rows):
     quantized, weight = loaded.quantized[name], loaded.weights[name]
+    blocks = quantized.blocks
+    if weight.shape[0] > 4096:
+        weight, blocks = weight[:1000], blocks[:1000]  # keep the test quick; 1000 % 16 != 0
     x = torch.randn(rows, weight.shape[1])
     out = torch.empty(rows, weight.shape[0])
-    cpu_kernel.fused_ops().quant_linear(x, quantized.blocks, KINDS[quantized.kind], out)
+    packed = pack_quantized(blocks, quantized.kind)
+    cpu_kernel.fused_ops().quant_linear(x, packed, KINDS[quantized.kind], out)
     want = x.double() @ weight.double().t()
+    # Summed per block as d * sum(q x) (+ m' sum x): float32 rounding in another order, no more.
     assert ((out.double() - want).abs().max() / want.abs().max()).item() < 1e-6
+
+
+def test_packing_a_row_count_that_is_not_a_multiple_of_16_pads_with_zero_rows():
+    blocks = torch.randint(0, 256, (5, 2 * 20), dtype=torch.uint8)
+    packed = pack_quantized(blocks, "q4_1")
+    assert packed.shape == (1, 2, 320)
+    # Row 3's block 1: its fp16 d at bytes 6..8, m at 32 + 6..8, quant byte c at 64 + 16 c + 3.
+    row_block = blocks.view(5, 2, 20)[3, 1]
+    assert packed[0, 1, 6:8].tolist() == row_block[0:2].tolist()
+    assert packed[0, 1, 38:40].tolist() == row_block[2:4].tolist()
+    assert packed[0, 1, 64 + 3 :: 16].tolist() == row_block[4:].tolist()
+    padding = packed[0, :, 64:].view(2, 16, 16)[:, :, 5:]  # [block, chunk, row]: rows 5..15
+    assert not packed[0, :, 10:32].any() and not packed[0, :, 42:64].any() and not padding.any()
 
 
 def test_linear_uses_blocks_only_for_small_float32_batches(loaded):

@@ -15,6 +15,7 @@ class TorchAttentionBackend:
     def __init__(self, use_kernel: bool = True) -> None:
         self.use_kernel = use_kernel and cpu_kernel.is_available()
         self._attend = cpu_kernel.paged_attention if self.use_kernel else paged_attention_reference
+        self._kernels = cpu_kernel.fused_ops() if self.use_kernel else None
 
     def forward(
         self,
@@ -27,8 +28,13 @@ class TorchAttentionBackend:
         scale: float,
     ) -> torch.Tensor:
         num_kv_heads, head_dim = key_cache.shape[2], key_cache.shape[3]
-        key_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, metadata.slot_mapping, key)
-        value_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, metadata.slot_mapping, value)
+        key_slots = key_cache.view(-1, num_kv_heads, head_dim)
+        value_slots = value_cache.view(-1, num_kv_heads, head_dim)
+        if self._kernels is not None and key.is_cpu:
+            self._kernels.write_kv(key, value, key_slots, value_slots, metadata.slot_mapping)
+        else:
+            key_slots.index_copy_(0, metadata.slot_mapping, key)
+            value_slots.index_copy_(0, metadata.slot_mapping, value)
         return self._attend(
             query,
             key_cache,

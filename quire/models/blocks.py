@@ -94,7 +94,7 @@ class Attention(nn.Module):
             qk = qkv[:, : heads * d].view(tokens, heads, d)
         query, key = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         value = qkv[:, self.q_size + self.kv_size :].view(tokens, self.num_kv_heads, d)
-        out = self.backend.forward(query.contiguous(), key, value, kv_cache[0], kv_cache[1], metadata, self.scale)
+        out = self.backend.forward(query, key, value, kv_cache[0], kv_cache[1], metadata, self.scale)
         return self.o_proj(out.view(tokens, self.q_size))
 
     def _norm_heads(self, qkv: torch.Tensor) -> None:

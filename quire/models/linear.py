@@ -31,6 +31,26 @@ SMALL_ROWS = {torch.float32: 2, torch.bfloat16: 3}
 PACKED_ROWS = {torch.float32: range(4, 193), torch.bfloat16: range(4, 513)}
 QUANT_ROWS = 12
 _QUANT_KINDS = {"q4_1": 0, "q8_0": 1}
+_BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
+
+
+def pack_quantized(blocks: torch.Tensor, kind: str) -> torch.Tensor:
+    """GGUF rows of blocks [N, K/32 * block bytes] -> ``quant_linear``'s layout [ceil(N/16), K/32, 16 * block bytes].
+
+    Rows go in groups of 16 side by side, so one vector lane of the kernel is one output row
+    (the layout is described in ``fused_ops.cpp``). Padding rows are zero (d = m = 0).
+    """
+    block_bytes = _BLOCK_BYTES[kind]
+    n = blocks.shape[0]
+    groups = -(-n // 16)
+    rows = torch.zeros(groups * 16, blocks.shape[1], dtype=torch.uint8)
+    rows[:n] = blocks
+    t = rows.view(groups, 16, -1, block_bytes).permute(0, 2, 1, 3)  # [group, block, row, byte]
+    scales = 4 if kind == "q4_1" else 2  # fp16 d (and m) lead each block
+    parts = [t[..., 0:2], t[..., 2:4]] if kind == "q4_1" else [t[..., 0:2]]
+    quants = t[..., scales:].transpose(2, 3)  # [group, block, byte, row]
+    flat = [p.reshape(groups, t.shape[1], -1) for p in (*parts, quants)]
+    return torch.cat(flat, dim=2).contiguous()
 
 
 def _onednn_available(dtype: torch.dtype) -> bool:
@@ -55,6 +75,8 @@ class Linear(nn.Module):
         self._packed_rows = range(0)
         self.quantized = None  # a loader.BlockQuantized copy of the weight, set by the model's loader
         self._quant_rows = 0
+        self._quant_packed: torch.Tensor | None = None
+        self._quant_kind = -1
 
     def prepare(self, kernels) -> None:
         """Call once the weight holds its final values and dtype: sets up the fast paths.
@@ -65,7 +87,11 @@ class Linear(nn.Module):
         self._kernels = kernels
         self._small_rows = SMALL_ROWS.get(weight.dtype, 0) if kernels is not None and weight.is_cpu else 0
         usable = kernels is not None and weight.is_cpu and weight.dtype == torch.float32
-        self._quant_rows = QUANT_ROWS if usable and self.quantized is not None else 0
+        if self.quantized is not None:  # packed once; the GGUF-layout copy is not needed after that
+            self._quant_packed = pack_quantized(self.quantized.blocks, self.quantized.kind)
+            self._quant_kind = _QUANT_KINDS[self.quantized.kind]
+            self.quantized = None
+        self._quant_rows = QUANT_ROWS if usable and self._quant_packed is not None else 0
         self._packed = None
         self._packed_rows = PACKED_ROWS.get(weight.dtype, range(0))
         if self._packed_rows and weight.is_cpu and _onednn_available(weight.dtype):
@@ -80,7 +106,7 @@ class Linear(nn.Module):
         rows = x.shape[0]
         if rows <= self._quant_rows:
             out = x.new_empty(rows, self.weight.shape[0])
-            self._kernels.quant_linear(x.contiguous(), self.quantized.blocks, _QUANT_KINDS[self.quantized.kind], out)
+            self._kernels.quant_linear(x.contiguous(), self._quant_packed, self._quant_kind, out)
             return out
         if rows <= self._small_rows:
             out = x.new_empty(rows, self.weight.shape[0])

@@ -46,8 +46,9 @@ class SamplerOutput:
 
 
 class Sampler:
-    def __init__(self, generator: torch.Generator) -> None:
+    def __init__(self, generator: torch.Generator, kernels=None) -> None:
         self.generator = generator  # for rows without their own seed
+        self.kernels = kernels  # compiled CPU ops (argmax_logsumexp), or None
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         raw_logits = logits
@@ -55,7 +56,13 @@ class Sampler:
         if batch.banned_rows is not None:
             logits = logits.index_put((batch.banned_rows, batch.banned_tokens), torch.tensor(float("-inf")))
 
-        greedy_tokens = logits.argmax(dim=-1)
+        log_normalizer = None  # logsumexp of the raw logits, when the fused op computed it
+        if logits is raw_logits and self._fused(raw_logits):
+            greedy_tokens = torch.empty(raw_logits.shape[0], dtype=torch.long)
+            log_normalizer = torch.empty(raw_logits.shape[0])
+            self.kernels.argmax_logsumexp(raw_logits, greedy_tokens, log_normalizer)
+        else:
+            greedy_tokens = logits.argmax(dim=-1)
         if batch.all_greedy:
             tokens = greedy_tokens
         else:
@@ -64,7 +71,9 @@ class Sampler:
 
         if batch.num_logprobs < 0:
             # Only the sampled tokens' logprobs: skip materialising the [B, vocab] log-softmax.
-            chosen = raw_logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - raw_logits.logsumexp(dim=-1)
+            if log_normalizer is None:
+                log_normalizer = raw_logits.logsumexp(dim=-1)
+            chosen = raw_logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - log_normalizer
             return SamplerOutput(token_ids=tokens, logprobs=chosen)
         raw_logprobs = torch.log_softmax(raw_logits, dim=-1)
         chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
@@ -73,6 +82,9 @@ class Sampler:
         if batch.num_logprobs > 0:
             out.top_logprobs, out.top_token_ids = raw_logprobs.topk(batch.num_logprobs, dim=-1)
         return out
+
+    def _fused(self, logits: torch.Tensor) -> bool:
+        return self.kernels is not None and logits.is_cpu and logits.dtype == torch.float32 and logits.is_contiguous()
 
     @staticmethod
     def _apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

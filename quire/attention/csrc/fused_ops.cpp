@@ -371,116 +371,303 @@ inline void expand_block(const uint8_t* blk, int64_t kind, float* w) {
   }
 }
 
-#if QUIRE_AVX512
-inline float half_to_float_f16c(const uint8_t* p) {
-  uint16_t bits;
-  std::memcpy(&bits, p, 2);
-  return _cvtsh_ss(bits);
-}
+// Packed layout (``pack_quantized``): the rows of W in groups of 16, each group's blocks in K
+// order, and inside a (group, block) the 16 rows side by side so that one vector lane is one
+// output row:
+//   Q4_1 (320 bytes): 16 fp16 d, 16 fp16 m, then 16 chunks of 16 bytes; byte i of chunk c is
+//        byte c of row i's block: weight c in its low nibble, weight c + 16 in its high nibble.
+//   Q8_0 (544 bytes): 16 fp16 d, then 32 chunks of 16 int8; byte i of chunk k is row i's weight k.
+// The product is taken per block as d * sum(q * x) (Q4_1: d * sum((q - 8) x) + (m + 8 d) sum(x)): the same weights,
+// summed in another order, so it agrees with the float32 product to rounding (~1e-7 relative).
+// Each x element is broadcast from memory, each weight chunk widened once and used by every row
+// of the x tile, so decode with up to a few dozen rows reads W once, in its 5- or 8.5-bit form.
+constexpr int64_t kGroupRows = 16;
+constexpr int kQuantTileRows = 8;  // x rows per register tile
 
-inline void expand_block_avx512(const uint8_t* blk, int64_t kind, __m512& lo, __m512& hi) {
-  const __m512 vd = _mm512_set1_ps(half_to_float_f16c(blk));
-  if (kind == kQ4_1) {
-    // The 16 possible values d * k + m (k = 0..15), each rounded once (fma; d * k is exact): the
-    // gguf package's values. Each nibble then selects its value with one permute.
-    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const __m512 table = _mm512_fmadd_ps(vd, iota, _mm512_set1_ps(half_to_float_f16c(blk + 2)));
-    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 4));
-    const __m512i idx = _mm512_cvtepu8_epi32(raw);  // permutexvar reads the low 4 bits only
-    lo = _mm512_permutexvar_ps(idx, table);
-    hi = _mm512_permutexvar_ps(_mm512_srli_epi32(idx, 4), table);
-  } else {
-    const int8_t* qs = reinterpret_cast<const int8_t*>(blk + 2);
-    lo = _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs)))));
-    hi = _mm512_mul_ps(vd, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + 16)))));
-  }
-}
-#endif
+inline int64_t packed_block_bytes(int64_t kind) { return kind == kQ4_1 ? 320 : 544; }
 
 #if QUIRE_AVX512
-// One tile: kWRows weight rows (pointers; padding repeats the last row) against NX rows of x.
-// All loop bounds are compile-time constants so the 4 * NX accumulators stay in registers.
-template <int NX>
-inline void quant_tile(const float* x0, int64_t K, const uint8_t* const* wrow, int64_t block_bytes, int64_t kind,
-                       float* sums) {
-  __m512 acc[kWRows * NX];
-#pragma GCC unroll 16
-  for (int i = 0; i < kWRows * NX; ++i) acc[i] = _mm512_setzero_ps();
-  for (int64_t b = 0; b < K / 32; ++b) {
-    __m512 xl[NX], xh[NX];
-#pragma GCC unroll 4
-    for (int m = 0; m < NX; ++m) {
-      xl[m] = _mm512_loadu_ps(x0 + m * K + b * 32);
-      xh[m] = _mm512_loadu_ps(x0 + m * K + b * 32 + 16);
-    }
-#pragma GCC unroll 4
-    for (int w = 0; w < kWRows; ++w) {
-      __m512 lo, hi;
-      expand_block_avx512(wrow[w] + b * block_bytes, kind, lo, hi);
-#pragma GCC unroll 4
-      for (int m = 0; m < NX; ++m) {
-        acc[w * NX + m] = _mm512_fmadd_ps(xh[m], hi, _mm512_fmadd_ps(xl[m], lo, acc[w * NX + m]));
-      }
-    }
-  }
-#pragma GCC unroll 16
-  for (int i = 0; i < kWRows * NX; ++i) sums[i] = _mm512_reduce_add_ps(acc[i]);
+inline __m512 cvt_half16(const uint8_t* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
-#endif
 
-void quant_linear(const at::Tensor& x, const at::Tensor& blocks, int64_t kind, at::Tensor& out) {
-  TORCH_CHECK(kind == kQ4_1 || kind == kQ8_0, "quant_linear: kind 0 (Q4_1) or 1 (Q8_0) expected");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat, "quant_linear: x float32 [M, K]");
-  TORCH_CHECK(blocks.dim() == 2 && blocks.is_contiguous() && blocks.scalar_type() == at::kByte,
-              "quant_linear: blocks uint8 [N, bytes per row]");
-  const int64_t rows = x.size(0), K = x.size(1), N = blocks.size(0);
-  const int64_t block_bytes = kind == kQ4_1 ? 20 : 34;
-  TORCH_CHECK(K % 32 == 0 && blocks.size(1) == K / 32 * block_bytes, "quant_linear: K must be 32 * blocks per row");
-  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.scalar_type() == at::kFloat && out.size(0) == rows &&
-                  out.size(1) == N,
-              "quant_linear: out float32 [M, N]");
-  const float* xp = x.data_ptr<float>();
-  const uint8_t* bp = blocks.data_ptr<uint8_t>();
-  float* op = out.data_ptr<float>();
-  const int64_t row_bytes = blocks.size(1), nblocks = K / 32;
-  const int64_t tiles = (N + kWRows - 1) / kWRows;
-  at::parallel_for(0, tiles, 8, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t n0 = t * kWRows;
-      const int nw = static_cast<int>(std::min<int64_t>(kWRows, N - n0));
-      for (int64_t m0 = 0; m0 < rows; m0 += kXRows) {
-        const int nx = static_cast<int>(std::min<int64_t>(kXRows, rows - m0));
-        float sums[kWRows * kXRows] = {};
-#if QUIRE_AVX512
-        const uint8_t* wrow[kWRows];
-        for (int w = 0; w < kWRows; ++w) wrow[w] = bp + (n0 + std::min(w, nw - 1)) * row_bytes;
-        const float* x0 = xp + m0 * K;
-        switch (nx) {  // sums[w * nx + m]
-          case 1: quant_tile<1>(x0, K, wrow, block_bytes, kind, sums); break;
-          case 2: quant_tile<2>(x0, K, wrow, block_bytes, kind, sums); break;
-          case 3: quant_tile<3>(x0, K, wrow, block_bytes, kind, sums); break;
-          default: quant_tile<4>(x0, K, wrow, block_bytes, kind, sums); break;
-        }
-        const int stride = nx;
-#else
-        const int stride = kXRows;
-        float wv[32];
-        for (int w = 0; w < nw; ++w) {
-          for (int64_t b = 0; b < nblocks; ++b) {
-            expand_block(bp + (n0 + w) * row_bytes + b * block_bytes, kind, wv);
-            for (int m = 0; m < nx; ++m) {
-              const float* xr = xp + (m0 + m) * K + b * 32;
-              float s = 0.f;
-              for (int j = 0; j < 32; ++j) s += xr[j] * wv[j];
-              sums[w * kXRows + m] += s;
-            }
+// y[r][m] (16 output rows of group r, x row m) over all K for RG row groups and MT x rows.
+template <int64_t KIND, int MT, int RG>
+inline void quant_tile(const float* x, int64_t K, const float* sx, const uint8_t* const* groups, float* out,
+                       int64_t N, int64_t n0) {
+  constexpr int64_t BB = KIND == kQ4_1 ? 320 : 544;
+  const int64_t nb = K / 32;
+  __m512 y[RG][MT];
+#pragma GCC unroll 8
+  for (int r = 0; r < RG; ++r)
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) y[r][m] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512 a0[RG][MT], a1[RG][MT];
+#pragma GCC unroll 8
+    for (int r = 0; r < RG; ++r)
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m) a0[r][m] = a1[r][m] = _mm512_setzero_ps();
+    const float* xb = x + b * 32;
+    if constexpr (KIND == kQ4_1) {
+      const __m512i low4 = _mm512_set1_epi32(0x0F), eight = _mm512_set1_epi32(8);
+#pragma GCC unroll 4
+      for (int c = 0; c < 16; ++c) {
+#pragma GCC unroll 2
+        for (int r = 0; r < RG; ++r) {
+          const uint8_t* q = groups[r] + b * BB + 64 + 16 * c;
+          const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
+          const __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, low4), eight));
+          const __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(v, 4), eight));
+#pragma GCC unroll 8
+          for (int m = 0; m < MT; ++m) {
+            a0[r][m] = _mm512_fmadd_ps(lo, _mm512_set1_ps(xb[m * K + c]), a0[r][m]);
+            a1[r][m] = _mm512_fmadd_ps(hi, _mm512_set1_ps(xb[m * K + 16 + c]), a1[r][m]);
           }
         }
-#endif
-        for (int m = 0; m < nx; ++m) {
-          for (int w = 0; w < nw; ++w) op[(m0 + m) * N + n0 + w] = sums[w * stride + m];
+      }
+#pragma GCC unroll 2
+      for (int r = 0; r < RG; ++r) {
+        // Centred: d * (q - 8) + (m + 8 d), so the sums stay small where m ~ -8 d (no cancellation).
+        const __m512 d = cvt_half16(groups[r] + b * BB);
+        const __m512 mv = _mm512_fmadd_ps(d, _mm512_set1_ps(8.f), cvt_half16(groups[r] + b * BB + 32));
+#pragma GCC unroll 8
+        for (int m = 0; m < MT; ++m) {
+          y[r][m] = _mm512_fmadd_ps(d, _mm512_add_ps(a0[r][m], a1[r][m]), y[r][m]);
+          y[r][m] = _mm512_fmadd_ps(mv, _mm512_set1_ps(sx[m * nb + b]), y[r][m]);
         }
       }
+    } else {
+#pragma GCC unroll 4
+      for (int k = 0; k < 32; k += 2) {
+#pragma GCC unroll 2
+        for (int r = 0; r < RG; ++r) {
+          const uint8_t* q = groups[r] + b * BB + 32 + 16 * k;
+          const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))));
+          const __m512 q1 =
+              _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16))));
+#pragma GCC unroll 8
+          for (int m = 0; m < MT; ++m) {
+            a0[r][m] = _mm512_fmadd_ps(q0, _mm512_set1_ps(xb[m * K + k]), a0[r][m]);
+            a1[r][m] = _mm512_fmadd_ps(q1, _mm512_set1_ps(xb[m * K + k + 1]), a1[r][m]);
+          }
+        }
+      }
+#pragma GCC unroll 2
+      for (int r = 0; r < RG; ++r) {
+        const __m512 d = cvt_half16(groups[r] + b * BB);
+#pragma GCC unroll 8
+        for (int m = 0; m < MT; ++m) y[r][m] = _mm512_fmadd_ps(d, _mm512_add_ps(a0[r][m], a1[r][m]), y[r][m]);
+      }
+    }
+  }
+#pragma GCC unroll 2
+  for (int r = 0; r < RG; ++r) {
+    const int64_t first = n0 + r * kGroupRows;
+    const __mmask16 mask = tail_mask(N - first);
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) _mm512_mask_storeu_ps(out + m * N + first, mask, y[r][m]);
+  }
+}
+
+template <int64_t KIND, int MT>
+inline void quant_rows(const float* x, int64_t K, const float* sx, const uint8_t* const* groups, int ngroups,
+                       float* out, int64_t N, int64_t n0) {
+  if (MT <= 2 && ngroups == 2) {  // few x rows: two row groups give enough independent sums
+    quant_tile<KIND, MT, 2>(x, K, sx, groups, out, N, n0);
+    return;
+  }
+  for (int r = 0; r < ngroups; ++r) quant_tile<KIND, MT, 1>(x, K, sx, groups + r, out, N, n0 + r * kGroupRows);
+}
+
+template <int64_t KIND>
+void quant_linear_avx512(const float* x, int64_t M, int64_t K, const float* sx, const uint8_t* packed, int64_t N,
+                         float* out) {
+  const int64_t nb = K / 32, group_bytes = nb * packed_block_bytes(KIND);
+  const int64_t ngroups = (N + kGroupRows - 1) / kGroupRows;
+  const int64_t units = (ngroups + 1) / 2;  // two row groups per unit
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int ng = static_cast<int>(std::min<int64_t>(2, ngroups - 2 * u));
+      const uint8_t* groups[2] = {packed + 2 * u * group_bytes, packed + (2 * u + 1) * group_bytes};
+      const int64_t n0 = 2 * u * kGroupRows;
+      for (int64_t m0 = 0; m0 < M; m0 += kQuantTileRows) {
+        const float* xm = x + m0 * K;
+        const float* sxm = sx + m0 * nb;
+        float* om = out + m0 * N;
+        switch (std::min<int64_t>(kQuantTileRows, M - m0)) {
+          case 1: quant_rows<KIND, 1>(xm, K, sxm, groups, ng, om, N, n0); break;
+          case 2: quant_rows<KIND, 2>(xm, K, sxm, groups, ng, om, N, n0); break;
+          case 3: quant_rows<KIND, 3>(xm, K, sxm, groups, ng, om, N, n0); break;
+          case 4: quant_rows<KIND, 4>(xm, K, sxm, groups, ng, om, N, n0); break;
+          case 5: quant_rows<KIND, 5>(xm, K, sxm, groups, ng, om, N, n0); break;
+          case 6: quant_rows<KIND, 6>(xm, K, sxm, groups, ng, om, N, n0); break;
+          case 7: quant_rows<KIND, 7>(xm, K, sxm, groups, ng, om, N, n0); break;
+          default: quant_rows<KIND, 8>(xm, K, sxm, groups, ng, om, N, n0); break;
+        }
+      }
+    }
+  });
+}
+#endif
+
+// Portable path over the same layout.
+void quant_linear_scalar(const float* x, int64_t M, int64_t K, const float* sx, const uint8_t* packed, int64_t kind,
+                         int64_t N, float* out) {
+  const int64_t nb = K / 32, bb = packed_block_bytes(kind), group_bytes = nb * bb;
+  at::parallel_for(0, (N + kGroupRows - 1) / kGroupRows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      for (int64_t i = 0; i < kGroupRows && g * kGroupRows + i < N; ++i) {
+        for (int64_t m = 0; m < M; ++m) {
+          float y = 0.f;
+          for (int64_t b = 0; b < nb; ++b) {
+            const uint8_t* blk = packed + g * group_bytes + b * bb;
+            const float* xb = x + m * K + b * 32;
+            const float d = half_to_float(blk + 2 * i);
+            float s = 0.f;
+            if (kind == kQ4_1) {
+              for (int c = 0; c < 16; ++c) {
+                const uint8_t q = blk[64 + 16 * c + i];
+                s += static_cast<float>((q & 0x0F) - 8) * xb[c] + static_cast<float>((q >> 4) - 8) * xb[16 + c];
+              }
+              y += d * s + (half_to_float(blk + 32 + 2 * i) + 8.f * d) * sx[m * nb + b];
+            } else {
+              for (int k = 0; k < 32; ++k) s += static_cast<float>(static_cast<int8_t>(blk[32 + 16 * k + i])) * xb[k];
+              y += d * s;
+            }
+          }
+          out[m * N + g * kGroupRows + i] = y;
+        }
+      }
+    }
+  });
+}
+
+void quant_linear(const at::Tensor& x, const at::Tensor& packed, int64_t kind, at::Tensor& out) {
+  TORCH_CHECK(kind == kQ4_1 || kind == kQ8_0, "quant_linear: kind 0 (Q4_1) or 1 (Q8_0) expected");
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat, "quant_linear: x float32 [M, K]");
+  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.scalar_type() == at::kFloat && out.size(0) == x.size(0),
+              "quant_linear: out float32 [M, N]");
+  const int64_t M = x.size(0), K = x.size(1), N = out.size(1), nb = K / 32;
+  TORCH_CHECK(K % 32 == 0 && packed.dim() == 3 && packed.is_contiguous() && packed.scalar_type() == at::kByte &&
+                  packed.size(0) == (N + kGroupRows - 1) / kGroupRows && packed.size(1) == nb &&
+                  packed.size(2) == packed_block_bytes(kind),
+              "quant_linear: packed uint8 [ceil(N / 16), K / 32, block bytes] expected (pack_quantized)");
+  const float* xp = x.data_ptr<float>();
+  // Block sums of x: the Q4_1 offset m multiplies them.
+  std::vector<float> sx(static_cast<size_t>(M * nb));
+  for (int64_t i = 0; i < M * nb; ++i) {
+    float s = 0.f;
+    for (int j = 0; j < 32; ++j) s += xp[i * 32 + j];
+    sx[i] = s;
+  }
+  const uint8_t* wp = packed.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+#if QUIRE_AVX512
+  if (kind == kQ4_1) {
+    quant_linear_avx512<kQ4_1>(xp, M, K, sx.data(), wp, N, op);
+  } else {
+    quant_linear_avx512<kQ8_0>(xp, M, K, sx.data(), wp, N, op);
+  }
+#else
+  quant_linear_scalar(xp, M, K, sx.data(), wp, kind, N, op);
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// write_kv: key[t] and value[t] ([T, heads, head_dim], rows may be strided views of the fused
+// qkv projection) into cache slot slot_mapping[t] of key_cache / value_cache ([slots, heads,
+// head_dim] views of the paged cache). One op for both instead of two index_copy_ calls.
+void write_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache, at::Tensor& value_cache,
+              const at::Tensor& slot_mapping) {
+  TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes() && key.scalar_type() == key_cache.scalar_type() &&
+                  value.scalar_type() == value_cache.scalar_type() && key.scalar_type() == value.scalar_type(),
+              "write_kv: key and value [T, heads, head_dim] of the cache dtype expected");
+  TORCH_CHECK(key_cache.dim() == 3 && key_cache.is_contiguous() && value_cache.is_contiguous() &&
+                  value_cache.sizes() == key_cache.sizes() && key_cache.size(1) == key.size(1) &&
+                  key_cache.size(2) == key.size(2),
+              "write_kv: contiguous caches [slots, heads, head_dim] matching key expected");
+  TORCH_CHECK(key.stride(2) == 1 && value.stride(2) == 1 && key.stride(1) == key.size(2) &&
+                  value.stride(1) == value.size(2),
+              "write_kv: each token's heads must be contiguous");
+  TORCH_CHECK(slot_mapping.scalar_type() == at::kLong && slot_mapping.dim() == 1 && slot_mapping.is_contiguous() &&
+                  slot_mapping.size(0) == key.size(0),
+              "write_kv: int64 slot_mapping of one entry per token expected");
+  const int64_t T = key.size(0), slots = key_cache.size(0);
+  const int64_t row_bytes = key.size(1) * key.size(2) * key.element_size();
+  const int64_t* slot = slot_mapping.data_ptr<int64_t>();
+  for (int64_t t = 0; t < T; ++t) TORCH_CHECK(slot[t] >= 0 && slot[t] < slots, "write_kv: slot ", slot[t], " out of range");
+  const char* kp = static_cast<const char*>(key.data_ptr());
+  const char* vp = static_cast<const char*>(value.data_ptr());
+  char* kc = static_cast<char*>(key_cache.data_ptr());
+  char* vc = static_cast<char*>(value_cache.data_ptr());
+  const int64_t ks = key.stride(0) * key.element_size(), vs = value.stride(0) * value.element_size();
+  at::parallel_for(0, T, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      std::memcpy(kc + slot[t] * row_bytes, kp + t * ks, row_bytes);
+      std::memcpy(vc + slot[t] * row_bytes, vp + t * vs, row_bytes);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// argmax_logsumexp: per row of float32 logits, the first index of the maximum (torch.argmax's
+// choice) and log(sum(exp(x))). A greedy step needs exactly these two (the chosen token's
+// logprob is max - logsumexp); PyTorch spends two passes on argmax and four on logsumexp, each
+// single-threaded over few long rows. Here: one pass for the maximum, one for the sum (the row is
+// then in L2), rows spread over the threads.
+void argmax_logsumexp(const at::Tensor& logits, at::Tensor& indices, at::Tensor& lse) {
+  TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.scalar_type() == at::kFloat &&
+                  logits.size(1) > 0,
+              "argmax_logsumexp: float32 [rows, vocab] logits expected");
+  TORCH_CHECK(indices.scalar_type() == at::kLong && lse.scalar_type() == at::kFloat && indices.numel() == logits.size(0) &&
+                  lse.numel() == logits.size(0) && indices.is_contiguous() && lse.is_contiguous(),
+              "argmax_logsumexp: int64 indices and float32 lse of one entry per row expected");
+  const int64_t rows = logits.size(0), V = logits.size(1);
+  const float* lp = logits.data_ptr<float>();
+  int64_t* ip = indices.data_ptr<int64_t>();
+  float* sp = lse.data_ptr<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const float* x = lp + r * V;
+      float best = x[0];
+      int64_t arg = 0;
+      int64_t i = 0;
+#if QUIRE_AVX512
+      if (V >= 16) {
+        __m512 vmax = _mm512_loadu_ps(x);
+        __m512i varg = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        __m512i idx = varg;
+        const __m512i step = _mm512_set1_epi32(16);
+        for (i = 16; i + 16 <= V; i += 16) {
+          idx = _mm512_add_epi32(idx, step);
+          const __m512 v = _mm512_loadu_ps(x + i);
+          const __mmask16 gt = _mm512_cmp_ps_mask(v, vmax, _CMP_GT_OQ);  // strictly greater: first index wins
+          vmax = _mm512_mask_mov_ps(vmax, gt, v);
+          varg = _mm512_mask_mov_epi32(varg, gt, idx);
+        }
+        best = _mm512_reduce_max_ps(vmax);
+        const __mmask16 at_best = _mm512_cmp_ps_mask(vmax, _mm512_set1_ps(best), _CMP_EQ_OQ);
+        arg = _mm512_mask_reduce_min_epi32(at_best, varg);
+      }
+#endif
+      for (; i < V; ++i) {
+        if (x[i] > best) {
+          best = x[i];
+          arg = i;
+        }
+      }
+      double sum = 0.0;
+      int64_t j = 0;
+#if QUIRE_AVX512
+      const __m512 vb = _mm512_set1_ps(best);
+      __m512 acc = _mm512_setzero_ps();
+      for (; j + 16 <= V; j += 16) acc = _mm512_add_ps(acc, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(x + j), vb)));
+      sum = _mm512_reduce_add_ps(acc);
+#endif
+      for (; j < V; ++j) sum += std::exp(x[j] - best);
+      ip[r] = arg;
+      sp[r] = best + static_cast<float>(std::log(sum));
     }
   });
 }
@@ -514,5 +701,8 @@ TORCH_LIBRARY_FRAGMENT(QUIRE_PA_NAMESPACE, m) {
   m.def("silu_and_mul(Tensor gate_up, Tensor(a!) out) -> ()", &quire_ops::silu_and_mul);
   m.def("small_linear(Tensor x, Tensor weight, Tensor(a!) out) -> ()", &quire_ops::small_linear);
   m.def("quant_linear(Tensor x, Tensor blocks, int kind, Tensor(a!) out) -> ()", &quire_ops::quant_linear);
+  m.def("write_kv(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping) -> ()",
+        &quire_ops::write_kv);
+  m.def("argmax_logsumexp(Tensor logits, Tensor(a!) indices, Tensor(b!) lse) -> ()", &quire_ops::argmax_logsumexp);
   m.def("dequantize_blocks(Tensor blocks, int kind, int K) -> Tensor", &quire_ops::dequantize_blocks);
 }
