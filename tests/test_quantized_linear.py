@@ -56,9 +56,8 @@ def test_quant_linear_equals_the_float_product(loaded, name, rows):
     if weight.shape[0] > 4096:
         weight, blocks = weight[:1000], blocks[:1000]  # keep the test quick; 1000 % 16 != 0
     x = torch.randn(rows, weight.shape[1])
-    out = torch.empty(rows, weight.shape[0])
     packed = pack_quantized(blocks, quantized.kind)
-    cpu_kernel.fused_ops().quant_linear(x, packed, KINDS[quantized.kind], out)
+    out = cpu_kernel.fused_ops().quant_linear(x, packed, KINDS[quantized.kind], weight.shape[0])
     want = x.double() @ weight.double().t()
     # Summed per block as d * sum(q x) (+ m' sum x): float32 rounding in another order, no more.
     assert ((out.double() - want).abs().max() / want.abs().max()).item() < 1e-6
@@ -77,17 +76,24 @@ def test_packing_a_row_count_that_is_not_a_multiple_of_16_pads_with_zero_rows():
     assert not packed[0, :, 10:32].any() and not packed[0, :, 42:64].any() and not padding.any()
 
 
-def test_linear_uses_blocks_only_for_small_float32_batches(loaded):
+def test_linear_uses_blocks_only_for_small_batches(loaded):
     name = "model.layers.0.self_attn.o_proj.weight"
     layer = Linear(576, 576)
     with torch.no_grad():
         layer.weight.copy_(loaded.weights[name])
     layer.quantized = loaded.quantized[name]
     layer.prepare(cpu_kernel.fused_ops())
-    for rows in (1, QUANT_ROWS, QUANT_ROWS + 1, 64):
+    limit = QUANT_ROWS[torch.float32]
+    assert layer._quant_rows == limit
+    for rows in (1, 7, limit, limit + 1, 64):
         x = torch.randn(rows, 576)
         got, want = layer(x), x.double() @ layer.weight.detach().double().t()
         assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-6
-    assert layer._quant_rows == QUANT_ROWS
+    # bf16: the block path for a few rows (float32 math, rounded once), bf16 weights beyond.
     layer.to(torch.bfloat16).prepare(cpu_kernel.fused_ops())
-    assert layer._quant_rows == 0  # bf16 activations keep the bf16 paths
+    assert layer._quant_rows == QUANT_ROWS[torch.bfloat16]
+    x = torch.randn(2, 576, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    exact = x.double() @ loaded.weights[name].double().t()  # the GGUF weights, not their bf16 rounding
+    got = layer(x)
+    assert got.dtype == torch.bfloat16
+    assert ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()  # one bf16 rounding

@@ -17,6 +17,44 @@ class TorchAttentionBackend:
         self._attend = cpu_kernel.paged_attention if self.use_kernel else paged_attention_reference
         self._kernels = cpu_kernel.fused_ops() if self.use_kernel else None
 
+    @property
+    def fuses_qkv(self) -> bool:
+        """True when ``forward_qkv`` runs as one compiled call (the CPU extension built)."""
+        return self._kernels is not None
+
+    def forward_qkv(
+        self,
+        qkv: torch.Tensor,
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,
+        num_heads: int,
+        num_kv_heads: int,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """Rotation (half-split, float32 ``(cos, sin)`` [T, head_dim / 2]), cache write and attention
+        for the rows of a fused q|k|v projection in one compiled call; returns [T, num_heads * head_dim].
+
+        Saves a layer the ~10 Python-level tensor ops of the unfused path (about 3 ms a decode step
+        for the default model's 30 layers).
+        """
+        cos, sin = rotary if rotary is not None else (None, None)
+        return self._kernels.attend_qkv(
+            qkv,
+            cos,
+            sin,
+            key_cache,
+            value_cache,
+            metadata.slot_mapping,
+            metadata.block_tables,
+            metadata.query_start_loc,
+            metadata.seq_lens,
+            num_heads,
+            num_kv_heads,
+            scale,
+        )
+
     def forward(
         self,
         query: torch.Tensor,

@@ -150,7 +150,8 @@ class LLMEngine:
             self.arch, num_blocks, block_size, self.dtype, self.device, self.num_local_kv_heads, num_host_blocks
         )
         generator = torch.Generator().manual_seed(config.model.seed)
-        self.runner = ModelRunner(self.model, self.cache, Sampler(generator, self.model.ops.kernels), self.device, self.group)
+        sampler = Sampler(generator, self.model.ops.kernels)
+        self.runner = ModelRunner(self.model, self.cache, sampler, self.device, self.group)
         self.detokenizer = Detokenizer(self.tokenizer)
         self.eos_token_id = self._eos_token_id()
         self.requests: dict[str, Request] = {}

@@ -49,14 +49,10 @@ class FusedLayerOps:
         self.kernels = kernels
 
     def add_rms_norm(self, x, residual, weight, eps):
-        out = torch.empty_like(x)
-        self.kernels.add_rms_norm(x, residual, weight, out, eps)
-        return out, (x if residual is None else residual)
+        return self.kernels.add_rms_norm(x, residual, weight, eps), (x if residual is None else residual)
 
     def silu_and_mul(self, gate_up):
-        out = gate_up.new_empty(gate_up.shape[0], gate_up.shape[1] // 2)
-        self.kernels.silu_and_mul(gate_up, out)
-        return out
+        return self.kernels.silu_and_mul(gate_up)
 
     @staticmethod
     def rotary_tables(cos, sin, dtype):

@@ -69,10 +69,10 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(self, hidden, residual, rotary, kv_cache, metadata):
         """Returns (this layer's MLP output, the residual stream before it); the next layer adds them."""
-        normed, residual = self.input_layernorm(hidden, residual)
-        attn = self.self_attn(normed, rotary, kv_cache, metadata)
-        normed, residual = self.post_attention_layernorm(attn, residual)
-        return self.mlp(normed), residual
+        normed, residual = self.input_layernorm.forward(hidden, residual)  # .forward: see Attention.forward
+        attn = self.self_attn.forward(normed, rotary, kv_cache, metadata)
+        normed, residual = self.post_attention_layernorm.forward(attn, residual)
+        return self.mlp.forward(normed), residual
 
 
 # Checkpoint projections fused into one weight here: their module suffix -> (fused module, part).
@@ -111,14 +111,14 @@ class LlamaForCausalLM(CausalLM):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        kv_caches: list[torch.Tensor],
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         metadata: AttentionMetadata,
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         rotary = self.ops.rotary_tables(*self.rotary.lookup(positions), hidden.dtype)
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer(hidden, residual, rotary, kv_cache, metadata)
+            hidden, residual = layer.forward(hidden, residual, rotary, kv_cache, metadata)
         return self.norm(hidden, residual)[0]
 
     def map_weight(self, name: str, tensor: torch.Tensor | None) -> list[Target]:

@@ -54,7 +54,9 @@ class CacheEngine:
         heads = config.num_kv_heads if num_kv_heads is None else num_kv_heads
         shape = (config.num_layers, 2, num_blocks, block_size, heads, config.head_dim)
         self.kv = torch.empty(shape, dtype=dtype, device=device)
-        self.layers = list(self.kv.unbind(0))
+        # Per layer (key, value) views, made once: unbinding them every layer of every step costs more
+        # than the attention of a one-token decode.
+        self.layers = [tuple(layer.unbind(0)) for layer in self.kv.unbind(0)]
         host_shape = (*shape[:2], num_host_blocks, *shape[3:])
         self.host_kv = torch.empty(host_shape, dtype=dtype, device="cpu", pin_memory=device.type == "cuda")
 

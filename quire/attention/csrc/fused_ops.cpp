@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -29,6 +30,13 @@
 #endif
 
 #include "vec512.h"
+
+namespace quire_pa {
+// paged_attention.cpp: attention of [T, heads, head_dim] queries over the paged cache.
+void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                     const at::Tensor& block_tables, const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
+                     double scale, const at::Tensor& out, bool force_generic, bool zero_uncovered);
+}  // namespace quire_pa
 
 namespace quire_ops {
 
@@ -107,8 +115,9 @@ void add_rms_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& res
   });
 }
 
-void add_rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
-                  at::Tensor& out, double eps) {
+at::Tensor add_rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
+                        double eps) {
+  at::Tensor out = at::empty_like(x);
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && out.is_contiguous() && weight.is_contiguous(),
               "add_rms_norm: contiguous 2-D tensors expected");
   TORCH_CHECK(x.scalar_type() == weight.scalar_type() && x.scalar_type() == out.scalar_type(),
@@ -125,6 +134,7 @@ void add_rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual
   } else {
     TORCH_CHECK(false, "add_rms_norm: float32 or bfloat16 expected");
   }
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -209,7 +219,9 @@ void silu_and_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
   });
 }
 
-void silu_and_mul(const at::Tensor& gate_up, at::Tensor& out) {
+at::Tensor silu_and_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "silu_and_mul: gate_up [T, 2I] expected");
+  at::Tensor out = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
   TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && out.is_contiguous() &&
                   out.size(0) == gate_up.size(0) && 2 * out.size(1) == gate_up.size(1) &&
                   out.scalar_type() == gate_up.scalar_type(),
@@ -221,6 +233,7 @@ void silu_and_mul(const at::Tensor& gate_up, at::Tensor& out) {
   } else {
     TORCH_CHECK(false, "silu_and_mul: float32 or bfloat16 expected");
   }
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -410,15 +423,18 @@ inline void quant_tile(const float* x, int64_t K, const float* sx, const uint8_t
       for (int m = 0; m < MT; ++m) a0[r][m] = a1[r][m] = _mm512_setzero_ps();
     const float* xb = x + b * 32;
     if constexpr (KIND == kQ4_1) {
-      const __m512i low4 = _mm512_set1_epi32(0x0F), eight = _mm512_set1_epi32(8);
+      // Nibble k -> float k - 8 by one permute (it reads the low 4 bits of each lane): centred
+      // values, and no integer-to-float conversion on the busiest port.
+      const __m512 centred_values = _mm512_setr_ps(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+      const __m512 eight = _mm512_set1_ps(8.f);
 #pragma GCC unroll 4
       for (int c = 0; c < 16; ++c) {
 #pragma GCC unroll 2
         for (int r = 0; r < RG; ++r) {
           const uint8_t* q = groups[r] + b * BB + 64 + 16 * c;
           const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-          const __m512 lo = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(v, low4), eight));
-          const __m512 hi = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(v, 4), eight));
+          const __m512 lo = _mm512_permutexvar_ps(v, centred_values);
+          const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(v, 4), centred_values);
 #pragma GCC unroll 8
           for (int m = 0; m < MT; ++m) {
             a0[r][m] = _mm512_fmadd_ps(lo, _mm512_set1_ps(xb[m * K + c]), a0[r][m]);
@@ -428,9 +444,10 @@ inline void quant_tile(const float* x, int64_t K, const float* sx, const uint8_t
       }
 #pragma GCC unroll 2
       for (int r = 0; r < RG; ++r) {
-        // Centred: d * (q - 8) + (m + 8 d), so the sums stay small where m ~ -8 d (no cancellation).
+        // Centred: d * sum((q - 8) x) + (m + 8 d) sum(x). Blocks have m ~ -8 d, so both terms
+        // stay small and adding them loses nothing to cancellation.
         const __m512 d = cvt_half16(groups[r] + b * BB);
-        const __m512 mv = _mm512_fmadd_ps(d, _mm512_set1_ps(8.f), cvt_half16(groups[r] + b * BB + 32));
+        const __m512 mv = _mm512_fmadd_ps(d, eight, cvt_half16(groups[r] + b * BB + 32));
 #pragma GCC unroll 8
         for (int m = 0; m < MT; ++m) {
           y[r][m] = _mm512_fmadd_ps(d, _mm512_add_ps(a0[r][m], a1[r][m]), y[r][m]);
@@ -543,18 +560,20 @@ void quant_linear_scalar(const float* x, int64_t M, int64_t K, const float* sx, 
   });
 }
 
-void quant_linear(const at::Tensor& x, const at::Tensor& packed, int64_t kind, at::Tensor& out) {
+at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t kind, int64_t N) {
   TORCH_CHECK(kind == kQ4_1 || kind == kQ8_0, "quant_linear: kind 0 (Q4_1) or 1 (Q8_0) expected");
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && x.scalar_type() == at::kFloat, "quant_linear: x float32 [M, K]");
-  TORCH_CHECK(out.dim() == 2 && out.is_contiguous() && out.scalar_type() == at::kFloat && out.size(0) == x.size(0),
-              "quant_linear: out float32 [M, N]");
-  const int64_t M = x.size(0), K = x.size(1), N = out.size(1), nb = K / 32;
+  TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
+              "quant_linear: x float32 or bfloat16 [M, K]");
+  // bf16 activations are widened (exact); the float32 result is rounded once at the end.
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), K = x.size(1), nb = K / 32;
   TORCH_CHECK(K % 32 == 0 && packed.dim() == 3 && packed.is_contiguous() && packed.scalar_type() == at::kByte &&
                   packed.size(0) == (N + kGroupRows - 1) / kGroupRows && packed.size(1) == nb &&
                   packed.size(2) == packed_block_bytes(kind),
               "quant_linear: packed uint8 [ceil(N / 16), K / 32, block bytes] expected (pack_quantized)");
+  at::Tensor out = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
-  // Block sums of x: the Q4_1 offset m multiplies them.
+  // Block sums of x: the Q4_1 offset multiplies them.
   std::vector<float> sx(static_cast<size_t>(M * nb));
   for (int64_t i = 0; i < M * nb; ++i) {
     float s = 0.f;
@@ -572,6 +591,7 @@ void quant_linear(const at::Tensor& x, const at::Tensor& packed, int64_t kind, a
 #else
   quant_linear_scalar(xp, M, K, sx.data(), wp, kind, N, op);
 #endif
+  return x_in.scalar_type() == at::kFloat ? out : out.to(x_in.scalar_type());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -608,6 +628,34 @@ void write_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_ca
       std::memcpy(vc + slot[t] * row_bytes, vp + t * vs, row_bytes);
     }
   });
+}
+
+// ---------------------------------------------------------------------------------------------
+// attend_qkv: a layer's whole attention between its two projections, in one call. qkv holds each
+// token's row of the fused projection, [q heads | k heads | v heads] x head_dim. The q and k heads
+// are rotated in place (when cos/sin are given), k and v are written into the token's cache slot,
+// and the queries attend through the block tables. Returns [T, q heads * head_dim].
+at::Tensor attend_qkv(at::Tensor& qkv, const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
+                      at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& slot_mapping,
+                      const at::Tensor& block_tables, const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
+                      int64_t num_heads, int64_t num_kv_heads, double scale) {
+  TORCH_CHECK(key_cache.dim() == 4, "attend_qkv: key_cache [blocks, block_size, kv heads, head_dim] expected");
+  const int64_t T = qkv.size(0), D = key_cache.size(3);
+  TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.size(1) >= (num_heads + 2 * num_kv_heads) * D &&
+                  key_cache.size(2) == num_kv_heads,
+              "attend_qkv: qkv [T, (heads + 2 kv heads) * head_dim] with contiguous rows expected");
+  TORCH_CHECK(cos.has_value() == sin.has_value(), "attend_qkv: cos and sin go together");
+  if (cos.has_value()) rotary_inplace(qkv, *cos, *sin, num_heads + num_kv_heads, D);
+  const int64_t row = qkv.stride(0), offset = qkv.storage_offset();
+  const at::Tensor query = qkv.as_strided({T, num_heads, D}, {row, D, 1}, offset);
+  const at::Tensor key = qkv.as_strided({T, num_kv_heads, D}, {row, D, 1}, offset + num_heads * D);
+  const at::Tensor value = qkv.as_strided({T, num_kv_heads, D}, {row, D, 1}, offset + (num_heads + num_kv_heads) * D);
+  at::Tensor key_slots = key_cache.view({-1, num_kv_heads, D}), value_slots = value_cache.view({-1, num_kv_heads, D});
+  write_kv(key, value, key_slots, value_slots, slot_mapping);
+  at::Tensor out = at::empty({T, num_heads, D}, qkv.options());
+  quire_pa::paged_attention(query, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale, out, false,
+                            true);
+  return out.view({T, num_heads * D});
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -694,15 +742,20 @@ at::Tensor dequantize_blocks(const at::Tensor& blocks, int64_t kind, int64_t K) 
 #endif
 
 TORCH_LIBRARY_FRAGMENT(QUIRE_PA_NAMESPACE, m) {
-  m.def("add_rms_norm(Tensor x, Tensor(b!)? residual, Tensor weight, Tensor(a!) out, float eps) -> ()",
+  m.def("add_rms_norm(Tensor x, Tensor(b!)? residual, Tensor weight, float eps) -> Tensor",
         &quire_ops::add_rms_norm);
   m.def("rotary_inplace(Tensor(a!) x, Tensor cos, Tensor sin, int num_heads, int head_dim) -> ()",
         &quire_ops::rotary_inplace);
-  m.def("silu_and_mul(Tensor gate_up, Tensor(a!) out) -> ()", &quire_ops::silu_and_mul);
+  m.def("silu_and_mul(Tensor gate_up) -> Tensor", &quire_ops::silu_and_mul);
   m.def("small_linear(Tensor x, Tensor weight, Tensor(a!) out) -> ()", &quire_ops::small_linear);
-  m.def("quant_linear(Tensor x, Tensor blocks, int kind, Tensor(a!) out) -> ()", &quire_ops::quant_linear);
+  m.def("quant_linear(Tensor x, Tensor packed, int kind, int N) -> Tensor", &quire_ops::quant_linear);
   m.def("write_kv(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping) -> ()",
         &quire_ops::write_kv);
+  m.def(
+      "attend_qkv(Tensor(a!) qkv, Tensor? cos, Tensor? sin, Tensor(b!) key_cache, Tensor(c!) value_cache, "
+      "Tensor slot_mapping, Tensor block_tables, Tensor query_start_loc, Tensor seq_lens, int num_heads, "
+      "int num_kv_heads, float scale) -> Tensor",
+      &quire_ops::attend_qkv);
   m.def("argmax_logsumexp(Tensor logits, Tensor(a!) indices, Tensor(b!) lse) -> ()", &quire_ops::argmax_logsumexp);
   m.def("dequantize_blocks(Tensor blocks, int kind, int K) -> Tensor", &quire_ops::dequantize_blocks);
 }
