@@ -542,8 +542,32 @@ void run_item_avx512(const Params& p, const WorkItem& w, Scratch& sc, const Part
   const int64_t kv_hi = split ? w.kv_hi : g.kv_end;
   int64_t blk_idx = kv_lo / BS;
   int off = static_cast<int>(kv_lo % BS);
+  // The blocks of a sequence lie anywhere in the cache, so the hardware prefetcher cannot guess
+  // the next one: while a chunk is computed, the K/V rows of the next chunk are requested.
+  constexpr int kRowBytes = W * static_cast<int>(sizeof(T));
+  auto prefetch_chunk = [&](int64_t from) {
+    const int64_t to = std::min<int64_t>(from + kChunk, kv_hi);
+    for (int64_t j = from; j < to;) {
+      const int64_t blk = bt[j / BS];
+      const int64_t o = j % BS;
+      const int64_t cnt = std::min<int64_t>(to - j, BS - o);
+      const char* kr = reinterpret_cast<const char*>(kbase + blk * p.k_s_blk + o * p.k_s_tok);
+      const char* vr = reinterpret_cast<const char*>(vbase + blk * p.v_s_blk + o * p.v_s_tok);
+      for (int64_t c = 0; c < cnt; ++c) {
+        for (int b = 0; b < kRowBytes; b += 64) {
+          _mm_prefetch(kr + b, _MM_HINT_T0);
+          _mm_prefetch(vr + b, _MM_HINT_T0);
+        }
+        kr += p.k_s_tok * sizeof(T);
+        vr += p.v_s_tok * sizeof(T);
+      }
+      j += cnt;
+    }
+  };
+  if (kv_lo < kv_hi) prefetch_chunk(kv_lo);
   for (int64_t j0 = kv_lo; j0 < kv_hi; j0 += kChunk) {
     const int n = static_cast<int>(std::min<int64_t>(kChunk, kv_hi - j0));
+    if (j0 + kChunk < kv_hi) prefetch_chunk(j0 + kChunk);
     // Row pointers of this chunk, walked through the block table one block
     // run at a time.
     for (int i = 0; i < n;) {
@@ -737,33 +761,48 @@ inline int avx512_nv(int head_dim) {
 
 template <typename T>
 void run_all(const Params& p, const std::vector<WorkItem>& items, int nv, const Partials& parts) {
+  // Threads claim runs of items. The whole (unsplit) decode items of one sequence form one run:
+  // its kv heads are interleaved in each cache block, so one core walking all of them reads
+  // every block once, in order, where cores taking alternate heads would each pull the whole
+  // block through their caches.
+  std::vector<int64_t> runs;
+  runs.reserve(items.size() + 1);
+  for (size_t i = 0; i < items.size(); ++i) {
+    const WorkItem& w = items[i];
+    const bool joins = i > 0 && w.part < 0 && w.ntok == 1 && items[i - 1].part < 0 && items[i - 1].ntok == 1 &&
+                       items[i - 1].seq == w.seq;
+    if (!joins) runs.push_back(static_cast<int64_t>(i));
+  }
+  runs.push_back(static_cast<int64_t>(items.size()));
   std::atomic<int64_t> next{0};
-  const int64_t nitems = static_cast<int64_t>(items.size());
-  const int64_t nworkers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nitems));
+  const int64_t nruns = static_cast<int64_t>(runs.size()) - 1;
+  const int64_t nworkers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nruns));
   at::parallel_for(0, nworkers, 1, [&](int64_t, int64_t) {
 #if QUIRE_AVX512
     Scratch sc;
 #endif
     std::vector<float> gbuf;
     for (;;) {
-      const int64_t i = next.fetch_add(1, std::memory_order_relaxed);
-      if (i >= nitems) break;
-      const WorkItem& w = items[i];
-      switch (nv) {
+      const int64_t r = next.fetch_add(1, std::memory_order_relaxed);
+      if (r >= nruns) break;
+      for (int64_t i = runs[r]; i < runs[r + 1]; ++i) {
+        const WorkItem& w = items[i];
+        switch (nv) {
 #if QUIRE_AVX512
-        case 1: run_item_avx512<T, 1>(p, w, sc, parts); break;
-        case 2: run_item_avx512<T, 2>(p, w, sc, parts); break;
-        case 3: run_item_avx512<T, 3>(p, w, sc, parts); break;
-        case 4: run_item_avx512<T, 4>(p, w, sc, parts); break;
-        case 5: run_item_avx512<T, 5>(p, w, sc, parts); break;
-        case 6: run_item_avx512<T, 6>(p, w, sc, parts); break;
-        case 7: run_item_avx512<T, 7>(p, w, sc, parts); break;
-        case 8: run_item_avx512<T, 8>(p, w, sc, parts); break;
-        case 10: run_item_avx512<T, 10>(p, w, sc, parts); break;
-        case 12: run_item_avx512<T, 12>(p, w, sc, parts); break;
-        case 16: run_item_avx512<T, 16>(p, w, sc, parts); break;
+          case 1: run_item_avx512<T, 1>(p, w, sc, parts); break;
+          case 2: run_item_avx512<T, 2>(p, w, sc, parts); break;
+          case 3: run_item_avx512<T, 3>(p, w, sc, parts); break;
+          case 4: run_item_avx512<T, 4>(p, w, sc, parts); break;
+          case 5: run_item_avx512<T, 5>(p, w, sc, parts); break;
+          case 6: run_item_avx512<T, 6>(p, w, sc, parts); break;
+          case 7: run_item_avx512<T, 7>(p, w, sc, parts); break;
+          case 8: run_item_avx512<T, 8>(p, w, sc, parts); break;
+          case 10: run_item_avx512<T, 10>(p, w, sc, parts); break;
+          case 12: run_item_avx512<T, 12>(p, w, sc, parts); break;
+          case 16: run_item_avx512<T, 16>(p, w, sc, parts); break;
 #endif
-        default: run_item_generic<T>(p, w, gbuf); break;
+          default: run_item_generic<T>(p, w, gbuf); break;
+        }
       }
     }
   });
