@@ -761,22 +761,29 @@ inline int avx512_nv(int head_dim) {
 
 template <typename T>
 void run_all(const Params& p, const std::vector<WorkItem>& items, int nv, const Partials& parts) {
-  // Threads claim runs of items. The whole (unsplit) decode items of one sequence form one run:
-  // its kv heads are interleaved in each cache block, so one core walking all of them reads
-  // every block once, in order, where cores taking alternate heads would each pull the whole
-  // block through their caches.
+  // Threads claim runs of items. With enough decode sequences to go round, the whole (unsplit)
+  // decode items of one sequence form one run: its kv heads are interleaved in each cache block,
+  // so one core walking all of them reads every block once, in order, where cores taking
+  // alternate heads would each pull the whole block through their caches.
+  const int64_t nthreads = std::max(1, at::get_num_threads());
+  int64_t decode_seqs = 0;
+  for (size_t i = 0; i < items.size(); ++i) {
+    const WorkItem& w = items[i];
+    decode_seqs += w.part < 0 && w.ntok == 1 && w.kv_head == 0;
+  }
+  const bool group_heads = decode_seqs >= 4 * nthreads;
   std::vector<int64_t> runs;
   runs.reserve(items.size() + 1);
   for (size_t i = 0; i < items.size(); ++i) {
     const WorkItem& w = items[i];
-    const bool joins = i > 0 && w.part < 0 && w.ntok == 1 && items[i - 1].part < 0 && items[i - 1].ntok == 1 &&
-                       items[i - 1].seq == w.seq;
+    const bool joins = group_heads && i > 0 && w.part < 0 && w.ntok == 1 && items[i - 1].part < 0 &&
+                       items[i - 1].ntok == 1 && items[i - 1].seq == w.seq;
     if (!joins) runs.push_back(static_cast<int64_t>(i));
   }
   runs.push_back(static_cast<int64_t>(items.size()));
   std::atomic<int64_t> next{0};
   const int64_t nruns = static_cast<int64_t>(runs.size()) - 1;
-  const int64_t nworkers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), nruns));
+  const int64_t nworkers = std::max<int64_t>(1, std::min<int64_t>(nthreads, nruns));
   at::parallel_for(0, nworkers, 1, [&](int64_t, int64_t) {
 #if QUIRE_AVX512
     Scratch sc;
