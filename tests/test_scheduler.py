@@ -13,29 +13,12 @@ import itertools
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scheduler_utils import FAKE_TOKEN, make_request
 
 from quire.config import SchedulerConfig
 from quire.core.kv_cache_manager import KVCacheManager, cdiv
-from quire.core.request import Request, RequestStatus, Sequence
+from quire.core.request import Request, RequestStatus
 from quire.core.scheduler import Scheduler, SchedulerOutput
-from quire.sampling_params import SamplingParams
-
-FAKE_TOKEN = 7
-
-
-def make_request(order: int, prompt_len: int) -> Request:
-    prompt = [100 + (order * 31 + i) % 1000 for i in range(prompt_len)]
-    seq = Sequence(seq_id=order, index=0, token_ids=list(prompt), num_prompt_tokens=prompt_len)
-    return Request(
-        request_id=f"r{order}",
-        prompt=None,
-        prompt_token_ids=list(prompt),
-        params=SamplingParams(),
-        arrival_order=order,
-        arrival_time=float(order),
-        seqs=[seq],
-        eos_token_id=None,
-    )
 
 
 class SimEngine:

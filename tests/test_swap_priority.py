@@ -12,14 +12,12 @@ import itertools
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scheduler_utils import FAKE_TOKEN, make_request
 
 from quire.config import SchedulerConfig
 from quire.core.kv_cache_manager import KVCacheManager, cdiv
 from quire.core.request import Request, RequestStatus, Sequence
 from quire.core.scheduler import Scheduler, SchedulerOutput
-from quire.sampling_params import SamplingParams
-
-FAKE_TOKEN = 7
 
 
 class Sim:
@@ -55,20 +53,7 @@ class Sim:
 
     def add(self, prompt_len: int, num_outputs: int, group: int = 1, priority: int = 0) -> Request:
         order = next(self._orders)
-        prompt = [100 + (order * 31 + i) % 1000 for i in range(prompt_len)]
-        seq = Sequence(seq_id=next(self._seq_ids), index=0, token_ids=list(prompt), num_prompt_tokens=prompt_len)
-        request = Request(
-            request_id=f"r{order}",
-            prompt=None,
-            prompt_token_ids=list(prompt),
-            params=SamplingParams(),
-            arrival_order=order,
-            arrival_time=float(order),
-            seqs=[seq],
-            eos_token_id=None,
-            priority=priority,
-            group_size=group,
-        )
+        request = make_request(order, prompt_len, seq_id=next(self._seq_ids), priority=priority, group_size=group)
         self.targets[request.request_id] = num_outputs
         self.live[request.request_id] = request
         self.scheduler.add_request(request)

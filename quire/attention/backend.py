@@ -24,6 +24,22 @@ class AttentionMetadata:
 
 
 class AttentionBackend(Protocol):
+    # True when ``forward_qkv`` is available: rotation, cache write and attention in one call.
+    fuses_qkv: bool
+
+    def forward_qkv(
+        self,
+        qkv: torch.Tensor,  # [num_tokens, (num_heads + 2 num_kv_heads) * head_dim], the fused projection
+        rotary: tuple[torch.Tensor, torch.Tensor] | None,  # float32 (cos, sin) [num_tokens, head_dim / 2]
+        num_heads: int,
+        num_kv_heads: int,
+        key_cache: torch.Tensor,
+        value_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:  # [num_tokens, num_heads * head_dim]
+        ...
+
     def forward(
         self,
         query: torch.Tensor,  # [num_tokens, num_heads, head_dim]

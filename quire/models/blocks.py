@@ -77,7 +77,7 @@ class Attention(nn.Module):
         self.ops, self.backend = ops, backend
         # Rotation, cache write and attention in one compiled call when the backend and the
         # rotary tables (the fused ops' float32 cos/sin) allow it.
-        self.fused = getattr(backend, "fuses_qkv", False) and ops.kernels is not None and not config.qk_norm
+        self.fused = backend.fuses_qkv and ops.kernels is not None and not config.qk_norm
 
     def forward(
         self,

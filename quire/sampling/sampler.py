@@ -58,9 +58,7 @@ class Sampler:
 
         log_normalizer = None  # logsumexp of the raw logits, when the fused op computed it
         if logits is raw_logits and self._fused(raw_logits):
-            greedy_tokens = torch.empty(raw_logits.shape[0], dtype=torch.long)
-            log_normalizer = torch.empty(raw_logits.shape[0])
-            self.kernels.argmax_logsumexp(raw_logits, greedy_tokens, log_normalizer)
+            greedy_tokens, log_normalizer = self.kernels.argmax_logsumexp(raw_logits)
         else:
             greedy_tokens = logits.argmax(dim=-1)
         if batch.all_greedy:

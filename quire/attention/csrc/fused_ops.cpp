@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <optional>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -117,11 +118,10 @@ void add_rms_norm_impl(const at::Tensor& x, const std::optional<at::Tensor>& res
 
 at::Tensor add_rms_norm(const at::Tensor& x, const std::optional<at::Tensor>& residual, const at::Tensor& weight,
                         double eps) {
-  at::Tensor out = at::empty_like(x);
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && out.is_contiguous() && weight.is_contiguous(),
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && weight.is_contiguous(),
               "add_rms_norm: contiguous 2-D tensors expected");
-  TORCH_CHECK(x.scalar_type() == weight.scalar_type() && x.scalar_type() == out.scalar_type(),
-              "add_rms_norm: dtypes must match");
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type(), "add_rms_norm: dtypes must match");
+  at::Tensor out = at::empty_like(x);
   if (residual.has_value()) {
     TORCH_CHECK(residual->is_contiguous() && residual->sizes() == x.sizes() &&
                     residual->scalar_type() == x.scalar_type(),
@@ -220,12 +220,9 @@ void silu_and_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
 }
 
 at::Tensor silu_and_mul(const at::Tensor& gate_up) {
-  TORCH_CHECK(gate_up.dim() == 2 && gate_up.size(1) % 2 == 0, "silu_and_mul: gate_up [T, 2I] expected");
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0,
+              "silu_and_mul: contiguous gate_up [T, 2I] expected");
   at::Tensor out = at::empty({gate_up.size(0), gate_up.size(1) / 2}, gate_up.options());
-  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && out.is_contiguous() &&
-                  out.size(0) == gate_up.size(0) && 2 * out.size(1) == gate_up.size(1) &&
-                  out.scalar_type() == gate_up.scalar_type(),
-              "silu_and_mul: gate_up [T, 2I] and out [T, I] contiguous, same dtype expected");
   if (gate_up.scalar_type() == at::kFloat) {
     silu_and_mul_impl<float>(gate_up, out);
   } else if (gate_up.scalar_type() == at::kBFloat16) {
@@ -397,7 +394,7 @@ inline void expand_block(const uint8_t* blk, int64_t kind, float* w) {
 constexpr int64_t kGroupRows = 16;
 constexpr int kQuantTileRows = 8;  // x rows per register tile
 
-inline int64_t packed_block_bytes(int64_t kind) { return kind == kQ4_1 ? 320 : 544; }
+constexpr int64_t packed_block_bytes(int64_t kind) { return kind == kQ4_1 ? 320 : 544; }
 
 #if QUIRE_AVX512
 inline __m512 cvt_half16(const uint8_t* p) {
@@ -408,7 +405,7 @@ inline __m512 cvt_half16(const uint8_t* p) {
 template <int64_t KIND, int MT, int RG>
 inline void quant_tile(const float* x, int64_t K, const float* sx, const uint8_t* const* groups, float* out,
                        int64_t N, int64_t n0) {
-  constexpr int64_t BB = KIND == kQ4_1 ? 320 : 544;
+  constexpr int64_t BB = packed_block_bytes(KIND);
   const int64_t nb = K / 32;
   __m512 y[RG][MT];
 #pragma GCC unroll 8
@@ -664,14 +661,13 @@ at::Tensor attend_qkv(at::Tensor& qkv, const std::optional<at::Tensor>& cos, con
 // logprob is max - logsumexp); PyTorch spends two passes on argmax and four on logsumexp, each
 // single-threaded over few long rows. Here: one pass for the maximum, one for the sum (the row is
 // then in L2), rows spread over the threads.
-void argmax_logsumexp(const at::Tensor& logits, at::Tensor& indices, at::Tensor& lse) {
+std::tuple<at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor& logits) {
   TORCH_CHECK(logits.dim() == 2 && logits.is_contiguous() && logits.scalar_type() == at::kFloat &&
                   logits.size(1) > 0,
               "argmax_logsumexp: float32 [rows, vocab] logits expected");
-  TORCH_CHECK(indices.scalar_type() == at::kLong && lse.scalar_type() == at::kFloat && indices.numel() == logits.size(0) &&
-                  lse.numel() == logits.size(0) && indices.is_contiguous() && lse.is_contiguous(),
-              "argmax_logsumexp: int64 indices and float32 lse of one entry per row expected");
   const int64_t rows = logits.size(0), V = logits.size(1);
+  at::Tensor indices = at::empty({rows}, logits.options().dtype(at::kLong));
+  at::Tensor lse = at::empty({rows}, logits.options());
   const float* lp = logits.data_ptr<float>();
   int64_t* ip = indices.data_ptr<int64_t>();
   float* sp = lse.data_ptr<float>();
@@ -718,6 +714,7 @@ void argmax_logsumexp(const at::Tensor& logits, at::Tensor& indices, at::Tensor&
       sp[r] = best + static_cast<float>(std::log(sum));
     }
   });
+  return {indices, lse};
 }
 
 // The float32 values of a block-format weight [N, K] (tests compare them with the gguf package's).
@@ -756,6 +753,6 @@ TORCH_LIBRARY_FRAGMENT(QUIRE_PA_NAMESPACE, m) {
       "Tensor slot_mapping, Tensor block_tables, Tensor query_start_loc, Tensor seq_lens, int num_heads, "
       "int num_kv_heads, float scale) -> Tensor",
       &quire_ops::attend_qkv);
-  m.def("argmax_logsumexp(Tensor logits, Tensor(a!) indices, Tensor(b!) lse) -> ()", &quire_ops::argmax_logsumexp);
+  m.def("argmax_logsumexp(Tensor logits) -> (Tensor, Tensor)", &quire_ops::argmax_logsumexp);
   m.def("dequantize_blocks(Tensor blocks, int kind, int K) -> Tensor", &quire_ops::dequantize_blocks);
 }
