@@ -3,14 +3,16 @@
 A step's batch ranges from one decode row to a few hundred prefill rows, and no single GEMM call
 is fast across that range on this CPU (see docs/benchmarks.md):
 
-* a GGUF model, up to 24 rows in float32 (6 in bf16): ``quant_linear`` reads the weight in its
-  block format (Q4_1: 5 bits a weight instead of 32 or 16) with 16 output rows side by side, one
-  vector lane each, and multiplies the block's integers, scaling by d (and adding m) once per
-  block. Decode then reads ~5x fewer bytes than float32 with the same weight values; the sums
-  differ from the float product only by rounding order (~1e-7 relative). All 121 linears of the
-  default model, weights from DRAM, 2 threads: 10 vs 35 ms at 1 row, 24 vs 50 at 8, 66 vs 71 at
-  24, and slower than oneDNN from ~28 rows (float32); against bf16 weights it wins up to ~6 rows.
-  bf16 activations are widened, and the float32 result rounded once;
+* a GGUF model, up to 112 rows in float32 (6 in bf16): ``quant_linear`` reads the weight in its
+  block format (Q4_1: 5 bits a weight instead of 32 or 16), 16 output rows side by side, one
+  vector lane each. Up to 8 rows it multiplies the block's integers in registers, scaling by d
+  (and adding m) once per block; from 9 rows it expands 32 output rows' weights once into an
+  L1-resident float32 panel (the exact gguf values) and runs a register-blocked product over it
+  for all rows. Either way decode reads ~5x fewer bytes than float32 with the same weight values;
+  the sums differ from the float product only by rounding order. All 121 linears of the default
+  model, weights from DRAM, 2 threads, against oneDNN on the float32 weights: 0.43x the time at
+  1 row, 0.5x at 8, 0.7x at 24, 0.85x at 64, even at ~128 rows (float32); against bf16 weights it
+  wins up to ~6 rows. bf16 activations are widened, and the float32 result rounded once;
 * one to three rows: the product is bound by reading the weight once, which the C++
   ``small_linear`` kernel streams at memory speed (PyTorch's bf16 path at M=1 is ~3x slower);
 * from 4 rows: oneDNN with the weight reordered once into its blocked layout (AMX tiles in bf16),
@@ -32,7 +34,7 @@ from torch import nn
 # Row counts for which each path measured fastest here (1 and 2 threads, docs/benchmarks.md).
 SMALL_ROWS = {torch.float32: 2, torch.bfloat16: 3}
 PACKED_ROWS = {torch.float32: range(4, 193), torch.bfloat16: range(4, 513)}
-QUANT_ROWS = {torch.float32: 24, torch.bfloat16: 6}
+QUANT_ROWS = {torch.float32: 112, torch.bfloat16: 6}  # bf16 AMX on bf16 weights wins from ~7 rows
 _QUANT_KINDS = {"q4_1": 0, "q8_0": 1}
 _BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
 
