@@ -3,16 +3,18 @@
 A step's batch ranges from one decode row to a few hundred prefill rows, and no single GEMM call
 is fast across that range on this CPU (see docs/benchmarks.md):
 
-* a GGUF model, up to 112 rows in float32 (6 in bf16): ``quant_linear`` reads the weight in its
+* a GGUF model, up to 112 rows in float32 (8 in bf16): ``quant_linear`` reads the weight in its
   block format (Q4_1: 5 bits a weight instead of 32 or 16), 16 output rows side by side, one
-  vector lane each. Up to 8 rows it multiplies the block's integers in registers, scaling by d
-  (and adding m) once per block; from 9 rows it expands 32 output rows' weights once into an
-  L1-resident float32 panel (the exact gguf values) and runs a register-blocked product over it
-  for all rows. Either way decode reads ~5x fewer bytes than float32 with the same weight values;
-  the sums differ from the float product only by rounding order. All 121 linears of the default
-  model, weights from DRAM, 2 threads, against oneDNN on the float32 weights: 0.43x the time at
-  1 row, 0.5x at 8, 0.7x at 24, 0.85x at 64, even at ~128 rows (float32); against bf16 weights it
-  wins up to ~6 rows. bf16 activations are widened, and the float32 result rounded once;
+  vector lane each, requesting blocks ahead of use so that DRAM reads overlap the arithmetic.
+  Up to 8 rows it multiplies the block's integers in registers, scaling by d (and adding m) once
+  per block; from 9 rows it expands 32 output rows' weights once per K chunk into an L1-resident
+  float32 panel (the exact gguf values) and runs a register-blocked product over it for all
+  rows. Either way the weights are the same values as the float32 copy and the sums differ from
+  the float product only by rounding order. All 121 linears of the default model, weights from
+  DRAM, 2 threads, against oneDNN on the float32 weights: 0.25-0.28x the time at 1 row, 0.35-0.5x
+  at 8, 0.6-0.7x at 24, 0.65-0.85x at 64, even at ~128 rows. Against oneDNN's bf16 (AMX) product
+  on bf16 weights it takes 0.67x the time at 4-6 rows, 0.8x at 8 and 1.2x at 12. bf16
+  activations are widened, and the float32 result rounded once;
 * one to three rows: the product is bound by reading the weight once, which the C++
   ``small_linear`` kernel streams at memory speed (PyTorch's bf16 path at M=1 is ~3x slower);
 * from 4 rows: oneDNN with the weight reordered once into its blocked layout (AMX tiles in bf16),
@@ -34,7 +36,7 @@ from torch import nn
 # Row counts for which each path measured fastest here (1 and 2 threads, docs/benchmarks.md).
 SMALL_ROWS = {torch.float32: 2, torch.bfloat16: 3}
 PACKED_ROWS = {torch.float32: range(4, 193), torch.bfloat16: range(4, 513)}
-QUANT_ROWS = {torch.float32: 112, torch.bfloat16: 6}  # bf16 AMX on bf16 weights wins from ~7 rows
+QUANT_ROWS = {torch.float32: 112, torch.bfloat16: 8}  # bf16 AMX on bf16 weights wins from ~9 rows
 _QUANT_KINDS = {"q4_1": 0, "q8_0": 1}
 _BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
 

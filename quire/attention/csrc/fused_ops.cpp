@@ -541,8 +541,8 @@ void quant_linear_avx512(const float* x, int64_t M, int64_t K, const float* sx, 
 // register-blocked product over it for every x row: the weights are still read from memory in
 // their 5- or 8.5-bit form, the expansion costs ~1/M of the multiply-adds, and with 12 rows a
 // tile the loop runs at the machine's float32 FMA rate. oneDNN on the float32 weights catches up
-// at ~128 rows (all 121 linears of the default model, 2 threads: 0.69x its time at 24 rows,
-// 0.77x at 48, 0.85x at 64).
+// at ~128 rows (all 121 linears of the default model, 2 threads: 0.6-0.7x its time at 24 rows,
+// 0.65-0.85x at 64).
 constexpr int kPanelCols = 2 * kGroupRows;
 constexpr int kPanelTileRows = 12;  // x rows per register tile: 24 accumulators
 constexpr int64_t kPanelMinRows = 8;  // from 9 rows the panel path is faster (measured)
