@@ -354,8 +354,9 @@ void small_linear(const at::Tensor& x, const at::Tensor& weight, at::Tensor& out
 // ---------------------------------------------------------------------------------------------
 // quant_linear: out[M, N] = x[M, K] W^T for decode-sized M, with W kept in its GGUF block format
 // and expanded in registers (up to 8 rows) or into a small float32 panel (more rows, below). The
-// expansion is exact: Q4_1 gives d * q + m and Q8_0 gives d * q in float32 (d * q is exact in float32), the values the gguf package dequantizes to, so this computes
-// with the same weights as the float32 copy while reading 4-6x fewer bytes.
+// expansion is exact: Q4_1 gives d * q + m and Q8_0 gives d * q in float32 (d * q is exact in
+// float32), the values the gguf package dequantizes to, so this computes with the same weights as
+// the float32 copy while reading 4-6x fewer bytes.
 //   Q4_1 block (20 bytes, 32 weights): fp16 d, fp16 m, 16 bytes: weight j in the low nibble of
 //   byte j, weight j + 16 in the high nibble.  Q8_0 block (34 bytes): fp16 d, 32 int8.
 enum QuantKind : int64_t { kQ4_1 = 0, kQ8_0 = 1 };
