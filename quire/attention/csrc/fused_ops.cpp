@@ -546,7 +546,8 @@ void quant_linear_avx512(const float* x, int64_t M, int64_t K, const float* sx, 
 // 0.65-0.85x at 64).
 constexpr int kPanelCols = 2 * kGroupRows;
 constexpr int kPanelTileRows = 12;  // x rows per register tile: 24 accumulators
-constexpr int64_t kPanelMinRows = 8;  // from 9 rows the panel path is faster (measured)
+// From the row count that would need a second register tile on, the panel path is faster (measured).
+constexpr int64_t kPanelMinRows = kQuantTileRows;
 constexpr int64_t kPanelChunk = 192;  // K per panel chunk: 24 KB, half of L1
 
 template <int64_t KIND>
@@ -707,24 +708,25 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();
 #if QUIRE_AVX512
-  if (M > kPanelMinRows) {
-    if (kind == kQ4_1) {
-      quant_linear_panel<kQ4_1>(xp, M, K, wp, N, op);
-    } else {
-      quant_linear_panel<kQ8_0>(xp, M, K, wp, N, op);
-    }
-    return x_in.scalar_type() == at::kFloat ? out : out.to(x_in.scalar_type());
-  }
+  const bool panel = M > kPanelMinRows;
+#else
+  const bool panel = false;
 #endif
-  // Block sums of x: the Q4_1 offset multiplies them.
-  std::vector<float> sx(static_cast<size_t>(M * nb));
-  for (int64_t i = 0; i < M * nb; ++i) {
+  // Block sums of x: the Q4_1 offset multiplies them in the per-block paths.
+  std::vector<float> sx(panel ? 0 : static_cast<size_t>(M * nb));
+  for (size_t i = 0; i < sx.size(); ++i) {
     float s = 0.f;
     for (int j = 0; j < 32; ++j) s += xp[i * 32 + j];
     sx[i] = s;
   }
 #if QUIRE_AVX512
-  if (kind == kQ4_1) {
+  if (panel) {
+    if (kind == kQ4_1) {
+      quant_linear_panel<kQ4_1>(xp, M, K, wp, N, op);
+    } else {
+      quant_linear_panel<kQ8_0>(xp, M, K, wp, N, op);
+    }
+  } else if (kind == kQ4_1) {
     quant_linear_avx512<kQ4_1>(xp, M, K, sx.data(), wp, N, op);
   } else {
     quant_linear_avx512<kQ8_0>(xp, M, K, sx.data(), wp, N, op);
