@@ -130,6 +130,9 @@ def test_mixed_batch_gqa(dtype, block_size):
         (2, 1, 16, 3),  # odd block size
         (4, 2, 256, 8),
         (32, 4, 64, 16),  # group of 8 (more rows per tile than one PV pass)
+        (8, 2, 128, 32),  # decode loop: 32-token blocks hold two of its 16-position sub-blocks
+        (6, 1, 128, 16),  # decode loop: group of 6 at head_dim 128 takes two register passes over V
+        (14, 2, 64, 32),  # decode loop: group of 7 (6 + 1 rows per pass over V)
         (3, 1, 24, 16),  # head_dim not a multiple of 16: portable path
         (2, 2, 100, 5),  # portable path
     ],

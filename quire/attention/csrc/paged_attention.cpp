@@ -743,6 +743,242 @@ void run_item_avx512(const Params& p, const WorkItem& w, Scratch& sc, const Part
     }
   }
 }
+
+// ---- Decode items (one query token) ----------------------------------------
+// The general item loop above serves any number of rows; a decode item has only
+// `group` rows, and there its per-chunk bookkeeping (pointer tables, row loops
+// over scratch arrays, row blocks) cost more than the arithmetic.  This loop
+// keeps the G rows' state in fixed-size arrays, walks K and V by 16-position
+// sub-blocks that lie inside one cache block (block_size % 16 == 0), and in
+// bf16 widens V with one shift or mask per 16 values: the accumulators then
+// hold even and odd dimensions apart, and are put back in order once per item.
+// The arithmetic (chunks of kChunk, the order of every sum) is that of the
+// general loop, so both give the same bits.
+template <typename T, int NV>
+inline __m512 qk_strided(const T* q, const T* k0, int64_t stride, float post_scale) {
+  const T* kp[kSub];
+#pragma GCC unroll 16
+  for (int i = 0; i < kSub; ++i) kp[i] = k0 + i * stride;
+  return qk_row<NV>(q, kp, post_scale);
+}
+
+template <typename T, int NV, int G>
+void run_decode_avx512(const Params& p, const WorkItem& w, const Partials& parts, const WorkItem* next) {
+  constexpr int W = NV * 16;
+  constexpr int RB = G < 24 / NV ? G : 24 / NV;  // rows whose accumulators share the registers
+  constexpr bool kPairs = std::is_same_v<T, bf16> && NV % 2 == 0;  // V widened as even/odd halves
+  constexpr int kNSub = kChunk / kSub;
+  const ItemGeom g = geom(p, w);
+  const float qscale = p.scale * kLog2e;
+  const float post = std::is_same_v<T, float> ? 1.f : qscale;
+
+  alignas(64) T q[G][W];
+  alignas(64) float acc[G][W];
+  alignas(64) float S[G][kChunk];
+  alignas(64) float P[G][kChunk];
+  float m[G], l[G], alpha[G];
+  const T* qbase = reinterpret_cast<const T*>(p.q) + g.first_row * p.q_s_tok;
+  for (int gi = 0; gi < G; ++gi) {
+    const T* src = qbase + (static_cast<int64_t>(w.kv_head) * G + gi) * p.q_s_head;
+    if constexpr (std::is_same_v<T, float>) {
+      for (int d = 0; d < W; ++d) q[gi][d] = src[d] * qscale;
+    } else {
+      std::memcpy(q[gi], src, sizeof(T) * W);
+    }
+    std::memset(acc[gi], 0, sizeof(acc[gi]));
+    m[gi] = -std::numeric_limits<float>::infinity();
+    l[gi] = 0.f;
+  }
+
+  const int64_t BS = p.block_size;
+  const int64_t ks = p.k_s_tok, vs = p.v_s_tok;
+  const bool split = w.part >= 0;
+  const int64_t kv_lo = split ? w.kv_lo : 0;
+  const int64_t kv_hi = split ? w.kv_hi : g.kv_end;
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+
+  // The K/V rows of the next chunk (or of the next item's first chunk) are
+  // requested while this chunk is computed, spread over its loops: blocks lie
+  // anywhere in the cache, and a burst of requests would stall on the core's
+  // few outstanding-miss slots instead of overlapping with the arithmetic.
+  constexpr int kRowBytes = W * static_cast<int>(sizeof(T));
+  struct SubBlocks {
+    const T* k[kNSub];
+    const T* v[kNSub];
+    int n = 0;  // valid positions
+  };
+  auto locate = [&](const WorkItem& it, int64_t j0, int64_t hi, SubBlocks& sb) {
+    const int32_t* table = p.block_tables + static_cast<int64_t>(it.seq) * p.bt_stride;
+    const T* kb0 = reinterpret_cast<const T*>(p.k) + static_cast<int64_t>(it.kv_head) * p.k_s_head;
+    const T* vb0 = reinterpret_cast<const T*>(p.v) + static_cast<int64_t>(it.kv_head) * p.v_s_head;
+    sb.n = static_cast<int>(std::min<int64_t>(kChunk, hi - j0));
+    for (int b = 0; b * kSub < sb.n; ++b) {
+      const int64_t pos = j0 + b * kSub;
+      const int64_t blk = table[pos / BS];
+      sb.k[b] = kb0 + blk * p.k_s_blk + (pos % BS) * ks;
+      sb.v[b] = vb0 + blk * p.v_s_blk + (pos % BS) * vs;
+    }
+  };
+  auto prefetch_rows = [&](const T* first, int64_t stride, int count) {
+    for (int i = 0; i < count; ++i) {
+      const char* r = reinterpret_cast<const char*>(first + i * stride);
+      for (int b = 0; b < kRowBytes; b += 64) _mm_prefetch(r + b, _MM_HINT_T0);
+    }
+  };
+  SubBlocks cur, nxt;
+  if (kv_lo < kv_hi) {
+    locate(w, kv_lo, kv_hi, cur);
+    for (int b = 0; b * kSub < cur.n; ++b) {
+      prefetch_rows(cur.k[b], ks, std::min(kSub, cur.n - b * kSub));
+      prefetch_rows(cur.v[b], vs, std::min(kSub, cur.n - b * kSub));
+    }
+  }
+
+  for (int64_t j0 = kv_lo; j0 < kv_hi; j0 += kChunk) {
+    const int n = cur.n;
+    const int nsub = (n + kSub - 1) / kSub;
+    nxt.n = 0;
+    if (j0 + kChunk < kv_hi) {
+      locate(w, j0 + kChunk, kv_hi, nxt);
+    } else if (next != nullptr && next->ntok == 1) {
+      const int64_t lo = next->part >= 0 ? next->kv_lo : 0;
+      locate(*next, lo, next->part >= 0 ? next->kv_hi : geom(p, *next).kv_end, nxt);
+    }
+    const int nsub_next = (nxt.n + kSub - 1) / kSub;
+    const T* const* kb = cur.k;
+    const T* const* vb = cur.v;
+    // Logits, masking (a short last sub-block reads rows of its own block past
+    // the sequence end, whatever they hold, and masks them), running max.
+    float mnew[G];
+    for (int gi = 0; gi < G; ++gi) {
+      __m512 vmax = ninf;
+      for (int b = 0; b < nsub; ++b) {
+        if (gi == 0 && b < nsub_next) prefetch_rows(nxt.k[b], ks, std::min(kSub, nxt.n - b * kSub));
+        __m512 x = qk_strided<T, NV>(q[gi], kb[b], ks, post);
+        const int left = n - b * kSub;
+        if (left < kSub) x = _mm512_mask_mov_ps(ninf, static_cast<__mmask16>((1u << left) - 1u), x);
+        _mm512_store_ps(S[gi] + b * kSub, x);
+        vmax = _mm512_max_ps(vmax, x);
+      }
+      mnew[gi] = std::max(m[gi], _mm512_reduce_max_ps(vmax));
+    }
+    // Probabilities, rescale factors, denominators.
+    for (int gi = 0; gi < G; ++gi) {
+      // m = -inf (first chunk) gives ~2^-125 (acc and l are 0 then); an unchanged max gives 1.
+      alpha[gi] = _mm512_cvtss_f32(exp2_ps(_mm512_set1_ps(m[gi] - mnew[gi])));
+      m[gi] = mnew[gi];
+      const __m512 mn = _mm512_set1_ps(mnew[gi]);
+      __m512 vsum = _mm512_setzero_ps();
+      for (int b = 0; b < nsub; ++b) {
+        __m512 e = exp2_ps(_mm512_sub_ps(_mm512_load_ps(S[gi] + b * kSub), mn));
+        const int left = n - b * kSub;
+        if (left < kSub) e = _mm512_maskz_mov_ps(static_cast<__mmask16>((1u << left) - 1u), e);
+        vsum = _mm512_add_ps(vsum, e);
+        _mm512_store_ps(P[gi] + b * kSub, e);
+      }
+      l[gi] = std::fma(l[gi], alpha[gi], _mm512_reduce_add_ps(vsum));
+    }
+    // acc = acc * alpha + P V, RB rows at a time with their accumulators in registers.
+#pragma GCC unroll 1
+    for (int r0 = 0; r0 < G; r0 += RB) {
+      constexpr int R = RB;
+      const int rows = std::min(R, G - r0);
+      __m512 a[R][NV];
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        if (r >= rows) break;
+        const __m512 al = _mm512_set1_ps(alpha[r0 + r]);
+#pragma GCC unroll 16
+        for (int c = 0; c < NV; ++c) a[r][c] = _mm512_mul_ps(_mm512_load_ps(acc[r0 + r] + 16 * c), al);
+      }
+      for (int b = 0; b < nsub; ++b) {
+        if (r0 == 0 && b < nsub_next) prefetch_rows(nxt.v[b], vs, std::min(kSub, nxt.n - b * kSub));
+        const int cnt = std::min(kSub, n - b * kSub);
+        const T* vr = vb[b];
+        for (int i = 0; i < cnt; ++i, vr += vs) {
+          __m512 vv[NV];
+          if constexpr (kPairs) {
+            // 32 bf16 (16 pairs) -> the even dimensions (low halves shifted up) and the odd ones.
+#pragma GCC unroll 8
+            for (int c = 0; c < NV / 2; ++c) {
+              const __m512i u = _mm512_loadu_si512(vr + 32 * c);
+              vv[2 * c] = _mm512_castsi512_ps(_mm512_slli_epi32(u, 16));
+              vv[2 * c + 1] = _mm512_castsi512_ps(_mm512_and_si512(u, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+            }
+          } else {
+#pragma GCC unroll 16
+            for (int c = 0; c < NV; ++c) vv[c] = load_f32x16(vr + 16 * c);
+          }
+#pragma GCC unroll 8
+          for (int r = 0; r < R; ++r) {
+            if (r >= rows) break;
+            const __m512 pr = _mm512_set1_ps(P[r0 + r][b * kSub + i]);
+#pragma GCC unroll 16
+            for (int c = 0; c < NV; ++c) a[r][c] = _mm512_fmadd_ps(pr, vv[c], a[r][c]);
+          }
+        }
+      }
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        if (r >= rows) break;
+#pragma GCC unroll 16
+        for (int c = 0; c < NV; ++c) _mm512_store_ps(acc[r0 + r] + 16 * c, a[r][c]);
+      }
+    }
+    cur = nxt;
+  }
+
+  if constexpr (kPairs) {
+    // Back to dimension order: vectors (2c, 2c+1) hold dims 32c + 2k and 32c + 2k + 1 in lane k.
+    const __m512i lo_idx = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i hi_idx = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    for (int gi = 0; gi < G; ++gi) {
+      for (int c = 0; c < NV / 2; ++c) {
+        const __m512 ev = _mm512_load_ps(acc[gi] + 32 * c);
+        const __m512 od = _mm512_load_ps(acc[gi] + 32 * c + 16);
+        _mm512_store_ps(acc[gi] + 32 * c, _mm512_permutex2var_ps(ev, lo_idx, od));
+        _mm512_store_ps(acc[gi] + 32 * c + 16, _mm512_permutex2var_ps(ev, hi_idx, od));
+      }
+    }
+  }
+  if (split) {
+    float* dst = parts.data + w.part * parts.stride;
+    for (int gi = 0; gi < G; ++gi) {
+      dst[gi * (W + 2)] = m[gi];
+      dst[gi * (W + 2) + 1] = l[gi];
+      std::memcpy(dst + gi * (W + 2) + 2, acc[gi], sizeof(float) * W);
+    }
+    return;
+  }
+  T* obase = reinterpret_cast<T*>(p.out) + g.first_row * p.o_s_tok;
+  for (int gi = 0; gi < G; ++gi) {
+    T* dst = obase + (static_cast<int64_t>(w.kv_head) * G + gi) * p.o_s_head;
+    const __m512 inv = _mm512_set1_ps(1.f / l[gi]);
+#pragma GCC unroll 16
+    for (int c = 0; c < NV; ++c) store_f32x16(dst + 16 * c, _mm512_mul_ps(_mm512_load_ps(acc[gi] + 16 * c), inv));
+  }
+}
+
+// Runs a decode item through run_decode_avx512 when its shape has an
+// instantiation (head_dim 64 or 128, group 1-8, block_size a multiple of 16,
+// split ranges starting on a chunk); returns false otherwise.
+template <typename T>
+bool run_decode_dispatch(const Params& p, const WorkItem& w, int nv, const Partials& parts, const WorkItem* next) {
+  if (w.ntok != 1 || p.block_size % kSub != 0 || (w.part >= 0 && w.kv_lo % kChunk != 0)) return false;
+  switch (nv * 16 + p.group) {
+#define QUIRE_DECODE_CASE(NV_, G_) \
+  case NV_ * 16 + G_:              \
+    run_decode_avx512<T, NV_, G_>(p, w, parts, next); \
+    return true;
+    QUIRE_DECODE_CASE(4, 1) QUIRE_DECODE_CASE(4, 2) QUIRE_DECODE_CASE(4, 3) QUIRE_DECODE_CASE(4, 4)
+    QUIRE_DECODE_CASE(4, 5) QUIRE_DECODE_CASE(4, 6) QUIRE_DECODE_CASE(4, 7) QUIRE_DECODE_CASE(4, 8)
+    QUIRE_DECODE_CASE(8, 1) QUIRE_DECODE_CASE(8, 2) QUIRE_DECODE_CASE(8, 3) QUIRE_DECODE_CASE(8, 4)
+    QUIRE_DECODE_CASE(8, 5) QUIRE_DECODE_CASE(8, 6) QUIRE_DECODE_CASE(8, 7) QUIRE_DECODE_CASE(8, 8)
+#undef QUIRE_DECODE_CASE
+    default:
+      return false;
+  }
+}
 #endif  // QUIRE_AVX512
 
 // Returns the padded vector count used by the AVX-512 path, or 0 when the
@@ -794,6 +1030,10 @@ void run_all(const Params& p, const std::vector<WorkItem>& items, int nv, const 
       if (r >= nruns) break;
       for (int64_t i = runs[r]; i < runs[r + 1]; ++i) {
         const WorkItem& w = items[i];
+#if QUIRE_AVX512
+        const WorkItem* next = i + 1 < runs[r + 1] ? &items[i + 1] : nullptr;
+        if (nv != 0 && run_decode_dispatch<T>(p, w, nv, parts, next)) continue;
+#endif
         switch (nv) {
 #if QUIRE_AVX512
           case 1: run_item_avx512<T, 1>(p, w, sc, parts); break;
@@ -1010,7 +1250,8 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
         split_items.push_back(w);
         continue;
       }
-      const int64_t len = (kv_len + pieces - 1) / pieces;
+      // Ranges start on a chunk boundary (the chunks of an unsplit item).
+      const int64_t len = ((kv_len + pieces - 1) / pieces + kChunk - 1) / kChunk * kChunk;
       for (int64_t lo = 0; lo < kv_len; lo += len) {
         WorkItem q = w;
         q.kv_lo = lo;
