@@ -177,13 +177,24 @@ def test_throughput(tiny_model, tmp_path):
             "0",
             "--hf-batch-size",
             "2",
+            "--rounds",
+            "2",
             "--results-dir",
             str(tmp_path),
         ]
     )
     assert code == 0
-    engines = {r["engine"] for r in _json(tmp_path, "throughput")["results"]}
-    assert engines == {"quire", "transformers"}
+    report = _json(tmp_path, "throughput")
+    runs = {(r["engine"], r["round"]) for r in report["results"]}
+    assert runs == {("quire", 0), ("transformers", 0), ("quire", 1), ("transformers", 1)}
+    # The ratio is the median of the two within-round ratios.
+    speedup = report["comparison"]["fp32_speedup"]
+    by_round = [
+        {r["engine"]: r["useful_output_tok_s"] for r in report["results"] if r["round"] == k} for k in (0, 1)
+    ]
+    want = [t["quire"] / t["transformers"] for t in by_round]
+    assert speedup["per_round"] == pytest.approx(want)
+    assert speedup["value"] == pytest.approx(sum(want) / 2)
     assert (tmp_path / "throughput.png").exists()
 
 

@@ -73,12 +73,14 @@ def _throughput(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     report = json.loads(path.read_text())
     num_requests = report["workload"]["num_requests"]
     rows, labels, values = [], [], []
+    several = len({r.get("round", 0) for r in report["results"]}) > 1
     for r in report["results"]:
         wall = r.get("wall_s")
         rows.append(
             [
                 r["engine"],
                 r["dtype"],
+                r.get("round", 0) + 1,
                 f"{num_requests / wall:.2f}" if wall else None,
                 _fixed(r.get("total_tok_s"), 1),
                 _fixed(r.get("useful_output_tok_s"), 1),
@@ -87,17 +89,17 @@ def _throughput(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             ]
         )
         if r.get("useful_output_tok_s"):
-            labels.append(f"{r['engine']}\n{r['dtype']}")
+            labels.append(f"{r['engine']}\n{r['dtype']}" + (f"\nround {r['round'] + 1}" if several else ""))
             values.append(r["useful_output_tok_s"])
     print_table(
         f"Offline throughput, {num_requests} requests (same prompts, model, machine)",
-        ["engine", "dtype", "req/s", "total tok/s", "output tok/s", "ms/token (1 stream)", "wall s"],
+        ["engine", "dtype", "round", "req/s", "total tok/s", "output tok/s", "ms/token (1 stream)", "wall s"],
         rows,
         out.console,
     )
     if values:
         plt = pyplot()
-        fig, ax = plt.subplots(figsize=(5, 3.5))
+        fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(values)), 3.5))
         bars = ax.bar(labels, values, color="#4c72b0", edgecolor="black", linewidth=0.4)
         ax.bar_label(bars, labels=[f"{v:.0f}" for v in values], fontsize=8)
         ax.set_ylabel("output tokens/s")

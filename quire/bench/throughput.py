@@ -21,6 +21,10 @@ What is measured, and why this way:
   Each time is the median of ``--single-repeats`` runs.
 * Every engine gets a short warm-up first (first-call allocations, kernel JIT/caches), and
   is built fresh per dtype so one run's caches do not flatter the next.
+* ``--rounds N`` runs the whole plan N times, in reverse order every other round. Each ratio
+  is taken within a round (runs minutes apart) and the median over rounds is reported: on a
+  shared machine the speed of the same code drifts by tens of percent over an hour, and a
+  slow phase that hits one engine only would decide a single-round ratio.
 
 The targets of the issue are checked and printed: Quire float32 >= 5x transformers float32,
 Quire's best dtype >= 10x transformers' best dtype, and single-stream decode <= 15 ms/token.
@@ -192,6 +196,7 @@ class RunResult:
 
     engine: str
     dtype: str
+    round: int = 0  # which repetition of the plan (--rounds)
     load_s: float | None = None
     wall_s: float | None = None
     prompt_tokens: int = 0
@@ -244,6 +249,7 @@ class BenchConfig:
     single_output_len: int
     single_repeats: int
     quick: bool
+    rounds: int
     wait_idle_s: float
     json_path: str | None
     model: str | None = None  # HF dir or .gguf; None: the embedded default model
@@ -534,7 +540,7 @@ def _others(r: RunResult, section: str) -> float | None:
 
 def print_table(results: Sequence[RunResult]) -> None:
     header = (
-        f"{'engine':<13} {'dtype':<9} {'load s':>7} {'wall s':>8} {'useful out tok/s':>16} "
+        f"{'engine':<13} {'dtype':<9} {'round':>5} {'load s':>7} {'wall s':>8} {'useful out tok/s':>16} "
         f"{'total tok/s':>11} {'ms/token 1-stream':>17} {'peak KV blocks':>14} {'peak KV MiB':>11} "
         f"{'others CPUs':>11}"
     )
@@ -543,10 +549,10 @@ def print_table(results: Sequence[RunResult]) -> None:
     for r in results:
         if not r.ok:
             reason = r.error.splitlines()[-1] if r.error else "no result"
-            say(f"{r.engine:<13} {r.dtype:<9} FAILED: {reason}")
+            say(f"{r.engine:<13} {r.dtype:<9} {r.round + 1:>5} FAILED: {reason}")
             continue
         say(
-            f"{r.engine:<13} {r.dtype:<9} {_fmt(r.load_s, '7.1f')} {_fmt(r.wall_s, '8.2f')} "
+            f"{r.engine:<13} {r.dtype:<9} {r.round + 1:>5} {_fmt(r.load_s, '7.1f')} {_fmt(r.wall_s, '8.2f')} "
             f"{_fmt(r.useful_tok_s, '16.1f')} {_fmt(r.total_tok_s, '11.1f')} {_fmt(r.ms_per_token, '17.2f')} "
             f"{r.details.get('peak_used_kv_blocks', '-'):>14} {_fmt(r.details.get('peak_kv_mib'), '11.1f')} "
             f"{_fmt(_others(r, 'throughput'), '5.2f')}/{_fmt(_others(r, 'single_stream'), '.2f')}"
@@ -608,17 +614,64 @@ def compare(results: Sequence[RunResult]) -> dict[str, Any]:
     return figures
 
 
+def combine_rounds(per_round: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The targets over several rounds: the median of the within-round ratios and latencies.
+
+    With one round this is that round's figures. ``per_round`` keeps every round's value.
+    """
+    if len(per_round) == 1:
+        return dict(per_round[0])
+    figures: dict[str, Any] = {}
+    for key in ("fp32_speedup", "best_speedup"):
+        rounds = [f[key] for f in per_round if key in f]
+        if not rounds:
+            continue
+        value = statistics.median(r["value"] for r in rounds)
+        figures[key] = {
+            "value": value,
+            "target": rounds[0]["target"],
+            "pass": value >= rounds[0]["target"],
+            "per_round": [r["value"] for r in rounds],
+        }
+        if key == "best_speedup":
+            figures[key]["quire_dtype"] = statistics.mode(r["quire_dtype"] for r in rounds)
+            figures[key]["transformers_dtype"] = statistics.mode(r["transformers_dtype"] for r in rounds)
+    singles = [f["single_stream"] for f in per_round if "single_stream" in f]
+    if singles:
+        def medians(field: str) -> dict[str, float]:
+            dtypes = {d for s in singles for d in s.get(field, {})}
+            return {d: statistics.median(s[field][d] for s in singles if d in s.get(field, {})) for d in sorted(dtypes)}
+
+        ms = medians("ms_per_token")
+        best_dtype = min(ms, key=ms.get)
+        figures["single_stream"] = {
+            "ms_per_token": ms,
+            "best_dtype": best_dtype,
+            "target": singles[0]["target"],
+            "pass": ms[best_dtype] <= singles[0]["target"],
+            "per_round": [s["ms_per_token"] for s in singles],
+        }
+        hf = medians("transformers_ms_per_token")
+        if hf:
+            figures["single_stream"]["transformers_ms_per_token"] = hf
+    return figures
+
+
 def print_comparison(figures: dict[str, Any]) -> None:
+    def rounds(figure: dict[str, Any]) -> str:
+        values = figure.get("per_round")
+        return f" (median of rounds: {', '.join(f'{v:.2f}' for v in values)})" if values else ""
+
     fp32 = figures.get("fp32_speedup")
     if fp32:
         say(f"Quire float32 / transformers float32 useful tok/s: {fp32['value']:.2f}x "
-            f"(target >= {fp32['target']:g}x)  {_verdict(fp32['pass'])}")
+            f"(target >= {fp32['target']:g}x)  {_verdict(fp32['pass'])}{rounds(fp32)}")
     else:
         say("Quire float32 / transformers float32: n/a (a float32 run is missing or failed)")
     best = figures.get("best_speedup")
     if best:
         say(f"Quire best ({best['quire_dtype']}) / transformers best ({best['transformers_dtype']}) useful tok/s: "
-            f"{best['value']:.2f}x (target >= {best['target']:g}x)  {_verdict(best['pass'])}")
+            f"{best['value']:.2f}x (target >= {best['target']:g}x)  {_verdict(best['pass'])}{rounds(best)}")
     else:
         say("Quire best / transformers best: n/a")
     single = figures.get("single_stream")
@@ -687,6 +740,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help="timings per single-stream length, median taken (default 3; 1 with --quick)")
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test: {QUICK_NUM_REQUESTS} requests, float32 only, one single-stream repeat")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every engine/dtype this many times, alternating the order; ratios are the "
+                        "median of the within-round ratios (default 1)")
     parser.add_argument("--wait-idle", type=float, default=60.0, metavar="SECONDS",
                         help="before each timed section, wait up to this long for other processes to leave the "
                         "CPUs (default 60; 0: never wait)")
@@ -713,11 +769,12 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         single_output_len=args.single_output_len,
         single_repeats=args.single_repeats or (1 if args.quick else 3),
         quick=args.quick,
+        rounds=args.rounds,
         wait_idle_s=max(0.0, args.wait_idle),
         json_path=getattr(args, "json_path", None),
         model=args.model,
     )
-    for name in ("num_requests", "hf_batch_size", "threads", "single_prompt_len", "single_repeats"):
+    for name in ("num_requests", "hf_batch_size", "threads", "single_prompt_len", "single_repeats", "rounds"):
         if getattr(cfg, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     if cfg.single_output_len < 2:
@@ -801,14 +858,21 @@ def run(cfg: BenchConfig) -> int:
             ("transformers", dtype, lambda d=dtype: run_hf(d, requests, single_prompt, cfg))
             for dtype in cfg.hf_dtypes
         ]
-    results: list[RunResult] = []
+    rounds: list[list[RunResult]] = []
     interrupted = False
     try:
-        for engine, dtype, run in plan:
-            results.append(_run_guarded(f"{engine} {dtype}", run, engine, dtype))
+        for k in range(cfg.rounds):
+            rounds.append([])
+            # Reversed every other round, so that neither engine always runs right after loading.
+            for engine, dtype, run in plan if k % 2 == 0 else plan[::-1]:
+                label = f"{engine} {dtype}" + (f" (round {k + 1}/{cfg.rounds})" if cfg.rounds > 1 else "")
+                result = _run_guarded(label, run, engine, dtype)
+                result.round = k
+                rounds[-1].append(result)
     except KeyboardInterrupt:  # still report what was measured
         interrupted = True
         say("\ninterrupted: reporting the runs that finished")
+    results = [r for round_results in rounds for r in round_results]
 
     env["load_average_end"] = _load_average()
     say("\n== results ==")
@@ -816,7 +880,7 @@ def run(cfg: BenchConfig) -> int:
         f"(on {env['usable_cpus']} CPUs; higher means the numbers were shared with other work)")
     print_table(results)
     say("")
-    figures = compare(results)
+    figures = combine_rounds([compare(round_results) for round_results in rounds] or [{}])
     print_comparison(figures)
     agree = agreement(results)
     if agree:
