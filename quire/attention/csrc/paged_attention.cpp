@@ -21,6 +21,12 @@
 // accumulation with the accumulators in registers.  Logits are kept in base 2
 // (the scale is multiplied by log2(e)) so the exponential is a plain exp2.
 //
+// Decode items (one query token; head_dim 64 or 128, group <= 8, block_size a
+// multiple of 16) take a loop of their own, run_decode_avx512: the same
+// arithmetic with the per-chunk bookkeeping of the general loop removed, bf16 V
+// widened by one shift or mask per 16 values, and the next chunk's K/V rows
+// requested a few at a time across the current chunk's loops.
+//
 // Q.K^T: with few rows (decode), each row is dotted with 16 K rows and the 16
 // partial vectors are reduced together (hsum16_transposed); with many rows
 // (prefill tiles) the K chunk is transposed once and the logits are computed
