@@ -12,7 +12,7 @@ is fast across that range on this CPU (see docs/benchmarks.md):
   rows. Either way the weights are the same values as the float32 copy and the sums differ from
   the float product only by rounding order. All 121 linears of the default model, weights from
   DRAM, 2 threads, against oneDNN on the float32 weights: 0.25-0.28x the time at 1 row, 0.35-0.5x
-  at 8, 0.6-0.7x at 24, 0.65-0.85x at 64, even at ~128 rows. Against oneDNN's bf16 (AMX) product
+  at 8, 0.6-0.7x at 24, 0.65-0.85x at 64, about even at ~128 rows. Against oneDNN's bf16 (AMX) product
   on bf16 weights it takes 0.67x the time at 4-6 rows, 0.8x at 8 and 1.2x at 12. bf16
   activations are widened, and the float32 result rounded once;
 * one to three rows: the product is bound by reading the weight once, which the C++

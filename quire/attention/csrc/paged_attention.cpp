@@ -129,6 +129,7 @@ struct ItemGeom {
   int64_t first_row;   // global query row of the tile's first token
   int64_t pos0;        // KV position of the tile's first token
   int64_t kv_end;      // exclusive end of KV positions touched by the tile
+  int64_t kv_lo, kv_hi;  // the KV positions this item reads: [0, kv_end), or a split item's range
 };
 
 inline ItemGeom geom(const Params& p, const WorkItem& w) {
@@ -139,6 +140,8 @@ inline ItemGeom geom(const Params& p, const WorkItem& w) {
   g.first_row = qs + w.tok_begin;
   g.pos0 = ctx + w.tok_begin;
   g.kv_end = g.pos0 + w.ntok;
+  g.kv_lo = w.part >= 0 ? w.kv_lo : 0;
+  g.kv_hi = w.part >= 0 ? w.kv_hi : g.kv_end;
   return g;
 }
 
@@ -544,8 +547,7 @@ void run_item_avx512(const Params& p, const WorkItem& w, Scratch& sc, const Part
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
 
   const bool split = w.part >= 0;
-  const int64_t kv_lo = split ? w.kv_lo : 0;
-  const int64_t kv_hi = split ? w.kv_hi : g.kv_end;
+  const int64_t kv_lo = g.kv_lo, kv_hi = g.kv_hi;
   int64_t blk_idx = kv_lo / BS;
   int off = static_cast<int>(kv_lo % BS);
   // The blocks of a sequence lie anywhere in the cache, so the hardware prefetcher cannot guess
@@ -772,7 +774,8 @@ template <typename T, int NV, int G>
 void run_decode_avx512(const Params& p, const WorkItem& w, const Partials& parts, const WorkItem* next) {
   constexpr int W = NV * 16;
   constexpr int RB = G < 24 / NV ? G : 24 / NV;  // rows whose accumulators share the registers
-  constexpr bool kPairs = std::is_same_v<T, bf16> && NV % 2 == 0;  // V widened as even/odd halves
+  constexpr bool kPairs = std::is_same_v<T, bf16>;  // V widened as even/odd halves
+  static_assert(NV % 2 == 0, "bf16 V is widened 32 values (two vectors) at a time");
   constexpr int kNSub = kChunk / kSub;
   const ItemGeom g = geom(p, w);
   const float qscale = p.scale * kLog2e;
@@ -799,8 +802,7 @@ void run_decode_avx512(const Params& p, const WorkItem& w, const Partials& parts
   const int64_t BS = p.block_size;
   const int64_t ks = p.k_s_tok, vs = p.v_s_tok;
   const bool split = w.part >= 0;
-  const int64_t kv_lo = split ? w.kv_lo : 0;
-  const int64_t kv_hi = split ? w.kv_hi : g.kv_end;
+  const int64_t kv_lo = g.kv_lo, kv_hi = g.kv_hi;
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
 
   // The K/V rows of the next chunk (or of the next item's first chunk) are
@@ -847,8 +849,8 @@ void run_decode_avx512(const Params& p, const WorkItem& w, const Partials& parts
     if (j0 + kChunk < kv_hi) {
       locate(w, j0 + kChunk, kv_hi, nxt);
     } else if (next != nullptr && next->ntok == 1) {
-      const int64_t lo = next->part >= 0 ? next->kv_lo : 0;
-      locate(*next, lo, next->part >= 0 ? next->kv_hi : geom(p, *next).kv_end, nxt);
+      const ItemGeom ng = geom(p, *next);
+      locate(*next, ng.kv_lo, ng.kv_hi, nxt);
     }
     const int nsub_next = (nxt.n + kSub - 1) / kSub;
     const T* const* kb = cur.k;
