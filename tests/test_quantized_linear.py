@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from quire.attention import cpu_kernel
-from quire.models.linear import QUANT_ROWS, Linear, pack_quantized
+from quire.models.linear import QUANT_ROWS, QUANT_ROWS_AMX, Linear, pack_quantized
 from quire.models.loader import default_model_path, load_model_files
 
 pytestmark = pytest.mark.skipif(not cpu_kernel.is_available(), reason="CPU extension did not build")
@@ -84,6 +84,55 @@ def test_quant_linear_with_k_not_a_multiple_of_the_panel_chunk(kind, k_blocks, r
     assert ((out.double() - want).abs().max() / want.abs().max()).item() < 1e-6
 
 
+needs_amx = pytest.mark.skipif(
+    not cpu_kernel.is_available() or not cpu_kernel.fused_ops().quant_linear_uses_amx(),
+    reason="no AMX bf16 tile unit on this CPU",
+)
+
+
+def assert_bf16_product(out, x, weight_bf16):
+    """One bf16 rounding of a float32 sum of exact bf16 products, nothing more."""
+    want = x.double() @ weight_bf16.double().t()
+    magnitude = x.double().abs() @ weight_bf16.double().abs().t()
+    assert out.dtype == torch.bfloat16 and out.shape == want.shape
+    assert ((out.double() - want).abs() <= want.abs() * 2**-8 + magnitude * 1e-6).all()
+
+
+@needs_amx
+@pytest.mark.parametrize("rows", [9, 16, 17, 33, 64, 200])
+@pytest.mark.parametrize(
+    "name",
+    ["model.layers.0.mlp.gate_proj.weight", "model.layers.5.mlp.down_proj.weight", "model.embed_tokens.weight"],
+)
+def test_bf16_quant_linear_on_the_tile_unit_uses_the_bf16_weights(loaded, name, rows):
+    quantized, weight = loaded.quantized[name], loaded.weights[name]
+    blocks = quantized.blocks
+    if weight.shape[0] > 4096:
+        weight, blocks = weight[:1000], blocks[:1000]
+    x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+    out = cpu_kernel.fused_ops().quant_linear(x, pack_quantized(blocks, quantized.kind), KINDS[quantized.kind],
+                                              weight.shape[0])
+    assert_bf16_product(out, x, weight.to(torch.bfloat16))
+
+
+@needs_amx
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+@pytest.mark.parametrize("rows", [9, 30, 47])  # one x tile, a pair, a pair and a single
+def test_bf16_tile_path_with_odd_shapes(kind, rows):
+    gen = torch.Generator().manual_seed(rows)
+    block_bytes = 20 if kind == "q4_1" else 34
+    n, k_blocks = 40, 7  # a unit with one row group, 8 columns of it used
+    blocks = torch.randint(0, 256, (n, k_blocks, block_bytes), dtype=torch.uint8, generator=gen)
+    scales = torch.rand(n, k_blocks, 2, generator=gen) * 0.02 + 0.001
+    scales[..., 1] *= -8
+    blocks[..., 0:4] = scales.half().view(torch.uint8).view(n, k_blocks, 4)
+    blocks = blocks.view(n, -1)
+    weight = cpu_kernel.fused_ops().dequantize_blocks(blocks, KINDS[kind], 32 * k_blocks)
+    x = torch.randn(rows, 32 * k_blocks, generator=gen).to(torch.bfloat16)
+    out = cpu_kernel.fused_ops().quant_linear(x, pack_quantized(blocks, kind), KINDS[kind], n)
+    assert_bf16_product(out, x, weight.to(torch.bfloat16))
+
+
 def test_packing_a_row_count_that_is_not_a_multiple_of_16_pads_with_zero_rows():
     blocks = torch.randint(0, 256, (5, 2 * 20), dtype=torch.uint8)
     packed = pack_quantized(blocks, "q4_1")
@@ -97,7 +146,7 @@ def test_packing_a_row_count_that_is_not_a_multiple_of_16_pads_with_zero_rows():
     assert not packed[0, :, 10:32].any() and not packed[0, :, 42:64].any() and not padding.any()
 
 
-def test_linear_uses_blocks_only_for_small_batches(loaded):
+def test_linear_picks_the_block_path_by_row_count_and_dtype(loaded):
     name = "model.layers.0.self_attn.o_proj.weight"
     layer = Linear(576, 576)
     with torch.no_grad():
@@ -110,9 +159,15 @@ def test_linear_uses_blocks_only_for_small_batches(loaded):
         x = torch.randn(rows, 576)
         got, want = layer(x), x.double() @ layer.weight.detach().double().t()
         assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-6
-    # bf16: the block path for a few rows (float32 math, rounded once), bf16 weights beyond.
+    # bf16: the block path for a few rows (float32 math, rounded once), bf16 weights beyond
+    # (expanded from the blocks on the tile unit where there is one, else oneDNN's copy).
     layer.to(torch.bfloat16).prepare(cpu_kernel.fused_ops())
-    assert layer._quant_rows == QUANT_ROWS[torch.bfloat16]
+    amx = cpu_kernel.fused_ops().quant_linear_uses_amx()
+    assert layer._quant_rows == (QUANT_ROWS_AMX if amx else QUANT_ROWS[torch.bfloat16])
+    assert (layer._packed is None) == amx
+    for rows in (9, 64, 600):
+        x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
+        assert_bf16_product(layer(x), x, loaded.weights[name].to(torch.bfloat16))
     x = torch.randn(2, 576, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     exact = x.double() @ loaded.weights[name].double().t()  # the GGUF weights, not their bf16 rounding
     got = layer(x)

@@ -15,6 +15,12 @@ is fast across that range on this CPU (see docs/benchmarks.md):
   at 8, 0.6-0.7x at 24, 0.65-0.85x at 64, about even at ~128 rows. Against oneDNN's bf16 (AMX) product
   on bf16 weights it takes 0.67x the time at 4-6 rows, 0.8x at 8 and 1.2x at 12. bf16
   activations are widened, and the float32 result rounded once;
+* a GGUF model in bf16 on a CPU with AMX, from 9 rows at any count: ``quant_linear`` expands the
+  blocks to the bf16 weights (the gguf values rounded as ``.to(torch.bfloat16)`` rounds them)
+  straight into the tile unit's operand layout, once per call, and multiplies on the tile unit.
+  oneDNN on the stored bf16 weights moves them at about half the DRAM bandwidth, so from 9 to 64
+  rows it takes about the same time; from the blocks, all 121 linears take 0.7-1.0x its time
+  (9-512 rows, weights from DRAM), and the model needs no reordered bf16 copy;
 * one to three rows: the product is bound by reading the weight once, which the C++
   ``small_linear`` kernel streams at memory speed (PyTorch's bf16 path at M=1 is ~3x slower);
 * from 4 rows: oneDNN with the weight reordered once into its blocked layout (AMX tiles in bf16),
@@ -29,6 +35,8 @@ way whatever the other rows are, so only the row count (not the batch's contents
 
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -37,6 +45,7 @@ from torch import nn
 SMALL_ROWS = {torch.float32: 2, torch.bfloat16: 3}
 PACKED_ROWS = {torch.float32: range(4, 193), torch.bfloat16: range(4, 513)}
 QUANT_ROWS = {torch.float32: 112, torch.bfloat16: 8}  # bf16 AMX on bf16 weights wins from ~9 rows
+QUANT_ROWS_AMX = sys.maxsize  # bf16 with the blocks on the tile unit: every row count
 _QUANT_KINDS = {"q4_1": 0, "q8_0": 1}
 _BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
 
@@ -99,8 +108,12 @@ class Linear(nn.Module):
             self._quant_kind = _QUANT_KINDS[self.quantized.kind]
             self.quantized = None
         self._quant_rows = QUANT_ROWS.get(weight.dtype, 0) if usable and self._quant_packed is not None else 0
+        if self._quant_rows and weight.dtype == torch.bfloat16 and kernels.quant_linear_uses_amx():
+            self._quant_rows = QUANT_ROWS_AMX
         self._packed = None
         self._packed_rows = PACKED_ROWS.get(weight.dtype, range(0))
+        if self._packed_rows and self._packed_rows.stop - 1 <= self._quant_rows:
+            self._packed_rows = range(0)  # the block path serves every row count the packed copy would
         if self._packed_rows and weight.is_cpu and _onednn_available(weight.dtype):
             self._packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
 

@@ -25,6 +25,9 @@
 #include <type_traits>
 #include <vector>
 
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
 #define QUIRE_AVX512 1
 #else
@@ -660,6 +663,172 @@ void quant_linear_panel(const float* x, int64_t M, int64_t K, const uint8_t* pac
 }
 #endif
 
+#if QUIRE_AVX512 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define QUIRE_AMX 1
+// bf16 activations from 9 rows on: the blocks are expanded to the bf16 model's weights (the
+// float32 gguf values rounded to nearest even, as ``.to(torch.bfloat16)`` rounds them) directly
+// in the layout of AMX's B tiles and multiplied on the tile unit, accumulating in float32 over all
+// of K and rounding once. oneDNN on the bf16 weights streams 2 bytes a weight and moves them at
+// about half the DRAM bandwidth here, so its time is flat from 8 to 64 rows; this path reads 5
+// (Q4_1) or 8.5 (Q8_0) bits a weight and expands each once per call, whatever the row count.
+// A B tile is 16 rows of 64 bytes; tile row p holds, for the 16 output rows n of a group, the
+// weights k = 2p and 2p + 1 side by side (word 2n and 2n + 1). One (group, block) is one tile.
+struct alignas(64) TileConfig {
+  uint8_t palette_id = 1;
+  uint8_t start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Linux grants the tile registers' state only on request (once per process; later calls are no-ops).
+inline bool amx_permitted() {
+  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+}
+
+// 16 float32 weights of k even and 16 of k odd (lane = output row) -> one tile row of bf16 pairs.
+inline __m512i tile_row(__m512 even, __m512 odd) {
+  // cvtne2ps puts `even` in words 0-15 and `odd` in 16-31; word 2n takes n, word 2n + 1 takes 16 + n.
+  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
+                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(odd, even));
+}
+
+template <int64_t KIND>
+inline void expand_tile(const uint8_t* blk, __m512i* tile) {
+  const __m512 d = cvt_half16(blk);
+  if constexpr (KIND == kQ4_1) {
+    // Chunks 2p and 2p + 1 give tile row p from their low nibbles (k < 16) and p + 8 from the high.
+    const __m512 m = cvt_half16(blk + 32);
+    const __m512 values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#pragma GCC unroll 2
+    for (int p = 0; p < 8; ++p) {
+      const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 64 + 32 * p)));
+      const __m512i o = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 80 + 32 * p)));
+      // d * q is exact in float32, so the fused and the separate forms round the same.
+      tile[p] = tile_row(_mm512_fmadd_ps(d, _mm512_permutexvar_ps(e, values), m),
+                         _mm512_fmadd_ps(d, _mm512_permutexvar_ps(o, values), m));
+      tile[p + 8] = tile_row(_mm512_fmadd_ps(d, _mm512_permutexvar_ps(_mm512_srli_epi32(e, 4), values), m),
+                             _mm512_fmadd_ps(d, _mm512_permutexvar_ps(_mm512_srli_epi32(o, 4), values), m));
+    }
+  } else {
+#pragma GCC unroll 4
+    for (int p = 0; p < 16; ++p) {
+      const __m512i e = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 32 + 32 * p)));
+      const __m512i o = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 48 + 32 * p)));
+      tile[p] = tile_row(_mm512_mul_ps(d, _mm512_cvtepi32_ps(e)), _mm512_mul_ps(d, _mm512_cvtepi32_ps(o)));
+    }
+  }
+}
+
+// 16 rows x 16 float32 sums of a C tile -> bf16 out rows (rows < rows_left, columns < cols_left).
+inline void store_tile_bf16(const float* sums, bf16* out, int64_t N, int64_t rows_left, int64_t cols_left) {
+  if (cols_left <= 0) return;
+  const __mmask16 mask = tail_mask(cols_left);
+  for (int64_t r = 0; r < std::min<int64_t>(16, rows_left); ++r) {
+    const __m256i v = (__m256i)_mm512_cvtneps_pbh(_mm512_load_ps(sums + 16 * r));
+    _mm256_mask_storeu_epi16(out + r * N, mask, v);
+  }
+}
+
+// out[M, N] (bf16) = x[Mp, K] (bf16, rows padded with zeros to a multiple of 16) times the blocks.
+// Units of two row groups (32 outputs) go to the threads; a unit's tiles for all of K (2 KB a
+// block: 36 KB at K = 576, 96 KB at 1536) are expanded once and serve every 16 x rows.
+template <int64_t KIND>
+void quant_linear_amx(const bf16* x, int64_t M, int64_t Mp, int64_t K, const uint8_t* packed, int64_t N, bf16* out) {
+  constexpr int64_t BB = packed_block_bytes(KIND);
+  const int64_t nb = K / 32, group_bytes = nb * BB;
+  const int64_t ngroups = (N + kGroupRows - 1) / kGroupRows;
+  const int64_t units = (ngroups + 1) / 2;
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    TileConfig cfg;
+    for (int t = 0; t < 8; ++t) {  // 0-3: C (16 x 16 float32); 4, 5: A (16 x rows of 32 bf16); 6, 7: B
+      cfg.rows[t] = 16;
+      cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+    std::vector<__m512i> panel_store(static_cast<size_t>(nb) * 2 * 16);
+    __m512i* panel = panel_store.data();
+    alignas(64) float sums[4][256];
+    for (int64_t u = begin; u < end; ++u) {
+      const bool second = 2 * u + 1 < ngroups;
+      const uint8_t* g0 = packed + 2 * u * group_bytes;
+      // Request the next unit's blocks while this one's are expanded and multiplied.
+      const bool prefetch_next = u + 1 < end;
+      for (int64_t b = 0; b < nb; ++b) {
+        if (prefetch_next) {
+          prefetch_bytes(g0 + 2 * group_bytes + b * BB, BB);
+          if (2 * u + 3 < ngroups) prefetch_bytes(g0 + 3 * group_bytes + b * BB, BB);
+        }
+        expand_tile<KIND>(g0 + b * BB, panel + 32 * b);
+        if (second) {
+          expand_tile<KIND>(g0 + group_bytes + b * BB, panel + 32 * b + 16);
+        } else {
+          for (int p = 0; p < 16; ++p) panel[32 * b + 16 + p] = _mm512_setzero_si512();
+        }
+      }
+      const int64_t n0 = u * kPanelCols;
+      int64_t m0 = 0;
+      for (; m0 + 32 <= Mp; m0 += 32) {  // two x tiles against the unit's two column tiles
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        const bf16* xa = x + m0 * K;
+        const bf16* xb = xa + 16 * K;
+        for (int64_t b = 0; b < nb; ++b) {
+          _tile_loadd(4, xa + 32 * b, K * 2);
+          _tile_loadd(6, panel + 32 * b, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_loadd(7, panel + 32 * b + 16, 64);
+          _tile_dpbf16ps(1, 4, 7);
+          _tile_loadd(5, xb + 32 * b, K * 2);
+          _tile_dpbf16ps(2, 5, 6);
+          _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, sums[0], 64);
+        _tile_stored(1, sums[1], 64);
+        _tile_stored(2, sums[2], 64);
+        _tile_stored(3, sums[3], 64);
+        store_tile_bf16(sums[0], out + m0 * N + n0, N, M - m0, N - n0);
+        store_tile_bf16(sums[1], out + m0 * N + n0 + 16, N, M - m0, N - n0 - 16);
+        store_tile_bf16(sums[2], out + (m0 + 16) * N + n0, N, M - m0 - 16, N - n0);
+        store_tile_bf16(sums[3], out + (m0 + 16) * N + n0 + 16, N, M - m0 - 16, N - n0 - 16);
+      }
+      if (m0 < Mp) {  // a last single x tile
+        _tile_zero(0);
+        _tile_zero(1);
+        const bf16* xa = x + m0 * K;
+        for (int64_t b = 0; b < nb; ++b) {
+          _tile_loadd(4, xa + 32 * b, K * 2);
+          _tile_loadd(6, panel + 32 * b, 64);
+          _tile_dpbf16ps(0, 4, 6);
+          _tile_loadd(7, panel + 32 * b + 16, 64);
+          _tile_dpbf16ps(1, 4, 7);
+        }
+        _tile_stored(0, sums[0], 64);
+        _tile_stored(1, sums[1], 64);
+        store_tile_bf16(sums[0], out + m0 * N + n0, N, M - m0, N - n0);
+        store_tile_bf16(sums[1], out + m0 * N + n0 + 16, N, M - m0, N - n0 - 16);
+      }
+    }
+    _tile_release();
+  });
+}
+#else
+#define QUIRE_AMX 0
+#endif
+
+// Whether quant_linear multiplies bf16 activations on the tile unit (from 9 rows on).
+bool quant_linear_uses_amx() {
+#if QUIRE_AMX
+  return amx_permitted();
+#else
+  return false;
+#endif
+}
+
 // Portable path over the same layout.
 void quant_linear_scalar(const float* x, int64_t M, int64_t K, const float* sx, const uint8_t* packed, int64_t kind,
                          int64_t N, float* out) {
@@ -696,6 +865,32 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_
   TORCH_CHECK(kind == kQ4_1 || kind == kQ8_0, "quant_linear: kind 0 (Q4_1) or 1 (Q8_0) expected");
   TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
               "quant_linear: x float32 or bfloat16 [M, K]");
+#if QUIRE_AMX
+  if (x_in.scalar_type() == at::kBFloat16 && x_in.size(0) > kPanelMinRows && x_in.size(1) % 32 == 0 &&
+      amx_permitted()) {
+    const int64_t M = x_in.size(0), K = x_in.size(1), Mp = (M + 15) / 16 * 16;
+    TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.scalar_type() == at::kByte &&
+                    packed.size(0) == (N + kGroupRows - 1) / kGroupRows && packed.size(1) == K / 32 &&
+                    packed.size(2) == packed_block_bytes(kind),
+                "quant_linear: packed uint8 [ceil(N / 16), K / 32, block bytes] expected (pack_quantized)");
+    at::Tensor x = x_in.contiguous();
+    if (Mp != M) {  // the tile rows past M multiply zeros
+      at::Tensor padded = at::empty({Mp, K}, x.options());
+      padded.narrow(0, 0, M).copy_(x);
+      padded.narrow(0, M, Mp - M).zero_();
+      x = padded;
+    }
+    at::Tensor out = at::empty({M, N}, x.options());
+    const bf16* xp = x.data_ptr<bf16>();
+    bf16* op = out.data_ptr<bf16>();
+    if (kind == kQ4_1) {
+      quant_linear_amx<kQ4_1>(xp, M, Mp, K, packed.data_ptr<uint8_t>(), N, op);
+    } else {
+      quant_linear_amx<kQ8_0>(xp, M, Mp, K, packed.data_ptr<uint8_t>(), N, op);
+    }
+    return out;
+  }
+#endif
   // bf16 activations are widened (exact); the float32 result is rounded once at the end.
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const int64_t M = x.size(0), K = x.size(1), nb = K / 32;
@@ -892,6 +1087,7 @@ TORCH_LIBRARY_FRAGMENT(QUIRE_PA_NAMESPACE, m) {
   m.def("silu_and_mul(Tensor gate_up) -> Tensor", &quire_ops::silu_and_mul);
   m.def("small_linear(Tensor x, Tensor weight, Tensor(a!) out) -> ()", &quire_ops::small_linear);
   m.def("quant_linear(Tensor x, Tensor packed, int kind, int N) -> Tensor", &quire_ops::quant_linear);
+  m.def("quant_linear_uses_amx() -> bool", &quire_ops::quant_linear_uses_amx);
   m.def("write_kv(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping) -> ()",
         &quire_ops::write_kv);
   m.def(
