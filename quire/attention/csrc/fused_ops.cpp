@@ -732,13 +732,31 @@ inline void store_tile_bf16(const float* sums, bf16* out, int64_t N, int64_t row
   }
 }
 
+// Expands block b of unit u's two row groups into its two B tiles (zeros past the last group) and
+// requests the same block of the unit `ahead` units on.
+template <int64_t KIND>
+inline void expand_unit_block(const uint8_t* packed, int64_t group_bytes, int64_t ngroups, int64_t u, int64_t b,
+                              int64_t ahead, __m512i* tiles) {
+  constexpr int64_t BB = packed_block_bytes(KIND);
+  const uint8_t* g0 = packed + 2 * u * group_bytes + b * BB;
+  if (2 * (u + ahead) < ngroups) prefetch_bytes(g0 + 2 * ahead * group_bytes, BB);
+  if (2 * (u + ahead) + 1 < ngroups) prefetch_bytes(g0 + (2 * ahead + 1) * group_bytes, BB);
+  expand_tile<KIND>(g0, tiles);
+  if (2 * u + 1 < ngroups) {
+    expand_tile<KIND>(g0 + group_bytes, tiles + 16);
+  } else {
+    for (int p = 0; p < 16; ++p) tiles[16 + p] = _mm512_setzero_si512();
+  }
+}
+
 // out[M, N] (bf16) = x[Mp, K] (bf16, rows padded with zeros to a multiple of 16) times the blocks.
 // Units of two row groups (32 outputs) go to the threads; a unit's tiles for all of K (2 KB a
-// block: 36 KB at K = 576, 96 KB at 1536) are expanded once and serve every 16 x rows.
+// block: 36 KB at K = 576, 96 KB at 1536) are expanded once and serve every 16 x rows. The
+// expansion (vector ports) of the next unit is interleaved with this unit's tile multiplies (the
+// tile unit), two panels in turn, so that each hides part of the other.
 template <int64_t KIND>
 void quant_linear_amx(const bf16* x, int64_t M, int64_t Mp, int64_t K, const uint8_t* packed, int64_t N, bf16* out) {
-  constexpr int64_t BB = packed_block_bytes(KIND);
-  const int64_t nb = K / 32, group_bytes = nb * BB;
+  const int64_t nb = K / 32, group_bytes = nb * packed_block_bytes(KIND);
   const int64_t ngroups = (N + kGroupRows - 1) / kGroupRows;
   const int64_t units = (ngroups + 1) / 2;
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
@@ -748,26 +766,14 @@ void quant_linear_amx(const bf16* x, int64_t M, int64_t Mp, int64_t K, const uin
       cfg.colsb[t] = 64;
     }
     _tile_loadconfig(&cfg);
-    std::vector<__m512i> panel_store(static_cast<size_t>(nb) * 2 * 16);
-    __m512i* panel = panel_store.data();
+    std::vector<__m512i> panel_store(static_cast<size_t>(nb) * 2 * 32);
+    __m512i* panels[2] = {panel_store.data(), panel_store.data() + nb * 32};
     alignas(64) float sums[4][256];
+    for (int64_t b = 0; b < nb; ++b) expand_unit_block<KIND>(packed, group_bytes, ngroups, begin, b, 1, panels[0] + 32 * b);
     for (int64_t u = begin; u < end; ++u) {
-      const bool second = 2 * u + 1 < ngroups;
-      const uint8_t* g0 = packed + 2 * u * group_bytes;
-      // Request the next unit's blocks while this one's are expanded and multiplied.
-      const bool prefetch_next = u + 1 < end;
-      for (int64_t b = 0; b < nb; ++b) {
-        if (prefetch_next) {
-          prefetch_bytes(g0 + 2 * group_bytes + b * BB, BB);
-          if (2 * u + 3 < ngroups) prefetch_bytes(g0 + 3 * group_bytes + b * BB, BB);
-        }
-        expand_tile<KIND>(g0 + b * BB, panel + 32 * b);
-        if (second) {
-          expand_tile<KIND>(g0 + group_bytes + b * BB, panel + 32 * b + 16);
-        } else {
-          for (int p = 0; p < 16; ++p) panel[32 * b + 16 + p] = _mm512_setzero_si512();
-        }
-      }
+      const __m512i* panel = panels[(u - begin) & 1];
+      __m512i* next_panel = panels[(u - begin + 1) & 1];
+      int64_t next_b = u + 1 < end ? 0 : nb;  // the next unit's blocks still to expand
       const int64_t n0 = u * kPanelCols;
       int64_t m0 = 0;
       for (; m0 + 32 <= Mp; m0 += 32) {  // two x tiles against the unit's two column tiles
@@ -786,6 +792,10 @@ void quant_linear_amx(const bf16* x, int64_t M, int64_t Mp, int64_t K, const uin
           _tile_loadd(5, xb + 32 * b, K * 2);
           _tile_dpbf16ps(2, 5, 6);
           _tile_dpbf16ps(3, 5, 7);
+          if (next_b < nb) {
+            expand_unit_block<KIND>(packed, group_bytes, ngroups, u + 1, next_b, 1, next_panel + 32 * next_b);
+            ++next_b;
+          }
         }
         _tile_stored(0, sums[0], 64);
         _tile_stored(1, sums[1], 64);
@@ -806,6 +816,10 @@ void quant_linear_amx(const bf16* x, int64_t M, int64_t Mp, int64_t K, const uin
           _tile_dpbf16ps(0, 4, 6);
           _tile_loadd(7, panel + 32 * b + 16, 64);
           _tile_dpbf16ps(1, 4, 7);
+          if (next_b < nb) {
+            expand_unit_block<KIND>(packed, group_bytes, ngroups, u + 1, next_b, 1, next_panel + 32 * next_b);
+            ++next_b;
+          }
         }
         _tile_stored(0, sums[0], 64);
         _tile_stored(1, sums[1], 64);
