@@ -99,7 +99,7 @@ def assert_bf16_product(out, x, weight_bf16):
 
 
 @needs_amx
-@pytest.mark.parametrize("rows", [9, 16, 17, 33, 64, 200])
+@pytest.mark.parametrize("rows", [5, 9, 16, 17, 33, 64, 200])
 @pytest.mark.parametrize(
     "name",
     ["model.layers.0.mlp.gate_proj.weight", "model.layers.5.mlp.down_proj.weight", "model.embed_tokens.weight"],
@@ -117,7 +117,7 @@ def test_bf16_quant_linear_on_the_tile_unit_uses_the_bf16_weights(loaded, name, 
 
 @needs_amx
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
-@pytest.mark.parametrize("rows", [9, 30, 47])  # one x tile, a pair, a pair and a single
+@pytest.mark.parametrize("rows", [5, 30, 47])  # one x tile, a pair, a pair and a single
 def test_bf16_tile_path_with_odd_shapes(kind, rows):
     gen = torch.Generator().manual_seed(rows)
     block_bytes = 20 if kind == "q4_1" else 34
@@ -165,7 +165,7 @@ def test_linear_picks_the_block_path_by_row_count_and_dtype(loaded):
     amx = cpu_kernel.fused_ops().quant_linear_uses_amx()
     assert layer._quant_rows == (QUANT_ROWS_AMX if amx else QUANT_ROWS[torch.bfloat16])
     assert (layer._packed is None) == amx
-    for rows in (9, 64, 600):
+    for rows in (5, 9, 64, 600):
         x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
         assert_bf16_product(layer(x), x, loaded.weights[name].to(torch.bfloat16))
     x = torch.randn(2, 576, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)

@@ -3,8 +3,8 @@
 A step's batch ranges from one decode row to a few hundred prefill rows, and no single GEMM call
 is fast across that range on this CPU (see docs/benchmarks.md):
 
-* a GGUF model, up to 112 rows in float32 (8 in bf16): ``quant_linear`` reads the weight in its
-  block format (Q4_1: 5 bits a weight instead of 32 or 16), 16 output rows side by side, one
+* a GGUF model, up to 112 rows in float32 (in bf16 up to 4 rows, 8 without AMX): ``quant_linear``
+  reads the weight in its block format (Q4_1: 5 bits a weight instead of 32 or 16), 16 output rows side by side, one
   vector lane each, requesting blocks ahead of use so that DRAM reads overlap the arithmetic.
   Up to 8 rows it multiplies the block's integers in registers, scaling by d (and adding m) once
   per block; from 9 rows it expands 32 output rows' weights once per K chunk into an L1-resident
@@ -15,12 +15,13 @@ is fast across that range on this CPU (see docs/benchmarks.md):
   at 8, 0.6-0.7x at 24, 0.65-0.85x at 64, about even at ~128 rows. Against oneDNN's bf16 (AMX) product
   on bf16 weights it takes 0.67x the time at 4-6 rows, 0.8x at 8 and 1.2x at 12. bf16
   activations are widened, and the float32 result rounded once;
-* a GGUF model in bf16 on a CPU with AMX, from 9 rows at any count: ``quant_linear`` expands the
+* a GGUF model in bf16 on a CPU with AMX, from 5 rows at any count: ``quant_linear`` expands the
   blocks to the bf16 weights (the gguf values rounded as ``.to(torch.bfloat16)`` rounds them)
   straight into the tile unit's operand layout, once per call, and multiplies on the tile unit.
-  oneDNN on the stored bf16 weights moves them at about half the DRAM bandwidth, so from 9 to 64
-  rows it takes about the same time; from the blocks, all 121 linears take 0.7-1.0x its time
-  (9-512 rows, weights from DRAM), and the model needs no reordered bf16 copy;
+  oneDNN on the stored bf16 weights moves them at about half the DRAM bandwidth, so from 8 to 64
+  rows it takes about the same time; from the blocks, all 121 linears take 0.6-1.0x its time
+  (9-512 rows, weights from DRAM; 0.7x the register-tile path's at 8 rows, 0.86x at 6), and the
+  model needs no reordered bf16 copy;
 * one to three rows: the product is bound by reading the weight once, which the C++
   ``small_linear`` kernel streams at memory speed (PyTorch's bf16 path at M=1 is ~3x slower);
 * from 4 rows: oneDNN with the weight reordered once into its blocked layout (AMX tiles in bf16),
@@ -44,7 +45,7 @@ from torch import nn
 # Row counts for which each path measured fastest here (1 and 2 threads, docs/benchmarks.md).
 SMALL_ROWS = {torch.float32: 2, torch.bfloat16: 3}
 PACKED_ROWS = {torch.float32: range(4, 193), torch.bfloat16: range(4, 513)}
-QUANT_ROWS = {torch.float32: 112, torch.bfloat16: 8}  # bf16 AMX on bf16 weights wins from ~9 rows
+QUANT_ROWS = {torch.float32: 112, torch.bfloat16: 8}  # bf16 without AMX: oneDNN's wins from ~9 rows
 QUANT_ROWS_AMX = sys.maxsize  # bf16 with the blocks on the tile unit: every row count
 _QUANT_KINDS = {"q4_1": 0, "q8_0": 1}
 _BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}

@@ -665,7 +665,7 @@ void quant_linear_panel(const float* x, int64_t M, int64_t K, const uint8_t* pac
 
 #if QUIRE_AVX512 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #define QUIRE_AMX 1
-// bf16 activations from 9 rows on: the blocks are expanded to the bf16 model's weights (the
+// bf16 activations from 5 rows on: the blocks are expanded to the bf16 model's weights (the
 // float32 gguf values rounded to nearest even, as ``.to(torch.bfloat16)`` rounds them) directly
 // in the layout of AMX's B tiles and multiplied on the tile unit, accumulating in float32 over all
 // of K and rounding once. oneDNN on the bf16 weights streams 2 bytes a weight and moves them at
@@ -673,6 +673,8 @@ void quant_linear_panel(const float* x, int64_t M, int64_t K, const uint8_t* pac
 // (Q4_1) or 8.5 (Q8_0) bits a weight and expands each once per call, whatever the row count.
 // A B tile is 16 rows of 64 bytes; tile row p holds, for the 16 output rows n of a group, the
 // weights k = 2p and 2p + 1 side by side (word 2n and 2n + 1). One (group, block) is one tile.
+constexpr int64_t kAmxMinRows = 5;  // fewer rows: the register-tile path above is faster (measured)
+
 struct alignas(64) TileConfig {
   uint8_t palette_id = 1;
   uint8_t start_row = 0;
@@ -834,7 +836,7 @@ void quant_linear_amx(const bf16* x, int64_t M, int64_t Mp, int64_t K, const uin
 #define QUIRE_AMX 0
 #endif
 
-// Whether quant_linear multiplies bf16 activations on the tile unit (from 9 rows on).
+// Whether quant_linear multiplies bf16 activations on the tile unit (from kAmxMinRows rows on).
 bool quant_linear_uses_amx() {
 #if QUIRE_AMX
   return amx_permitted();
@@ -880,7 +882,7 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_
   TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
               "quant_linear: x float32 or bfloat16 [M, K]");
 #if QUIRE_AMX
-  if (x_in.scalar_type() == at::kBFloat16 && x_in.size(0) > kPanelMinRows && x_in.size(1) % 32 == 0 &&
+  if (x_in.scalar_type() == at::kBFloat16 && x_in.size(0) >= kAmxMinRows && x_in.size(1) % 32 == 0 &&
       amx_permitted()) {
     const int64_t M = x_in.size(0), K = x_in.size(1), Mp = (M + 15) / 16 * 16;
     TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.scalar_type() == at::kByte &&
