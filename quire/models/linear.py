@@ -4,8 +4,9 @@ A step's batch ranges from one decode row to a few hundred prefill rows, and no 
 is fast across that range on this CPU (see docs/benchmarks.md):
 
 * a GGUF model, up to 112 rows in float32 (in bf16 up to 4 rows, 8 without AMX): ``quant_linear``
-  reads the weight in its block format (Q4_1: 5 bits a weight instead of 32 or 16), 16 output rows side by side, one
-  vector lane each, requesting blocks ahead of use so that DRAM reads overlap the arithmetic.
+  reads the weight in its block format (Q4_1: 5 bits a weight instead of 32 or 16), 16 output
+  rows side by side, one vector lane each, requesting blocks ahead of use so that DRAM reads
+  overlap the arithmetic.
   Up to 8 rows it multiplies the block's integers in registers, scaling by d (and adding m) once
   per block; from 9 rows it expands 32 output rows' weights once per K chunk into an L1-resident
   float32 panel (the exact gguf values) and runs a register-blocked product over it for all

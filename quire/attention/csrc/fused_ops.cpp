@@ -683,10 +683,13 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
-// Linux grants the tile registers' state only on request (once per process; later calls are no-ops).
+// Linux grants the tile registers' state only on request, once per process; asked on first use.
 inline bool amx_permitted() {
-  constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
-  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  static const bool permitted = [] {
+    constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
+    return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return permitted;
 }
 
 // 16 float32 weights of k even and 16 of k odd (lane = output row) -> one tile row of bf16 pairs.
@@ -751,6 +754,44 @@ inline void expand_unit_block(const uint8_t* packed, int64_t group_bytes, int64_
   }
 }
 
+// XT (1 or 2) x tiles from row m0 against a unit's two column tiles over all K blocks, C tiles
+// 0, 1 (and 2, 3), then rounded into out. `between` runs once per block, between the multiplies.
+template <int XT, typename F>
+inline void tile_pass(const bf16* x, int64_t M, int64_t m0, int64_t K, int64_t nb, const __m512i* panel, bf16* out,
+                      int64_t N, int64_t n0, float (*sums)[256], F&& between) {
+  static_assert(XT == 1 || XT == 2, "one or two x tiles");
+  _tile_zero(0);
+  _tile_zero(1);
+  if constexpr (XT == 2) {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+  const bf16* xa = x + m0 * K;
+  for (int64_t b = 0; b < nb; ++b) {
+    _tile_loadd(4, xa + 32 * b, K * 2);
+    _tile_loadd(6, panel + 32 * b, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_loadd(7, panel + 32 * b + 16, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    if constexpr (XT == 2) {
+      _tile_loadd(5, xa + 16 * K + 32 * b, K * 2);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+    between();
+  }
+  _tile_stored(0, sums[0], 64);
+  _tile_stored(1, sums[1], 64);
+  if constexpr (XT == 2) {
+    _tile_stored(2, sums[2], 64);
+    _tile_stored(3, sums[3], 64);
+  }
+  for (int t = 0; t < 2 * XT; ++t) {
+    const int64_t row = m0 + 16 * (t / 2), col = n0 + 16 * (t % 2);
+    store_tile_bf16(sums[t], out + row * N + col, N, M - row, N - col);
+  }
+}
+
 // out[M, N] (bf16) = x[Mp, K] (bf16, rows padded with zeros to a multiple of 16) times the blocks.
 // Units of two row groups (32 outputs) go to the threads; a unit's tiles for all of K (2 KB a
 // block: 36 KB at K = 576, 96 KB at 1536) are expanded once and serve every 16 x rows. The
@@ -777,57 +818,15 @@ void quant_linear_amx(const bf16* x, int64_t M, int64_t Mp, int64_t K, const uin
       __m512i* next_panel = panels[(u - begin + 1) & 1];
       int64_t next_b = u + 1 < end ? 0 : nb;  // the next unit's blocks still to expand
       const int64_t n0 = u * kPanelCols;
+      auto expand_next = [&] {
+        if (next_b < nb) {
+          expand_unit_block<KIND>(packed, group_bytes, ngroups, u + 1, next_b, 1, next_panel + 32 * next_b);
+          ++next_b;
+        }
+      };
       int64_t m0 = 0;
-      for (; m0 + 32 <= Mp; m0 += 32) {  // two x tiles against the unit's two column tiles
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        const bf16* xa = x + m0 * K;
-        const bf16* xb = xa + 16 * K;
-        for (int64_t b = 0; b < nb; ++b) {
-          _tile_loadd(4, xa + 32 * b, K * 2);
-          _tile_loadd(6, panel + 32 * b, 64);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_loadd(7, panel + 32 * b + 16, 64);
-          _tile_dpbf16ps(1, 4, 7);
-          _tile_loadd(5, xb + 32 * b, K * 2);
-          _tile_dpbf16ps(2, 5, 6);
-          _tile_dpbf16ps(3, 5, 7);
-          if (next_b < nb) {
-            expand_unit_block<KIND>(packed, group_bytes, ngroups, u + 1, next_b, 1, next_panel + 32 * next_b);
-            ++next_b;
-          }
-        }
-        _tile_stored(0, sums[0], 64);
-        _tile_stored(1, sums[1], 64);
-        _tile_stored(2, sums[2], 64);
-        _tile_stored(3, sums[3], 64);
-        store_tile_bf16(sums[0], out + m0 * N + n0, N, M - m0, N - n0);
-        store_tile_bf16(sums[1], out + m0 * N + n0 + 16, N, M - m0, N - n0 - 16);
-        store_tile_bf16(sums[2], out + (m0 + 16) * N + n0, N, M - m0 - 16, N - n0);
-        store_tile_bf16(sums[3], out + (m0 + 16) * N + n0 + 16, N, M - m0 - 16, N - n0 - 16);
-      }
-      if (m0 < Mp) {  // a last single x tile
-        _tile_zero(0);
-        _tile_zero(1);
-        const bf16* xa = x + m0 * K;
-        for (int64_t b = 0; b < nb; ++b) {
-          _tile_loadd(4, xa + 32 * b, K * 2);
-          _tile_loadd(6, panel + 32 * b, 64);
-          _tile_dpbf16ps(0, 4, 6);
-          _tile_loadd(7, panel + 32 * b + 16, 64);
-          _tile_dpbf16ps(1, 4, 7);
-          if (next_b < nb) {
-            expand_unit_block<KIND>(packed, group_bytes, ngroups, u + 1, next_b, 1, next_panel + 32 * next_b);
-            ++next_b;
-          }
-        }
-        _tile_stored(0, sums[0], 64);
-        _tile_stored(1, sums[1], 64);
-        store_tile_bf16(sums[0], out + m0 * N + n0, N, M - m0, N - n0);
-        store_tile_bf16(sums[1], out + m0 * N + n0 + 16, N, M - m0, N - n0 - 16);
-      }
+      for (; m0 + 32 <= Mp; m0 += 32) tile_pass<2>(x, M, m0, K, nb, panel, out, N, n0, sums, expand_next);
+      if (m0 < Mp) tile_pass<1>(x, M, m0, K, nb, panel, out, N, n0, sums, expand_next);
     }
     _tile_release();
   });
@@ -881,14 +880,14 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_
   TORCH_CHECK(kind == kQ4_1 || kind == kQ8_0, "quant_linear: kind 0 (Q4_1) or 1 (Q8_0) expected");
   TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
               "quant_linear: x float32 or bfloat16 [M, K]");
+  const int64_t K = x_in.size(1), nb = K / 32;
+  TORCH_CHECK(K % 32 == 0 && packed.dim() == 3 && packed.is_contiguous() && packed.scalar_type() == at::kByte &&
+                  packed.size(0) == (N + kGroupRows - 1) / kGroupRows && packed.size(1) == nb &&
+                  packed.size(2) == packed_block_bytes(kind),
+              "quant_linear: packed uint8 [ceil(N / 16), K / 32, block bytes] expected (pack_quantized)");
 #if QUIRE_AMX
-  if (x_in.scalar_type() == at::kBFloat16 && x_in.size(0) >= kAmxMinRows && x_in.size(1) % 32 == 0 &&
-      amx_permitted()) {
-    const int64_t M = x_in.size(0), K = x_in.size(1), Mp = (M + 15) / 16 * 16;
-    TORCH_CHECK(packed.dim() == 3 && packed.is_contiguous() && packed.scalar_type() == at::kByte &&
-                    packed.size(0) == (N + kGroupRows - 1) / kGroupRows && packed.size(1) == K / 32 &&
-                    packed.size(2) == packed_block_bytes(kind),
-                "quant_linear: packed uint8 [ceil(N / 16), K / 32, block bytes] expected (pack_quantized)");
+  if (x_in.scalar_type() == at::kBFloat16 && x_in.size(0) >= kAmxMinRows && amx_permitted()) {
+    const int64_t M = x_in.size(0), Mp = (M + 15) / 16 * 16;
     at::Tensor x = x_in.contiguous();
     if (Mp != M) {  // the tile rows past M multiply zeros
       at::Tensor padded = at::empty({Mp, K}, x.options());
@@ -909,11 +908,7 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_
 #endif
   // bf16 activations are widened (exact); the float32 result is rounded once at the end.
   const at::Tensor x = x_in.to(at::kFloat).contiguous();
-  const int64_t M = x.size(0), K = x.size(1), nb = K / 32;
-  TORCH_CHECK(K % 32 == 0 && packed.dim() == 3 && packed.is_contiguous() && packed.scalar_type() == at::kByte &&
-                  packed.size(0) == (N + kGroupRows - 1) / kGroupRows && packed.size(1) == nb &&
-                  packed.size(2) == packed_block_bytes(kind),
-              "quant_linear: packed uint8 [ceil(N / 16), K / 32, block bytes] expected (pack_quantized)");
+  const int64_t M = x.size(0);
   at::Tensor out = at::empty({M, N}, x.options());
   const float* xp = x.data_ptr<float>();
   const uint8_t* wp = packed.data_ptr<uint8_t>();
