@@ -153,17 +153,19 @@ def test_linear_picks_the_block_path_by_row_count_and_dtype(loaded):
         layer.weight.copy_(loaded.weights[name])
     layer.quantized = loaded.quantized[name]
     layer.prepare(cpu_kernel.fused_ops())
-    limit = QUANT_ROWS[torch.float32]
+    amx = cpu_kernel.fused_ops().quant_linear_uses_amx()
+    limit = (QUANT_ROWS_AMX if amx else QUANT_ROWS)[torch.float32]
     assert layer._quant_rows == limit
-    for rows in (1, 7, 64, limit, limit + 1):
+    if limit > 600:
+        assert layer._packed is None  # the block path serves every row count: no oneDNN copy
+    for rows in (1, 7, 64, 113, 600) if limit > 600 else (1, 7, 64, limit, limit + 1):
         x = torch.randn(rows, 576)
         got, want = layer(x), x.double() @ layer.weight.detach().double().t()
         assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-6
     # bf16: the block path for a few rows (float32 math, rounded once), bf16 weights beyond
     # (expanded from the blocks on the tile unit where there is one, else oneDNN's copy).
     layer.to(torch.bfloat16).prepare(cpu_kernel.fused_ops())
-    amx = cpu_kernel.fused_ops().quant_linear_uses_amx()
-    assert layer._quant_rows == (QUANT_ROWS_AMX if amx else QUANT_ROWS[torch.bfloat16])
+    assert layer._quant_rows == (QUANT_ROWS_AMX if amx else QUANT_ROWS)[torch.bfloat16]
     assert (layer._packed is None) == amx
     # The tile unit takes over from 5 rows; without one, oneDNN from QUANT_ROWS[bf16] + 1 = 9.
     for rows in ((5, 9, 64, 600) if amx else (9, 64, 600)):

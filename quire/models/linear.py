@@ -3,7 +3,8 @@
 A step's batch ranges from one decode row to a few hundred prefill rows, and no single GEMM call
 is fast across that range on this CPU (see docs/benchmarks.md):
 
-* a GGUF model, up to 112 rows in float32 (in bf16 up to 4 rows, 8 without AMX): ``quant_linear``
+* a GGUF model, in float32 up to 112 rows with AMX, at every row count without (in bf16 up to 4
+  rows with AMX, 8 without; ``QUANT_ROWS``): ``quant_linear``
   reads the weight in its block format (Q4_1: 5 bits a weight instead of 32 or 16), 16 output
   rows side by side, one vector lane each, requesting blocks ahead of use so that DRAM reads
   overlap the arithmetic.
@@ -46,8 +47,13 @@ from torch import nn
 # Row counts for which each path measured fastest here (1 and 2 threads, docs/benchmarks.md).
 SMALL_ROWS = {torch.float32: 2, torch.bfloat16: 3}
 PACKED_ROWS = {torch.float32: range(4, 193), torch.bfloat16: range(4, 513)}
-QUANT_ROWS = {torch.float32: 112, torch.bfloat16: 8}  # bf16 without AMX: oneDNN's wins from ~9 rows
-QUANT_ROWS_AMX = sys.maxsize  # bf16 with the blocks on the tile unit: every row count
+# Up to how many rows a GGUF layer takes the block path (``quant_linear``), by whether the CPU has
+# AMX tile units. Measured on a Sapphire Rapids-class Xeon (AMX; 2 x 512-bit FMA per core, where
+# oneDNN's float32 GEMM pulls ahead from ~113 rows) and on a Zen 4 EPYC (no AMX; the block path
+# matches oneDNN's float32 speed at every row count and beats MKL's by 1.1-1.2x at 512 rows, while
+# in bf16 oneDNN's AVX512-BF16 product wins from ~9 rows).
+QUANT_ROWS = {torch.float32: sys.maxsize, torch.bfloat16: 8}
+QUANT_ROWS_AMX = {torch.float32: 112, torch.bfloat16: sys.maxsize}
 _QUANT_KINDS = {"q4_1": 0, "q8_0": 1}
 _BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
 
@@ -109,9 +115,10 @@ class Linear(nn.Module):
             self._quant_packed = pack_quantized(self.quantized.blocks, self.quantized.kind)
             self._quant_kind = _QUANT_KINDS[self.quantized.kind]
             self.quantized = None
-        self._quant_rows = QUANT_ROWS.get(weight.dtype, 0) if usable and self._quant_packed is not None else 0
-        if self._quant_rows and weight.dtype == torch.bfloat16 and kernels.quant_linear_uses_amx():
-            self._quant_rows = QUANT_ROWS_AMX
+        self._quant_rows = 0
+        if usable and self._quant_packed is not None:
+            limits = QUANT_ROWS_AMX if kernels.quant_linear_uses_amx() else QUANT_ROWS
+            self._quant_rows = limits.get(weight.dtype, 0)
         self._packed = None
         self._packed_rows = PACKED_ROWS.get(weight.dtype, range(0))
         if self._packed_rows and self._packed_rows.stop - 1 <= self._quant_rows:
