@@ -9,7 +9,8 @@ blocks shuffled):
 * prefill: 4 sequences of 256 new tokens without cached context, and the same
   chunk on top of 512 cached tokens;
 
-each for float32 and bfloat16 caches.  Three implementations are timed:
+each for float32 and bfloat16 caches, and a decode step over 30 layers whose K/V does not fit
+in the caches (``--dram-layers``; the kernel only).  Three implementations are timed:
 
 * ``kernel``    - quire.attention.cpu_kernel.paged_attention;
 * ``reference`` - quire.attention.reference.paged_attention_reference (float32
@@ -161,10 +162,31 @@ def bench_cases(dtype: torch.dtype) -> list[Case]:
     ]
 
 
+def dram_decode_step(dtype: torch.dtype, layers: int, min_time: float) -> tuple[float, int]:
+    """(median seconds, K/V bytes) of one decode step's attention over ``layers`` layers.
+
+    41 sequences of 40..400 positions, one cache per layer, called in turn as the model does: the
+    K/V of all layers (433 MB in float32) is far larger than L3, so this measures how well the
+    kernel overlaps DRAM reads with its arithmetic, which the one-layer cases above cannot.
+    """
+    rng = random.Random(0)
+    seq_lens = [rng.randint(40, 400) for _ in range(41)]
+    cases = [make_case("", [1] * len(seq_lens), seq_lens, dtype, seed=layer) for layer in range(layers)]
+    out = torch.empty_like(cases[0].query)
+
+    def step() -> None:
+        for case in cases:
+            cpu_kernel.paged_attention(*case.args, out=out)
+
+    median, _ = time_call(step, min_time)
+    return median, sum(c.bytes_moved() for c in cases)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds per measurement")
+    parser.add_argument("--dram-layers", type=int, default=30, help="layers of the DRAM-resident decode step (0: skip)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -203,6 +225,13 @@ def main(argv: list[str] | None = None) -> None:
                     f"{speedup:>7s} {err:9.2e}"
                 )
             print()
+    if available and args.dram_layers > 0:
+        for dtype in (torch.float32, torch.bfloat16):
+            seconds, moved = dram_decode_step(dtype, args.dram_layers, args.min_time)
+            print(
+                f"decode step, 41 seqs x {args.dram_layers} layers, K/V in DRAM, {dtype}: "
+                f"{seconds * 1e3:.2f} ms, {moved / seconds / 1e9:.1f} GB/s"
+            )
 
 
 if __name__ == "__main__":
