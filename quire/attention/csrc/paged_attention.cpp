@@ -1065,7 +1065,7 @@ void run_all(const Params& p, const std::vector<WorkItem>& items, int nv, const 
     std::vector<float> gbuf;
     // A worker claims its next run before it starts the current one, so the last decode item of
     // a run can request the first K/V rows of the next while it computes.
-    bool warm = false;  // the previous item was a decode item, which requested this one's first rows
+    [[maybe_unused]] bool warm = false;  // the previous item was a decode item, which requested this one's first rows
     int64_t r = next.fetch_add(1, std::memory_order_relaxed);
     while (r < nruns) {
       const int64_t after = next.fetch_add(1, std::memory_order_relaxed);
