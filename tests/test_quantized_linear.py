@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -176,3 +178,29 @@ def test_linear_picks_the_block_path_by_row_count_and_dtype(loaded):
     got = layer(x)
     assert got.dtype == torch.bfloat16
     assert ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()  # one bf16 rounding
+
+
+def test_a_model_frees_the_float_weights_that_no_path_reads(loaded):
+    from quire.attention.torch_backend import TorchAttentionBackend
+    from quire.models.registry import build_model
+
+    for dtype in (torch.float32, torch.bfloat16):
+        model = build_model(loaded, TorchAttentionBackend(), dtype, 64, torch.device("cpu"))
+        linears = [m for m in model.modules() if isinstance(m, Linear) and m is not model.lm_head]
+        assert len(linears) == 4 * 30
+        for layer in linears:
+            served_by_blocks = layer._quant_rows == sys.maxsize
+            assert (layer.weight.numel() == 0) == served_by_blocks
+            assert layer.out_features == layer._quant_packed.shape[0] * 16 or not served_by_blocks
+        assert model.lm_head.weight.numel() == 49152 * 576  # tied: the embedding table stays
+        # Every row count still gives the product of the GGUF weights.
+        layer, name = model.layers[0].mlp.down_proj, "model.layers.0.mlp.down_proj.weight"
+        for rows in (1, 9, 300):
+            x = torch.randn(rows, 1536, generator=torch.Generator().manual_seed(rows)).to(dtype)
+            exact = x.double() @ loaded.weights[name].double().t()
+            magnitude = x.double().abs() @ loaded.weights[name].double().abs().t()
+            if dtype == torch.float32:
+                tol = magnitude * 1e-5  # float32 sums of the exact weights
+            else:  # one rounding of the result, and of the weights on the paths that use bf16 ones
+                tol = (exact.abs() + magnitude) * 2**-8
+            assert ((layer(x).double() - exact).abs() <= tol).all()

@@ -32,10 +32,16 @@ class CausalLM(nn.Module):
         return self.lm_head.compute_logits(hidden)
 
     def prepare(self) -> CausalLM:
-        """Set up the linear layers' fast paths; call after the weights are loaded and cast."""
+        """Set up the linear layers' fast paths; call after the weights are loaded and cast.
+
+        Float weights that no path reads any more are freed; a tied LM head's is the embedding
+        table, which stays.
+        """
         for module in self.modules():
             if isinstance(module, Linear):
                 module.prepare(self.ops.kernels)
+                if not (module is self.lm_head and self.lm_head.tied):
+                    module.release_weight()
         return self
 
     def load_weights(
