@@ -24,8 +24,9 @@
 // Decode items (one query token; head_dim 64 or 128, group <= 8, block_size a
 // multiple of 16) take a loop of their own, run_decode_avx512: the same
 // arithmetic with the per-chunk bookkeeping of the general loop removed, bf16 V
-// widened by one shift or mask per 16 values, and the next chunk's K/V rows
-// requested a few at a time across the current chunk's loops.
+// widened by one shift or mask per 16 values, and the K/V rows of the next two
+// chunks (running on into the next item) requested into L2 across the current
+// chunk's loops.
 //
 // Q.K^T: with few rows (decode), each row is dotted with 16 K rows and the 16
 // partial vectors are reduced together (hsum16_transposed); with many rows
@@ -862,9 +863,8 @@ void run_decode_avx512(const Params& p, const WorkItem& w, const Partials& parts
     }
   }
 
+  if (nchunks > 0) locate(w, kv_lo, kv_hi, cur);
   for (int64_t c = 0; c < nchunks; ++c) {
-    const int64_t j0 = kv_lo + c * kChunk;
-    locate(w, j0, kv_hi, cur);
     const int n = cur.n;
     const int nsub = (n + kSub - 1) / kSub;
     locate_stream(c + kAhead, ahead);
@@ -963,6 +963,7 @@ void run_decode_avx512(const Params& p, const WorkItem& w, const Partials& parts
       prefetch_rows(ahead.k[i / kSub] + (i % kSub) * ks, ks, 1);
       prefetch_rows(ahead.v[i / kSub] + (i % kSub) * vs, vs, 1);
     }
+    cur = near;  // this item's next chunk (when there is one), located for the requests above
   }
 
   if constexpr (kPairs) {
