@@ -7,6 +7,7 @@ import itertools
 import logging
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -107,7 +108,6 @@ class LLMEngine:
                 rendezvous.init_method, 0, rendezvous.size, COLLECTIVE_TIMEOUT
             )
         loaded = load_model_files(path)
-        self.tokenizer = load_tokenizer(path)
         self.arch = loaded.config
         dtype_name = resolve_dtype(args.dtype)
         self.dtype = TORCH_DTYPES[dtype_name]
@@ -137,18 +137,24 @@ class LLMEngine:
             dtype_code = list(TORCH_DTYPES).index(dtype_name)
             self.group.broadcast(torch.tensor([num_blocks, block_size, max_model_len, dtype_code, num_host_blocks]))
 
-        self.attention = TorchAttentionBackend()
-        self.model = build_model(loaded, self.attention, self.dtype, max_model_len, self.device, self.group)
-        del loaded
+        self.cache = CacheEngine(
+            self.arch, num_blocks, block_size, self.dtype, self.device, self.num_local_kv_heads, num_host_blocks
+        )
+        # Backing the pool's pages takes seconds (CacheEngine.back_pages); a thread does it (torch
+        # releases the GIL) while the tokenizer, mostly Python, and the model load.
+        with ThreadPoolExecutor(1, thread_name_prefix="quire-kv-pages") as pool:
+            backing = pool.submit(self.cache.back_pages)
+            self.tokenizer = load_tokenizer(path)
+            self.attention = TorchAttentionBackend()
+            self.model = build_model(loaded, self.attention, self.dtype, max_model_len, self.device, self.group)
+            del loaded
+            backing.result()
 
         self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching, num_host_blocks)
         scheduler_config = dataclasses.replace(
             config.scheduler, max_model_len=max_model_len, swap_min_tokens=SWAP_MIN_TOKENS
         )
         self.scheduler = Scheduler(scheduler_config, self.kv_cache)
-        self.cache = CacheEngine(
-            self.arch, num_blocks, block_size, self.dtype, self.device, self.num_local_kv_heads, num_host_blocks
-        )
         generator = torch.Generator().manual_seed(config.model.seed)
         sampler = Sampler(generator, self.model.ops.kernels)
         self.runner = ModelRunner(self.model, self.cache, sampler, self.device, self.group)
