@@ -214,6 +214,15 @@ def test_bad_engine_arguments_name_the_field():
         LLM(not_an_arg=1)
 
 
+def test_a_kv_pool_larger_than_memory_is_refused_by_name(tiny_llama_dir):
+    """The pool is written in full at start-up: asking for more than the machine has is a clear
+    error before anything is allocated, not the OS killing the process."""
+    with pytest.raises(ValueError, match="kv_cache_memory_gb=100000"):
+        LLM(model=tiny_llama_dir, kv_cache_memory_gb=100_000)
+    with pytest.raises(ValueError, match="num_kv_blocks=1000000000"):
+        LLM(model=tiny_llama_dir, num_kv_blocks=10**9)
+
+
 def test_abort_frees_blocks(llm_fp32):
     engine = llm_fp32.engine
     engine.add_request("abort-me", "A long story begins", SamplingParams(max_tokens=100, ignore_eos=True))

@@ -170,16 +170,25 @@ class LLMEngine:
 
     def _num_kv_blocks(self, config: EngineConfig) -> int:
         cache = config.cache
-        if cache.num_kv_blocks is not None:
-            return cache.num_kv_blocks
         per_block = kv_bytes_per_block(self.arch, cache.block_size, self.dtype, self.num_local_kv_heads)
-        if cache.kv_cache_memory_gb is not None:
-            budget = cache.kv_cache_memory_gb * 2**30
+        available = available_memory_bytes()
+        if cache.num_kv_blocks is not None:
+            num_blocks, field = cache.num_kv_blocks, f"num_kv_blocks={cache.num_kv_blocks}"
         else:
-            budget = min(_KV_MEMORY_FRACTION * available_memory_bytes(), _KV_MEMORY_CAP_GB * 2**30)
-        num_blocks = int(budget // per_block)
-        if num_blocks < 1:
-            raise ValueError(f"kv_cache_memory_gb={cache.kv_cache_memory_gb} is too small for one KV block.")
+            if cache.kv_cache_memory_gb is not None:
+                budget = cache.kv_cache_memory_gb * 2**30
+            else:
+                budget = min(_KV_MEMORY_FRACTION * available, _KV_MEMORY_CAP_GB * 2**30)
+            num_blocks, field = int(budget // per_block), f"kv_cache_memory_gb={cache.kv_cache_memory_gb}"
+            if num_blocks < 1:
+                raise ValueError(f"{field} is too small for one KV block.")
+        # The whole pool is written at start-up (CacheEngine.back_pages): one larger than the memory
+        # left would have the OS kill the process there, so refuse it with a clear error instead.
+        if self.device.type == "cpu" and num_blocks * per_block > available:
+            raise ValueError(
+                f"{field}: a KV pool of {num_blocks * per_block / 2**30:.2f} GiB does not fit in the "
+                f"{available / 2**30:.2f} GiB of memory available."
+            )
         return num_blocks
 
     def _num_host_blocks(self, config: EngineConfig) -> int:
