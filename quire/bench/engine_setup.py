@@ -52,7 +52,6 @@ def set_kv_layout(engine, block_size: int, kv_slots: int) -> None:
         return
     engine.cache = None  # free the old tensor before allocating the new one
     engine.cache = CacheEngine(engine.arch, num_blocks, block_size, engine.dtype, engine.device)
-    engine.cache.back_pages()
     engine.runner = ModelRunner(engine.model, engine.cache, engine.runner.sampler, engine.device)
 
 

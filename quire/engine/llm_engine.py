@@ -138,7 +138,14 @@ class LLMEngine:
             self.group.broadcast(torch.tensor([num_blocks, block_size, max_model_len, dtype_code, num_host_blocks]))
 
         self.cache = CacheEngine(
-            self.arch, num_blocks, block_size, self.dtype, self.device, self.num_local_kv_heads, num_host_blocks
+            self.arch,
+            num_blocks,
+            block_size,
+            self.dtype,
+            self.device,
+            self.num_local_kv_heads,
+            num_host_blocks,
+            back_now=False,
         )
         # Backing the pool's pages takes seconds (CacheEngine.back_pages); a thread does it (torch
         # releases the GIL) while the tokenizer, mostly Python, and the model load.

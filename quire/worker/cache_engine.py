@@ -56,11 +56,11 @@ class CacheEngine:
     """Owns ``kv[layer, k_or_v, block, slot, kv_head, head_dim]`` on the device and ``host_kv`` in host memory.
 
     ``num_kv_heads`` is this rank's share. Both are allocated once, uninitialised (``torch.empty``);
-    the device pool, on a CPU, asks for 2 MB pages (``advise_huge_pages``), and its owner has the
-    OS back all of it before serving (``back_pages``). The host pool, backed as swaps first write
-    it, is where preempted groups are swapped to; on a GPU it is pinned so the copies can be DMA
-    transfers. Every block operation is one gather and one scatter over all layers at once,
-    whatever the block count.
+    the device pool, on a CPU, asks for 2 MB pages (``advise_huge_pages``) and is written in full
+    here (``back_pages``), or later by an owner that passes ``back_now=False`` to overlap it with
+    other start-up work. The host pool, backed as swaps first write it, is where preempted groups
+    are swapped to; on a GPU it is pinned so the copies can be DMA transfers. Every block
+    operation is one gather and one scatter over all layers at once, whatever the block count.
     """
 
     def __init__(
@@ -72,6 +72,7 @@ class CacheEngine:
         device: torch.device,
         num_kv_heads: int | None = None,
         num_host_blocks: int = 0,
+        back_now: bool = True,
     ) -> None:
         self.num_blocks, self.block_size = num_blocks, block_size
         heads = config.num_kv_heads if num_kv_heads is None else num_kv_heads
@@ -83,6 +84,8 @@ class CacheEngine:
         self.layers = [tuple(layer.unbind(0)) for layer in self.kv.unbind(0)]
         host_shape = (*shape[:2], num_host_blocks, *shape[3:])
         self.host_kv = torch.empty(host_shape, dtype=dtype, device="cpu", pin_memory=device.type == "cuda")
+        if back_now:
+            self.back_pages()
 
     def back_pages(self) -> None:
         """Write the whole device pool once, so that the OS backs its pages now and not in the steps

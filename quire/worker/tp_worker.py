@@ -52,7 +52,6 @@ def run_worker(args: EngineArgs, rendezvous: Rendezvous) -> None:
     config = model.config
     heads = len(head_shard(config.num_heads, config.num_kv_heads, group.size, group.rank).kv_heads)
     cache = CacheEngine(config, num_blocks, block_size, dtype, device, heads, num_host_blocks)
-    cache.back_pages()
     runner = ModelRunner(model, cache, None, device, group)
     while (inputs := StepInputs.receive(group)) is not None:
         runner.run(inputs)
