@@ -1,27 +1,25 @@
-"""CPU paged-attention kernel: a PyTorch C++ extension built on first use.
+"""Quire's compiled CPU kernels: a PyTorch C++ extension built on first use, one per ISA level.
 
-The C++ source is ``csrc/paged_attention.cpp`` next to this file.  It is
-compiled with ``torch.utils.cpp_extension.load`` the first time the kernel is
-needed (or ahead of time with :func:`build`) into torch's extension cache,
-which honours ``TORCH_EXTENSIONS_DIR`` and otherwise defaults to
-``~/.cache/torch_extensions``.  A rebuild happens only when the source or the
-flags change.
+The C++ sources are in ``csrc/`` next to this file (paged attention, the fused layer ops, the
+block-format linears). They are compiled with ``torch.utils.cpp_extension.load`` the first time a
+kernel is needed (or ahead of time with :func:`build`) into torch's extension cache, which honours
+``TORCH_EXTENSIONS_DIR`` and otherwise defaults to ``~/.cache/torch_extensions``.
 
-If the compilation fails (no compiler, unsupported platform, ...) a warning is
-logged once and :func:`is_available` returns ``False``; callers should then
-use :func:`quire.attention.reference.paged_attention_reference`.
+Each ISA level (``scalar``, ``avx2``, ``avx512``, ``avx512_bf16``, ``amx`` on x86-64; ``scalar``,
+``neon`` on aarch64; see ``csrc/isa.h``) is compiled with its own target flags into its own
+library and operator namespace ``torch.ops.quire_<level>``, so one process can load several and
+the tests run every level the machine has. The engine uses :func:`isa_level`: the CPU's highest,
+or ``QUIRE_CPU_ISA`` capped at it. A library's name carries the level, a hash of the CPU's flags
+(it is tuned for them) and of the sources, so a shared cache never hands a binary to a CPU that
+cannot run it.
 
-Setting ``QUIRE_DISABLE_CPU_KERNEL=1`` makes the kernel unavailable without
-trying to build it.
+If the compilation fails (no compiler, unsupported platform, ...) a warning is logged once and
+:func:`is_available` returns ``False``; callers then use
+:func:`quire.attention.reference.paged_attention_reference`. ``QUIRE_DISABLE_CPU_KERNEL=1`` makes
+the kernels unavailable without trying to build them.
 
-The library is compiled with ``-march=native``; its cache name carries a hash of
-the CPU's feature flags, so a shared cache directory never hands a binary to
-a CPU that cannot run it, and a hash of the sources and headers.  It registers the operator
-``torch.ops.quire_pa.paged_attention_out`` (which writes into ``out``);
-:func:`paged_attention` is the friendly wrapper.
-
-Parallelism comes from ATen's intra-op thread pool, so
-``torch.set_num_threads`` controls how many threads a call uses.
+Parallelism comes from ATen's intra-op thread pool, so ``torch.set_num_threads`` controls how
+many threads a call uses.
 """
 
 from __future__ import annotations
@@ -36,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["build", "is_available", "paged_attention", "build_seconds"]
+__all__ = ["build", "build_seconds", "is_available", "isa_level", "isa_levels", "kernels", "paged_attention"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,18 +42,21 @@ _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = [_CSRC / "paged_attention.cpp", _CSRC / "fused_ops.cpp"]
 
 
-def _cpu_tag() -> str:
-    """Short hash of the CPU architecture and feature flags."""
-    flags = ""
+def _cpu_flags() -> set[str]:
+    """The CPU's feature flags as the kernel reports them (x86 ``flags``, aarch64 ``Features``)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
                 if line.startswith(("flags", "Features")):
-                    flags = line
-                    break
+                    return set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return hashlib.sha1(f"{platform.machine()} {flags}".encode()).hexdigest()[:10]
+    return set()
+
+
+def _cpu_tag() -> str:
+    """Short hash of the CPU architecture and feature flags (``-mtune=native`` depends on them)."""
+    return hashlib.sha1(f"{platform.machine()} {sorted(_cpu_flags())}".encode()).hexdigest()[:10]
 
 
 def _source_tag() -> str:
@@ -66,34 +67,95 @@ def _source_tag() -> str:
     return digest.hexdigest()[:8]
 
 
-_EXT_NAME = f"quire_cpu_{_cpu_tag()}_{_source_tag()}"
-_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-DNDEBUG"]
+# ISA levels, lowest first: the CPU flags each needs and the target flags it is compiled with.
+# ATen's vector layer follows CPU_CAPABILITY (256-bit on AVX2, 512-bit on AVX-512, NEON on aarch64).
+_X86_LEVELS = {
+    "scalar": ((), ["-march=x86-64", "-DQUIRE_SCALAR=1"]),
+    "avx2": (("avx2", "fma", "f16c"), ["-march=x86-64-v3", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]),
+    "avx512": (
+        ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512cd"),
+        ["-march=x86-64-v4", "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    ),
+}
+_X86_LEVELS["avx512_bf16"] = (
+    _X86_LEVELS["avx512"][0] + ("avx512_bf16", "avx512_vnni"),
+    _X86_LEVELS["avx512"][1] + ["-mavx512bf16", "-mavx512vnni"],
+)
+_X86_LEVELS["amx"] = (
+    _X86_LEVELS["avx512_bf16"][0] + ("amx_tile", "amx_bf16"),
+    _X86_LEVELS["avx512_bf16"][1] + ["-mamx-tile", "-mamx-bf16"],
+)
+_ARM_LEVELS = {
+    "scalar": ((), ["-DQUIRE_SCALAR=1"]),
+    "neon": (("asimd",), ["-DCPU_CAPABILITY=DEFAULT"]),
+}
+ISA_ENV = "QUIRE_CPU_ISA"
+
+
+def _level_table() -> dict[str, tuple[tuple[str, ...], list[str]]]:
+    return _ARM_LEVELS if platform.machine().lower() in ("aarch64", "arm64") else _X86_LEVELS
+
+
+def isa_levels() -> list[str]:
+    """Every ISA level this CPU can run, lowest first (``scalar`` always)."""
+    flags = _cpu_flags()
+    return [name for name, (needs, _) in _level_table().items() if all(f in flags for f in needs)]
+
+
+def isa_level() -> str:
+    """The level the engine's kernels are built for: the CPU's highest, or ``QUIRE_CPU_ISA`` capped at it.
+
+    Raises:
+        ValueError: if ``QUIRE_CPU_ISA`` names no level of this architecture.
+    """
+    levels = isa_levels()
+    wanted = os.environ.get(ISA_ENV, "").strip().lower()
+    if not wanted:
+        return levels[-1]
+    table = list(_level_table())
+    if wanted not in table:
+        raise ValueError(f"{ISA_ENV}={wanted!r}: expected one of {', '.join(table)}")
+    if wanted not in levels:
+        logger.warning("%s=%s: this CPU runs at most %s; using that", ISA_ENV, wanted, levels[-1])
+        return levels[-1]
+    return wanted
+
+
+_CFLAGS = ["-O3", "-fopenmp", "-DNDEBUG", "-fvisibility=hidden"]
 _LDFLAGS = ["-fopenmp"]
 
 _lock = threading.Lock()
-_ops = None  # torch.ops.quire_pa once loaded
-_failed = False
-_build_seconds: float | None = None
+_loaded: dict[str, object] = {}  # level -> torch.ops namespace
+_failed: set[str] = set()
+_build_seconds: dict[str, float] = {}
 
 
-def _load():
-    """Compile (or fetch from the cache) and load the extension, once.
+def _build_flags(level: str) -> list[str]:
+    tune = ["-mtune=native"] if platform.machine().lower() in ("x86_64", "amd64") else []
+    return _CFLAGS + _level_table()[level][1] + tune + [f"-DQUIRE_PA_NAMESPACE=quire_{level}"]
 
-    Returns the ``torch.ops.quire_pa`` namespace or None if unavailable.
+
+def _load(level: str | None = None):
+    """Compile (or fetch from the cache) and load the extension for ``level``, once.
+
+    Returns the ``torch.ops.quire_<level>`` namespace or None if unavailable. Each level is its
+    own library with its own operator namespace, so one process can load several (the tests
+    compare them).
     """
-    global _ops, _failed, _build_seconds
-    if _ops is not None or _failed:
-        return _ops
+    level = level or isa_level()
+    if level in _loaded or level in _failed:
+        return _loaded.get(level)
     with _lock:
-        if _ops is not None or _failed:
-            return _ops
+        if level in _loaded or level in _failed:
+            return _loaded.get(level)
         if os.environ.get("QUIRE_DISABLE_CPU_KERNEL", "") not in ("", "0"):
             logger.warning(
-                "quire CPU paged-attention kernel disabled by QUIRE_DISABLE_CPU_KERNEL; "
-                "use the reference implementation"
+                "quire CPU kernels disabled by QUIRE_DISABLE_CPU_KERNEL; use the reference implementation"
             )
-            _failed = True
+            _failed.add(level)
             return None
+        if level not in isa_levels():
+            raise ValueError(f"ISA level {level!r} is not one this CPU runs ({', '.join(isa_levels())})")
         start = time.perf_counter()
         try:
             from torch.utils.cpp_extension import load
@@ -101,30 +163,31 @@ def _load():
             # The library registers its operators with the dispatcher
             # (TORCH_LIBRARY) instead of being a Python module.
             load(
-                name=_EXT_NAME,
+                name=f"quire_cpu_{level}_{_cpu_tag()}_{_source_tag()}",
                 sources=[str(p) for p in _SOURCES],
-                extra_cflags=_CFLAGS,
+                extra_cflags=_build_flags(level),
                 extra_ldflags=_LDFLAGS,
                 is_python_module=False,
                 verbose=False,
             )
-            ops = torch.ops.quire_pa
+            ops = getattr(torch.ops, f"quire_{level}")
             ops.paged_attention_out  # noqa: B018 - raises if the registration is missing
             ops.add_rms_norm  # noqa: B018
             ops.small_linear  # noqa: B018
         except Exception as exc:  # compiler missing, build error, load error, ...
-            _failed = True
+            _failed.add(level)
             logger.warning(
-                "quire CPU paged-attention kernel could not be built (%s: %s); "
+                "quire CPU kernels (%s) could not be built (%s: %s); "
                 "callers should use quire.attention.reference.paged_attention_reference",
+                level,
                 type(exc).__name__,
                 exc,
             )
             return None
-        _ops = ops
-        _build_seconds = time.perf_counter() - start
-        logger.debug("quire CPU paged-attention kernel ready in %.1fs", _build_seconds)
-        return _ops
+        _loaded[level] = ops
+        _build_seconds[level] = time.perf_counter() - start
+        logger.debug("quire CPU kernels (%s) ready in %.1fs", level, _build_seconds[level])
+        return ops
 
 
 def is_available() -> bool:
@@ -132,14 +195,19 @@ def is_available() -> bool:
     return _load() is not None
 
 
-def build() -> bool:
-    """Pre-compile the extension (for a Makefile / image build). Returns success."""
-    return is_available()
+def build(level: str | None = None) -> bool:
+    """Pre-compile the extension for ``level`` (default: :func:`isa_level`). Returns success."""
+    return _load(level) is not None
 
 
 def build_seconds() -> float | None:
-    """Wall time the first successful :func:`is_available` took (compile or cache load)."""
-    return _build_seconds
+    """Wall time the first successful load of the engine's level took (compile or cache load)."""
+    return _build_seconds.get(isa_level())
+
+
+def kernels(level: str | None = None):
+    """``torch.ops.quire_<level>``: every compiled op built for ``level`` (default :func:`isa_level`), or None."""
+    return _load(level)
 
 
 def paged_attention(
@@ -192,13 +260,13 @@ def paged_attention(
 
 
 def fused_ops():
-    """``torch.ops.quire_pa`` with the fused layer ops (add_rms_norm, rotary_inplace, silu_and_mul,
-    small_linear), or None."""
+    """The engine level's op namespace with the fused layer ops (add_rms_norm, rotary_inplace,
+    silu_and_mul, small_linear, quant_linear, ...), or None."""
     return _load()
 
 
 def _extension():
-    """The registered operator namespace (``torch.ops.quire_pa``) or None.
+    """The engine level's op namespace or None.
 
     ``paged_attention_out(..., scale, out, force_generic, zero_uncovered)``;
     tests use ``force_generic=True`` to exercise the portable scalar path.

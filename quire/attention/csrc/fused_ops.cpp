@@ -28,13 +28,10 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512DQ__)
-#define QUIRE_AVX512 1
-#else
-#define QUIRE_AVX512 0
-#endif
+#include "isa.h"
 
 #include "vec512.h"
+#include "portable_vec.h"
 
 namespace quire_pa {
 // paged_attention.cpp: attention of [T, heads, head_dim] queries over the paged cache.

@@ -61,15 +61,10 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && \
-    defined(__AVX512DQ__)
-#define QUIRE_AVX512 1
-#include <immintrin.h>
-#else
-#define QUIRE_AVX512 0
-#endif
+#include "isa.h"
 
 #include "vec512.h"
+#include "portable_vec.h"
 
 namespace quire_pa {
 

@@ -1,5 +1,5 @@
 // AVX-512 helpers shared by the CPU kernels: bf16 <-> fp32 vectors, exp2, transposed reductions.
-// Included after QUIRE_AVX512 is defined; empty without AVX-512.
+// Included after isa.h; empty without AVX-512.
 #pragma once
 
 #include <c10/util/BFloat16.h>
