@@ -87,14 +87,16 @@ def test_small_linear_rows_do_not_depend_on_the_batch():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_linear_every_path_agrees_with_torch(dtype):
-    from quire.models.linear import PACKED_ROWS, SMALL_ROWS, Linear
+    from quire.models.calibration import linear_plan
+    from quire.models.linear import Linear
 
     layer = Linear(576, 192)
     with torch.no_grad():
         layer.weight.copy_(torch.randn(192, 576))
     layer = layer.to(dtype)
     layer.prepare(cpu_kernel.fused_ops())
-    for rows in (1, SMALL_ROWS[dtype] + 1, PACKED_ROWS[dtype].start, PACKED_ROWS[dtype].stop):
+    plan = linear_plan(cpu_kernel.fused_ops(), dtype)
+    for rows in sorted({1, plan.small_rows, plan.small_rows + 1, plan.packed_from, plan.packed_to + 1, 600} - {0}):
         x = torch.randn(rows, 576).to(dtype)
         _close(layer(x), x.double() @ layer.weight.detach().double().t(), dtype)
 

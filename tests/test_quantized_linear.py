@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from quire.attention import cpu_kernel
-from quire.models.linear import QUANT_ROWS, QUANT_ROWS_AMX, Linear, pack_quantized
+from quire.models.calibration import LinearPlan, linear_plan, onednn_available
+from quire.models.linear import Linear, pack_quantized
 from quire.models.loader import default_model_path, load_model_files
 
 pytestmark = pytest.mark.skipif(not cpu_kernel.is_available(), reason="CPU extension did not build")
@@ -148,36 +149,54 @@ def test_packing_a_row_count_that_is_not_a_multiple_of_16_pads_with_zero_rows():
     assert not packed[0, :, 10:32].any() and not packed[0, :, 42:64].any() and not padding.any()
 
 
-def test_linear_picks_the_block_path_by_row_count_and_dtype(loaded):
+def _o_proj(loaded) -> Linear:
     name = "model.layers.0.self_attn.o_proj.weight"
     layer = Linear(576, 576)
     with torch.no_grad():
         layer.weight.copy_(loaded.weights[name])
     layer.quantized = loaded.quantized[name]
-    layer.prepare(cpu_kernel.fused_ops())
-    amx = cpu_kernel.fused_ops().quant_linear_uses_amx()
-    limit = (QUANT_ROWS_AMX if amx else QUANT_ROWS)[torch.float32]
-    assert layer._quant_rows == limit
-    if limit > 600:
-        assert layer._packed is None  # the block path serves every row count: no oneDNN copy
-    for rows in (1, 7, 64, 113, 600) if limit > 600 else (1, 7, 64, limit, limit + 1):
-        x = torch.randn(rows, 576)
-        got, want = layer(x), x.double() @ layer.weight.detach().double().t()
-        assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-6
-    # bf16: the block path for a few rows (float32 math, rounded once), bf16 weights beyond
-    # (expanded from the blocks on the tile unit where there is one, else oneDNN's copy).
-    layer.to(torch.bfloat16).prepare(cpu_kernel.fused_ops())
-    assert layer._quant_rows == (QUANT_ROWS_AMX if amx else QUANT_ROWS)[torch.bfloat16]
-    assert (layer._packed is None) == amx
-    # The tile unit takes over from 5 rows; without one, oneDNN from QUANT_ROWS[bf16] + 1 = 9.
-    for rows in ((5, 9, 64, 600) if amx else (9, 64, 600)):
+    return layer
+
+
+def test_linear_follows_this_machines_plan(loaded):
+    kernels = cpu_kernel.fused_ops()
+    for dtype in (torch.float32, torch.bfloat16):
+        plan = linear_plan(kernels, dtype)
+        assert plan == linear_plan(kernels, dtype)  # measured once, then read from the cache
+        layer = _o_proj(loaded).to(dtype)
+        layer.prepare(kernels)
+        assert layer._quant_rows == plan.quant_rows and layer._small_rows == plan.small_rows
+        assert (layer._packed is None) == (not plan.packed_range() or plan.packed_to <= plan.quant_rows)
+
+
+@pytest.mark.parametrize("quant_rows", [0, 8, 64, sys.maxsize])
+def test_every_path_a_plan_can_choose_gives_the_gguf_product(loaded, quant_rows):
+    """Whatever row limits a machine measures, each row count's path computes the same product."""
+    kernels = cpu_kernel.fused_ops()
+    weight = loaded.weights["model.layers.0.self_attn.o_proj.weight"]
+    plan = LinearPlan(quant_rows=quant_rows, small_rows=2, packed_from=4, packed_to=192)
+    layer = _o_proj(loaded)
+    layer.prepare(kernels, plan)
+    assert layer._quant_rows == quant_rows
+    assert (layer._packed is None) == (quant_rows >= 192 or not onednn_available(torch.float32))
+    for rows in (1, 2, 3, 7, 8, 9, 64, 65, 193, 600):
+        x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
+        got, want = layer(x), x.double() @ weight.double().t()
+        assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-6, rows
+    # bf16: the block path is float32 math rounded once (on the tile unit, from 5 rows, the bf16
+    # weights); the other paths multiply the bf16 weights.
+    layer = _o_proj(loaded).to(torch.bfloat16)
+    layer.prepare(kernels, plan)
+    amx = kernels.quant_linear_uses_amx()
+    for rows in (1, 2, 5, 8, 9, 64, 600):
         x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
-        assert_bf16_product(layer(x), x, loaded.weights[name].to(torch.bfloat16))
-    x = torch.randn(2, 576, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    exact = x.double() @ loaded.weights[name].double().t()  # the GGUF weights, not their bf16 rounding
-    got = layer(x)
-    assert got.dtype == torch.bfloat16
-    assert ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all()  # one bf16 rounding
+        got = layer(x)
+        if rows <= quant_rows and not (amx and rows >= 5):
+            exact = x.double() @ weight.double().t()  # the GGUF weights, not their bf16 rounding
+            assert got.dtype == torch.bfloat16
+            assert ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all(), rows  # one rounding
+        else:
+            assert_bf16_product(got, x, weight.to(torch.bfloat16))
 
 
 def test_a_model_frees_the_float_weights_that_no_path_reads(loaded):

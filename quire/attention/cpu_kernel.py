@@ -42,7 +42,7 @@ _CSRC = Path(__file__).resolve().parent / "csrc"
 _SOURCES = [_CSRC / "paged_attention.cpp", _CSRC / "fused_ops.cpp"]
 
 
-def _cpu_flags() -> set[str]:
+def cpu_flags() -> set[str]:
     """The CPU's feature flags as the kernel reports them (x86 ``flags``, aarch64 ``Features``)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -56,10 +56,10 @@ def _cpu_flags() -> set[str]:
 
 def _cpu_tag() -> str:
     """Short hash of the CPU architecture and feature flags (``-mtune=native`` depends on them)."""
-    return hashlib.sha1(f"{platform.machine()} {sorted(_cpu_flags())}".encode()).hexdigest()[:10]
+    return hashlib.sha1(f"{platform.machine()} {sorted(cpu_flags())}".encode()).hexdigest()[:10]
 
 
-def _source_tag() -> str:
+def source_tag() -> str:
     """Short hash of every file in csrc/: torch's rebuild check sees the sources, not the headers."""
     digest = hashlib.sha1()
     for path in sorted(_CSRC.iterdir()):
@@ -98,7 +98,7 @@ def _level_table() -> dict[str, tuple[tuple[str, ...], list[str]]]:
 
 def isa_levels() -> list[str]:
     """Every ISA level this CPU can run, lowest first (``scalar`` always)."""
-    flags = _cpu_flags()
+    flags = cpu_flags()
     return [name for name, (needs, _) in _level_table().items() if all(f in flags for f in needs)]
 
 
@@ -163,7 +163,7 @@ def _load(level: str | None = None):
             # The library registers its operators with the dispatcher
             # (TORCH_LIBRARY) instead of being a Python module.
             load(
-                name=f"quire_cpu_{level}_{_cpu_tag()}_{_source_tag()}",
+                name=f"quire_cpu_{level}_{_cpu_tag()}_{source_tag()}",
                 sources=[str(p) for p in _SOURCES],
                 extra_cflags=_build_flags(level),
                 extra_ldflags=_LDFLAGS,
@@ -203,6 +203,11 @@ def build(level: str | None = None) -> bool:
 def build_seconds() -> float | None:
     """Wall time the first successful load of the engine's level took (compile or cache load)."""
     return _build_seconds.get(isa_level())
+
+
+def level_of(ops) -> str:
+    """The ISA level a namespace returned by :func:`kernels` was built for."""
+    return next(level for level, loaded in _loaded.items() if loaded is ops)
 
 
 def kernels(level: str | None = None):

@@ -136,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
     add_engine_args(gen)
     gen.set_defaults(func=_generate)
 
+    from quire.entrypoints import env
+
+    env.add_parser(commands)
+
     bench = commands.add_parser("bench", help="benchmarks reproducing the paper's comparisons (tables, JSON, PNGs)")
     from quire.bench.cli import add_bench_commands
 

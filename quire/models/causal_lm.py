@@ -7,14 +7,20 @@ family needs no tensor-parallel code of its own.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
+from quire.attention.cpu_kernel import isa_level
+from quire.models.calibration import LinearPlan, linear_plan
 from quire.models.linear import Linear
 from quire.models.loader import BlockQuantized
 from quire.models.parallel_layers import ColumnParallelLinear, ParallelLMHead
 
 # (module name, parameter name, fused part or "", tensor) — what one checkpoint tensor fills.
+logger = logging.getLogger(__name__)
+
 Target = tuple[str, str, str, torch.Tensor | None]
 
 
@@ -37,9 +43,15 @@ class CausalLM(nn.Module):
         Float weights that no path reads any more are freed; a tied LM head's is the embedding
         table, which stays.
         """
+        plans: dict[torch.dtype, LinearPlan] = {}
         for module in self.modules():
             if isinstance(module, Linear):
-                module.prepare(self.ops.kernels)
+                dtype = module.weight.dtype
+                if dtype not in plans:
+                    plans[dtype] = linear_plan(self.ops.kernels, dtype)
+                    if self.ops.kernels is not None:
+                        logger.info("CPU kernels %s; %s linears: %s", isa_level(), dtype, plans[dtype].describe())
+                module.prepare(self.ops.kernels, plans[dtype])
                 if not (module is self.lm_head and self.lm_head.tied):
                     module.release_weight()
         return self
