@@ -55,6 +55,7 @@ from typing import Any
 
 import torch
 
+from quire.bench.machine import gemm_peak_gflops, linear_traffic, read_bandwidth_gbs
 from quire.bench.workload import (
     BenchRequest,
     WorkloadSummary,
@@ -67,6 +68,8 @@ TARGET_FP32_SPEEDUP = 5.0
 TARGET_BEST_SPEEDUP = 10.0
 TARGET_SINGLE_MS_PER_TOKEN = 15.0
 
+BATCHED_DECODE_SEQS = 64
+BATCHED_DECODE_TOKENS = 33
 QUICK_NUM_REQUESTS = 16
 WARMUP_REQUESTS = 4
 WARMUP_TOKENS = 8
@@ -355,6 +358,24 @@ def run_quire(
             one_request, len(single_prompt), cfg.single_output_len, cfg.single_repeats
         )
     result.contention["single_stream"] = timer.load
+
+    # A decode step of BATCHED_DECODE_SEQS sequences, prefill cancelled out as in the single stream.
+    batch_prompts = [{"prompt_token_ids": list(requests[i % len(requests)].prompt_token_ids[:32])}
+                     for i in range(BATCHED_DECODE_SEQS)]
+
+    def batch_of(n: int) -> int:
+        sp = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+        outs = llm.generate(batch_prompts, sp, use_tqdm=False)
+        return min(len(o.outputs[0].token_ids) for o in outs)
+
+    with Timer(f"{result.engine} batched decode", cfg.wait_idle_s) as timer:
+        batched = measure_single_stream(batch_of, 32, BATCHED_DECODE_TOKENS, 2)
+    result.contention["batched_decode"] = timer.load
+    weight_bytes, _ = linear_traffic(llm.engine.model, 1)
+    _, step_flops = linear_traffic(llm.engine.model, BATCHED_DECODE_SEQS)
+    result.details["weight_bytes_per_token"] = weight_bytes
+    result.details["batched_decode_step_ms"] = batched.ms_per_token
+    result.details["batched_decode_gflops"] = step_flops / (batched.ms_per_token * 1e-3) / 1e9
     return result
 
 
@@ -472,6 +493,7 @@ def run_hf(
             one_request, len(single_prompt), cfg.single_output_len, cfg.single_repeats
         )
     result.contention["single_stream"] = timer.load
+
     return result
 
 
@@ -518,7 +540,8 @@ def environment() -> dict[str, Any]:
         "cpu_model": _cpu_model(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": usable_cpus,
-        "quire_attention_kernel": cpu_kernel.is_available(),
+        "quire_kernels": cpu_kernel.isa_level() if cpu_kernel.is_available() else "none (PyTorch paths)",
+        "isa_levels": " ".join(cpu_kernel.isa_levels()),
         "load_average_start": _load_average(),
     }
 
@@ -681,6 +704,43 @@ def print_comparison(figures: dict[str, Any]) -> None:
             f"(target <= {single['target']:g})  {_verdict(single['pass'])}")
     else:
         say("Quire single-stream decode: n/a")
+
+
+def machine_figures(results: Sequence[RunResult], cfg: BenchConfig) -> dict[str, Any]:
+    """Quire's decode against what the machine allows, measured now: the weight-read bound of one
+    step and the GEMM peak in the dtype used."""
+    bandwidth = read_bandwidth_gbs()
+    figures: dict[str, Any] = {"read_bandwidth_gbs": bandwidth, "dtypes": {}}
+    for dtype in cfg.dtypes:
+        runs = [r for r in results if r.engine == "quire" and r.dtype == dtype and r.ok]
+        if not runs:
+            continue
+        peak = gemm_peak_gflops(_TORCH_DTYPES[dtype])
+        weight_bytes = runs[0].details["weight_bytes_per_token"]
+        figures["dtypes"][dtype] = {
+            "gemm_peak_gflops": peak,
+            "weight_mb_per_token": weight_bytes / 1e6,
+            "weight_read_bound_ms": weight_bytes / (bandwidth * 1e9) * 1e3,
+            "single_ms_per_token": statistics.median(r.ms_per_token for r in runs),
+            "batched_decode_gflops": statistics.median(r.details["batched_decode_gflops"] for r in runs),
+        }
+    return figures
+
+
+def print_machine(figures: dict[str, Any], env: dict[str, Any]) -> None:
+    say(f"machine: {env['cpu_model']}, kernels {env['quire_kernels']} (levels: {env['isa_levels']}), "
+        f"{env['usable_cpus']} CPUs, {env['torch_threads']} threads; read bandwidth "
+        f"{figures['read_bandwidth_gbs']:.1f} GB/s")
+    for dtype, f in figures["dtypes"].items():
+        say(f"  {dtype}: single-stream decode {f['single_ms_per_token']:.2f} ms/token, weight-read bound "
+            f"{f['weight_read_bound_ms']:.2f} ms ({f['weight_mb_per_token']:.1f} MB of weights a token / "
+            f"bandwidth): {f['single_ms_per_token'] / f['weight_read_bound_ms']:.2f}x the bound")
+        say(f"  {dtype}: decode step of {BATCHED_DECODE_SEQS} sequences {f['batched_decode_gflops']:.1f} GFLOP/s "
+            f"in the linears = {100 * f['batched_decode_gflops'] / f['gemm_peak_gflops']:.0f}% of the "
+            f"{GEMM_LABEL} GEMM peak {f['gemm_peak_gflops']:.1f} GFLOP/s")
+
+
+GEMM_LABEL = "torch.mm 2048x2048"
 
 
 def agreement(results: Sequence[RunResult]) -> dict[str, Any] | None:
@@ -882,6 +942,8 @@ def run(cfg: BenchConfig) -> int:
     say("")
     figures = combine_rounds([compare(round_results) for round_results in rounds] or [{}])
     print_comparison(figures)
+    figures["machine"] = machine_figures(results, cfg)
+    print_machine(figures["machine"], env)
     agree = agreement(results)
     if agree:
         say(f"greedy float32 agreement with transformers: {agree['identical']}/{agree['requests']} requests "

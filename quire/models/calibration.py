@@ -38,7 +38,7 @@ SMALL_LADDER_TOP = 8  # small_linear is timed only up to here
 # The synthetic layer: K x N like a model's projections, four copies so the weights a round reads
 # (16 MB in float32) are not all cache-resident, as a model's are not.
 CAL_K, CAL_N, CAL_COPIES = 1024, 1024, 4
-CAL_REPEATS = 2  # timed rounds per (path, rows) after one warm-up round; the fastest counts
+CAL_REPEATS = 3  # timed rounds per (path, rows) after one warm-up round; the fastest counts
 RECALIBRATE_ENV = "QUIRE_RECALIBRATE"  # "1": measure again and overwrite the cached plan
 
 
@@ -167,11 +167,8 @@ def _measure(kernels, dtype: torch.dtype) -> LinearPlan:
     best: dict[int, dict[str, float]] = {}
     for rows in ROW_LADDER:
         x = torch.randn(rows, CAL_K, generator=gen).to(dtype)
-        best[rows] = {}
-        for name, fn in paths.items():
-            if name == "small" and rows > SMALL_LADDER_TOP:
-                continue
-            best[rows][name] = _time(fn, x)
+        timed = {name: fn for name, fn in paths.items() if name != "small" or rows <= SMALL_LADDER_TOP}
+        best[rows] = _time_alternating(timed, x)
     float_paths = [p for p in ("small", "packed", "dense") if p in paths]
     plan = LinearPlan(
         quant_rows=_last_win(best, "quant", ["quant", *float_paths]),
@@ -185,15 +182,19 @@ def _measure(kernels, dtype: torch.dtype) -> LinearPlan:
     return plan
 
 
-def _time(fn, x: torch.Tensor) -> float:
-    for i in range(CAL_COPIES):  # warm-up: first-touch, oneDNN's primitive cache
-        fn(x, i)
-    fastest = float("inf")
-    for _ in range(CAL_REPEATS):
-        t0 = time.perf_counter()
-        for i in range(CAL_COPIES):
+def _time_alternating(paths: dict, x: torch.Tensor) -> dict[str, float]:
+    """The fastest round of each path, the paths taking turns so that a busy moment of the machine
+    slows all of them rather than deciding between them."""
+    for fn in paths.values():
+        for i in range(CAL_COPIES):  # warm-up: first touch, oneDNN's primitive cache
             fn(x, i)
-        fastest = min(fastest, time.perf_counter() - t0)
+    fastest = dict.fromkeys(paths, float("inf"))
+    for _ in range(CAL_REPEATS):
+        for name, fn in paths.items():
+            t0 = time.perf_counter()
+            for i in range(CAL_COPIES):
+                fn(x, i)
+            fastest[name] = min(fastest[name], time.perf_counter() - t0)
     return fastest
 
 

@@ -112,6 +112,17 @@ class Linear(nn.Module):
         self.weight = nn.Parameter(self.weight.detach().new_empty(0, self.weight.shape[1]), requires_grad=False)
         return True
 
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    def weight_bytes_read(self, rows: int) -> int:
+        """The bytes of weights a product of ``rows`` rows reads: the block format where that path
+        serves the row count, else the float weight (what bounds a decode step's speed)."""
+        if rows <= self._quant_rows:
+            return self._quant_packed.numel()
+        return self.out_features * self.in_features * self.weight.element_size()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.matmul(x)
         return out if self.bias is None else out.add_(self.bias)

@@ -1,0 +1,53 @@
+"""What the machine can do, measured in the same run as the figures it bounds.
+
+* read bandwidth: GB/s of a multi-threaded sum over a buffer far larger than any cache;
+* GEMM peak: GFLOP/s of PyTorch's largest-square matrix product in a dtype (MKL / oneDNN);
+* the weight-read bound of one decode step: the bytes of weights a one-row step reads (the
+  block format where the block path serves one row), divided by the read bandwidth.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+BANDWIDTH_BYTES = 1 << 30  # 1 GiB: far past the last-level cache
+GEMM_SIZE = 2048
+REPEATS = 5
+
+
+def read_bandwidth_gbs() -> float:
+    """Best of a few full reads of a 1 GiB float32 buffer (``torch.sum`` over all threads)."""
+    x = torch.ones(BANDWIDTH_BYTES // 4)
+    x.sum()  # first touch
+    best = float("inf")
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - start)
+    return BANDWIDTH_BYTES / best / 1e9
+
+
+def gemm_peak_gflops(dtype: torch.dtype) -> float:
+    """Best of a few ``torch.mm`` of two 2048 x 2048 matrices in ``dtype``."""
+    a = torch.randn(GEMM_SIZE, GEMM_SIZE).to(dtype)
+    b = torch.randn(GEMM_SIZE, GEMM_SIZE).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * GEMM_SIZE**3 / best / 1e9
+
+
+def linear_traffic(model: torch.nn.Module, rows: int) -> tuple[int, int]:
+    """(weight bytes read, multiply-add FLOPs) of every linear layer (LM head included) for ``rows`` rows."""
+    from quire.models.linear import Linear
+
+    layers = [m for m in model.modules() if isinstance(m, Linear)]
+    return (
+        sum(layer.weight_bytes_read(rows) for layer in layers),
+        sum(2 * rows * layer.in_features * layer.out_features for layer in layers),
+    )
