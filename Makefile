@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup serve test bench lint clean
+CROSS_CXX := aarch64-linux-gnu-g++
+
+.PHONY: setup serve test bench lint clean cross-compiler
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON)"; exit 1; }
@@ -21,7 +23,14 @@ setup: $(STAMP)
 serve: setup
 	$(BIN)/quire serve --host 127.0.0.1 --port 8000
 
-test: setup
+# The ARM build test cross-compiles the kernels; without root or apt it is skipped.
+cross-compiler:
+	@command -v $(CROSS_CXX) >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q g++-aarch64-linux-gnu >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null && apt-get install -y -q g++-aarch64-linux-gnu >/dev/null; }; }; } || \
+	  echo "no $(CROSS_CXX): the aarch64 build test will be skipped"
+
+test: setup cross-compiler
 	$(BIN)/ruff check quire tests
 	$(BIN)/python -m pytest -q
 

@@ -92,8 +92,12 @@ _ARM_LEVELS = {
 ISA_ENV = "QUIRE_CPU_ISA"
 
 
-def _level_table() -> dict[str, tuple[tuple[str, ...], list[str]]]:
-    return _ARM_LEVELS if platform.machine().lower() in ("aarch64", "arm64") else _X86_LEVELS
+def _is_arm(machine: str | None = None) -> bool:
+    return (machine or platform.machine()).lower() in ("aarch64", "arm64")
+
+
+def _level_table(machine: str | None = None) -> dict[str, tuple[tuple[str, ...], list[str]]]:
+    return _ARM_LEVELS if _is_arm(machine) else _X86_LEVELS
 
 
 def isa_levels() -> list[str]:
@@ -130,9 +134,18 @@ _failed: set[str] = set()
 _build_seconds: dict[str, float] = {}
 
 
-def _build_flags(level: str) -> list[str]:
-    tune = ["-mtune=native"] if platform.machine().lower() in ("x86_64", "amd64") else []
-    return _CFLAGS + _level_table()[level][1] + tune + [f"-DQUIRE_PA_NAMESPACE=quire_{level}"]
+def build_flags(level: str, machine: str | None = None) -> list[str]:
+    """The compiler flags of ``level``'s library for ``machine`` (default: this one's architecture).
+
+    Tests cross-compile the sources with them for the architectures this machine is not.
+    """
+    tune = ["-mtune=native"] if machine is None and not _is_arm() else []
+    return _CFLAGS + _level_table(machine)[level][1] + tune + [f"-DQUIRE_PA_NAMESPACE=quire_{level}"]
+
+
+def sources() -> list[Path]:
+    """The C++ sources every level's library is compiled from."""
+    return list(_SOURCES)
 
 
 def _load(level: str | None = None):
@@ -165,7 +178,7 @@ def _load(level: str | None = None):
             load(
                 name=f"quire_cpu_{level}_{_cpu_tag()}_{source_tag()}",
                 sources=[str(p) for p in _SOURCES],
-                extra_cflags=_build_flags(level),
+                extra_cflags=build_flags(level),
                 extra_ldflags=_LDFLAGS,
                 is_python_module=False,
                 verbose=False,
