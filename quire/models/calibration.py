@@ -4,9 +4,9 @@ A step's batch ranges from one decode row to hundreds of prefill rows, and which
 product paths is fastest at a row count depends on the CPU (vector width, AMX, memory bandwidth,
 cores), not on the model. So the crossovers are not tables: on first use a short calibration times
 every path on a synthetic layer at a ladder of row counts and keeps, for each dtype, up to how
-many rows each path wins. The result is cached on disk (``$XDG_CACHE_HOME/quire``, else
-``~/.cache/quire``), keyed by the CPU's flags, the core and thread counts, the ISA level and a
-hash of the kernels' sources, so later processes on the same machine start without measuring.
+many rows each path wins. The result is cached on disk (``cache_dir()/calibration.json``), keyed
+by the CPU's flags, the core and thread counts, the ISA level and a hash of the kernels' sources,
+so later processes on the same machine start without measuring.
 
 The paths (``models/linear.py``):
 
@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from quire.cache_dir import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -105,8 +107,7 @@ def linear_plan(kernels, dtype: torch.dtype) -> LinearPlan:
 
 
 def _cache_path() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "quire" / "calibration.json"
+    return cache_dir() / "calibration.json"
 
 
 def _cache_key(level: str, source: str, dtype: torch.dtype) -> str:

@@ -6,15 +6,18 @@ a single GGUF file (dequantized with the ``gguf`` package). Nothing is ever down
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from quire.cache_dir import cache_dir
 from quire.models.config import ArchConfig
 from quire.models.hf_config import arch_config_from_hf, as_tuple
 
@@ -84,12 +87,32 @@ def load_model_files(path: str) -> LoadedModel:
 
 
 def load_tokenizer(path: str):
+    """The model's tokenizer. A GGUF file's is converted by transformers once (seconds: it parses the
+    whole file) and kept as a tokenizer directory in ``cache_dir()/tokenizers``, keyed by the file's
+    path, size and modification time and transformers' version; later loads read that directory."""
+    import transformers
     from transformers import AutoTokenizer
 
-    if path.endswith(".gguf"):
-        p = Path(path)
-        return AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
-    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if not path.endswith(".gguf"):
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    p = Path(path).resolve()
+    stat = p.stat()
+    key = hashlib.sha1(f"{p} {stat.st_size} {stat.st_mtime_ns} {transformers.__version__}".encode()).hexdigest()[:16]
+    saved = cache_dir() / "tokenizers" / key
+    if (saved / _TOKENIZER_DONE).exists():
+        return AutoTokenizer.from_pretrained(str(saved), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
+    try:
+        staging = saved.with_name(f"{key}.{os.getpid()}.tmp")
+        tokenizer.save_pretrained(str(staging))
+        (staging / _TOKENIZER_DONE).write_text(str(p))
+        staging.replace(saved)  # atomic; a concurrent process's finished copy wins
+    except OSError:  # read-only cache, or another process got there first: convert again next time
+        shutil.rmtree(staging, ignore_errors=True)
+    return tokenizer
+
+
+_TOKENIZER_DONE = "converted-from.txt"  # written last: a directory without it is incomplete
 
 
 def chat_prompt_token_ids(
