@@ -39,9 +39,11 @@ class SchedulerConfig:
     max_model_len: int
     policy: str = "fcfs"  # "fcfs" | "priority"
     preemption_mode: str = "auto"  # "auto" | "swap" | "recompute"
-    # "auto" swaps a single sequence once it holds at least this many computed tokens (below it,
-    # recompute is cheaper); see quire/bench/swap.py. Groups of several sequences always swap.
-    swap_min_tokens: int = 0
+    # "auto" swaps a single sequence once it holds at least this many computed tokens and
+    # recomputes shorter ones; groups of several sequences always swap. On a CPU the KV copy out
+    # and back (tens of KB a token at memory speed) costs far less than the forward pass that
+    # recomputes it, so the crossover is the first block (`quire bench swap` measures both).
+    swap_min_tokens: int = 16
     # Starvation guard under "priority": a request that has waited this many steps is promoted
     # ahead of every request that has not been promoted.
     priority_aging_steps: int = 1000

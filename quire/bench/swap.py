@@ -5,7 +5,7 @@ copies (device -> host -> device, one indexed copy over all layers each way) for
 ``context`` tokens. Recompute: the real engine prefilling those ``context`` tokens again in one
 step (what a recomputed request costs when it is readmitted). Both are timed for every block
 size and context length; the crossover is the shortest context at which recompute costs more
-than swapping, which ``preemption_mode="auto"`` uses (``SWAP_MIN_TOKENS`` in the engine).
+than swapping, which ``preemption_mode="auto"`` uses (``SchedulerConfig.swap_min_tokens``).
 
     quire bench swap [--block-sizes 1 2 4 ...] [--contexts 16 32 ...] [--results-dir DIR]
 """

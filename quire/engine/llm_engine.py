@@ -54,11 +54,6 @@ AUTO_DTYPE = "float32"
 # Default KV budget: this share of available memory, capped.
 _KV_MEMORY_FRACTION = 0.3
 _KV_MEMORY_CAP_GB = 4.0
-# preemption_mode="auto" swaps a single sequence once it has this many computed tokens and
-# recomputes shorter ones; groups of several sequences always swap. Measured with
-# `quire bench swap` (docs/benchmarks.md): on this CPU, swapping out and back in costs less
-# than recomputing at every length and block size measured, so the crossover is the first block.
-SWAP_MIN_TOKENS = 16
 
 
 def resolve_dtype(dtype: str) -> str:
@@ -158,9 +153,7 @@ class LLMEngine:
             backing.result()
 
         self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching, num_host_blocks)
-        scheduler_config = dataclasses.replace(
-            config.scheduler, max_model_len=max_model_len, swap_min_tokens=SWAP_MIN_TOKENS
-        )
+        scheduler_config = dataclasses.replace(config.scheduler, max_model_len=max_model_len)
         self.scheduler = Scheduler(scheduler_config, self.kv_cache)
         generator = torch.Generator().manual_seed(config.model.seed)
         sampler = Sampler(generator, self.model.ops.kernels)
