@@ -67,3 +67,42 @@ inline Vec exp(const Vec& x) { return exp2(x * Vec(1.4426950408889634f)); }
 
 }  // namespace quire_pvec
 #endif
+
+// ---- Paged-attention helpers ---------------------------------------------------------------
+#if QUIRE_VEC
+namespace quire_pvec {
+
+// Lane i of the result = sum of the lanes of a[i]: kW horizontal sums for the price of about one,
+// a tree of pairwise sums in which every step halves the vectors and keeps the order.
+inline Vec hsum_transposed(const Vec* a) {
+#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
+  static_assert(kW == 8, "the AVX2 build has 8-lane vectors");
+  // hadd works within 128-bit halves: two rounds leave rows 0-3 / 4-7 summed per half, and the
+  // last step adds the halves. Measured faster than the portable deinterleave tree below.
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]);
+  const __m256 t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]);
+  const __m256 t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1);  // rows 0-3: lanes 0-3 summed in the low half, 4-7 in the high
+  const __m256 u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+#else
+  // deinterleave2(x, y) splits the pair into even and odd lanes: their sum holds the pairwise
+  // sums of x in its first half and of y in its second.
+  Vec t[kW];
+  for (int i = 0; i < kW; ++i) t[i] = a[i];
+  for (int n = kW; n > 1; n /= 2) {
+    for (int i = 0; i < n / 2; ++i) {
+      const auto eo = at::vec::deinterleave2(t[2 * i], t[2 * i + 1]);
+      t[i] = eo.first + eo.second;
+    }
+  }
+  return t[0];
+#endif
+}
+
+// The first n lanes of x, the rest from `rest`.
+inline Vec keep_first(const Vec& x, int64_t n, const Vec& rest) { return n >= kW ? x : Vec::set(rest, x, n); }
+
+}  // namespace quire_pvec
+#endif
