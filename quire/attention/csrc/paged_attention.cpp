@@ -1044,8 +1044,8 @@ constexpr int kVRegs = kVW == 8 ? 16 : 32;
 constexpr int kQkSlab = kVRegs == 16 ? 4 : 8;   // q vectors held while dotting kW K rows
 constexpr int kPvCols = kVRegs == 16 ? 3 : 4;   // head_dim vectors per P.V accumulator slab
 constexpr int kPvRows = kVRegs == 16 ? 3 : 6;   // rows per P.V register block
-constexpr int kTileR = kVRegs == 16 ? 3 : 6;    // rows per Q.K tile register block
-constexpr int kTileNB = 4;                      // position vectors per Q.K tile register block
+constexpr int kTileR = kVRegs == 16 ? 4 : 6;    // rows per Q.K tile register block
+constexpr int kTileNB = kVRegs == 16 ? 3 : 4;    // position vectors per Q.K tile register block
 constexpr int kVecTileMinRows = 8;              // prefill items from this many rows transpose K
 
 // Logits of one row against kW K rows: kp[i] . q for i < kW, each row's products accumulated
@@ -1101,11 +1101,15 @@ inline void qk_tile_vec(const float* q, int64_t q_stride, const float* kt, int D
 
 template <int R>
 inline void qk_tile_vec_nb(int nb, const float* q, int64_t q_stride, const float* kt, int D, float* S) {
+  static_assert(kTileNB >= 3 && kTileNB <= 4, "nb is dispatched for 1..4");
+  if (nb >= kTileNB) {
+    qk_tile_vec<R, kTileNB>(q, q_stride, kt, D, S);
+    return;
+  }
   switch (nb) {
     case 1: qk_tile_vec<R, 1>(q, q_stride, kt, D, S); break;
     case 2: qk_tile_vec<R, 2>(q, q_stride, kt, D, S); break;
-    case 3: qk_tile_vec<R, 3>(q, q_stride, kt, D, S); break;
-    default: qk_tile_vec<R, 4>(q, q_stride, kt, D, S); break;
+    default: qk_tile_vec<R, 3>(q, q_stride, kt, D, S); break;
   }
 }
 
@@ -1206,7 +1210,8 @@ struct VecScratch {
 inline bool vec_head_dim(int head_dim) { return head_dim > 0 && head_dim % kVW == 0; }
 
 template <typename T>
-void run_item_vec(const Params& p, const WorkItem& w, VecScratch& sc, const Partials& parts) {
+void run_item_vec(const Params& p, const WorkItem& w, VecScratch& sc, const Partials& parts, const WorkItem* next,
+                  bool warm) {
   const int D = p.head_dim;
   const int nvec = D / kVW;
   const int G = p.group;
@@ -1231,31 +1236,46 @@ void run_item_vec(const Params& p, const WorkItem& w, VecScratch& sc, const Part
     }
   }
 
-  const T* kbase = reinterpret_cast<const T*>(p.k) + static_cast<int64_t>(w.kv_head) * p.k_s_head;
-  const T* vbase = reinterpret_cast<const T*>(p.v) + static_cast<int64_t>(w.kv_head) * p.v_s_head;
-  const int32_t* bt = p.block_tables + static_cast<int64_t>(w.seq) * p.bt_stride;
   const int BS = p.block_size;
   const float* vfp[kChunk];
   const int64_t kv_lo = g.kv_lo, kv_hi = g.kv_hi;
   const bool tiles = w.ntok > 1 && rows >= kVecTileMinRows;
 
-  // Row pointers of the chunk from j0, one block run at a time; padded to whole vectors with
-  // the last row (its logits are masked).
+  // The KV positions an item reads, as a stream of chunks that runs on into the next decode
+  // item of this worker, so that its first rows are requested while this one finishes.
+  struct Span {
+    const int32_t* bt;
+    const T* k;
+    const T* v;
+    int64_t lo, hi;
+  };
+  auto span_of = [&](const WorkItem& it) {
+    const ItemGeom ig = geom(p, it);
+    return Span{p.block_tables + static_cast<int64_t>(it.seq) * p.bt_stride,
+                reinterpret_cast<const T*>(p.k) + static_cast<int64_t>(it.kv_head) * p.k_s_head,
+                reinterpret_cast<const T*>(p.v) + static_cast<int64_t>(it.kv_head) * p.v_s_head, ig.kv_lo, ig.kv_hi};
+  };
+  const Span self = span_of(w);
+  const Span after = next != nullptr && next->ntok == 1 ? span_of(*next) : Span{nullptr, nullptr, nullptr, 0, 0};
+  const int64_t nchunks = (kv_hi - kv_lo + kChunk - 1) / kChunk;
+
+  // Row pointers of a chunk, one block run at a time; padded to whole vectors with the last
+  // row (its logits are masked).
   struct ChunkRows {
     const T* k[kChunk];
     const T* v[kChunk];
     int n = 0;  // valid positions
   };
-  auto locate = [&](int64_t j0, ChunkRows& c) {
-    const int n = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kChunk, kv_hi - j0)));
+  auto locate = [&](const Span& sp, int64_t j0, ChunkRows& c) {
+    const int n = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kChunk, sp.hi - j0)));
     c.n = n;
     for (int i = 0; i < n;) {
       const int64_t pos = j0 + i;
-      const int64_t blk = bt[pos / BS];
+      const int64_t blk = sp.bt[pos / BS];
       const int off = static_cast<int>(pos % BS);
       const int cnt = std::min(n - i, BS - off);
-      const T* kr = kbase + blk * p.k_s_blk + off * p.k_s_tok;
-      const T* vr = vbase + blk * p.v_s_blk + off * p.v_s_tok;
+      const T* kr = sp.k + blk * p.k_s_blk + off * p.k_s_tok;
+      const T* vr = sp.v + blk * p.v_s_blk + off * p.v_s_tok;
       for (int e = 0; e < cnt; ++e) {
         c.k[i + e] = kr;
         c.v[i + e] = vr;
@@ -1267,6 +1287,13 @@ void run_item_vec(const Params& p, const WorkItem& w, VecScratch& sc, const Part
     for (int i = n; i < (n + kVW - 1) / kVW * kVW; ++i) {
       c.k[i] = c.k[n - 1];
       c.v[i] = c.v[n - 1];
+    }
+  };
+  auto locate_stream = [&](int64_t s, ChunkRows& c) {
+    if (s < nchunks) {
+      locate(self, kv_lo + s * kChunk, c);
+    } else {
+      locate(after, after.lo + (s - nchunks) * kChunk, c);
     }
   };
   // The blocks of a sequence lie anywhere in the cache, so the hardware prefetcher cannot follow
@@ -1287,14 +1314,17 @@ void run_item_vec(const Params& p, const WorkItem& w, VecScratch& sc, const Part
   constexpr int kPfAhead = 2;
   ChunkRows ring[kPfAhead + 1];
   for (int a = 0; a < kPfAhead; ++a) {
-    locate(kv_lo + a * kChunk, ring[a]);
-    prefetch_rows(ring[a], 0, kChunk);
+    locate_stream(a, ring[a]);
+    if (!warm || a >= nchunks) prefetch_rows(ring[a], 0, kChunk);  // warm: the previous item requested them
   }
 
   for (int64_t j0 = kv_lo, ci = 0; j0 < kv_hi; j0 += kChunk, ++ci) {
     const ChunkRows& cur = ring[ci % (kPfAhead + 1)];
     ChunkRows& ahead = ring[(ci + kPfAhead) % (kPfAhead + 1)];
-    locate(j0 + kPfAhead * kChunk, ahead);
+    locate_stream(ci + kPfAhead, ahead);
+    // The next chunk's rows are requested a second time, which makes good requests the core
+    // dropped while its queues were full.
+    const ChunkRows& near = ring[(ci + 1) % (kPfAhead + 1)];
     const T* const* kp = cur.k;
     const T* const* vp = cur.v;
     const int n = cur.n;
@@ -1347,13 +1377,15 @@ void run_item_vec(const Params& p, const WorkItem& w, VecScratch& sc, const Part
       const int nsb = npad / kVW;
       for (int b = 0; b < nsb; ++b) {
         prefetch_rows(ahead, b * kVW, (b + 1) * kVW);
+        prefetch_rows(near, b * kVW, (b + 1) * kVW);
         for (int r = r0; r < rows; ++r) {
           if (b * kVW >= sc.nvalid[r]) continue;
           qk_dot<T>(sc.q.data() + static_cast<int64_t>(r) * D, kp + b * kVW, nvec)
               .store(sc.S.data() + static_cast<int64_t>(r) * kChunk + b * kVW);
         }
       }
-      prefetch_rows(ahead, npad, kChunk);  // a short chunk: the rest of the one ahead
+      prefetch_rows(ahead, npad, kChunk);  // a short chunk: the rest of the ones ahead
+      prefetch_rows(near, npad, kChunk);
     }
     // (b) Masking and the new running max per row.
     for (int r = r0; r < rows; ++r) {
@@ -1495,9 +1527,9 @@ void run_all(const Params& p, const std::vector<WorkItem>& items, int nv, bool v
       const int64_t after = next.fetch_add(1, std::memory_order_relaxed);
       for (int64_t i = runs[r]; i < runs[r + 1]; ++i) {
         const WorkItem& w = items[i];
-#if QUIRE_AVX512
         const int64_t j = i + 1 < runs[r + 1] ? i + 1 : (after < nruns ? runs[after] : -1);
-        const WorkItem* next = j >= 0 ? &items[j] : nullptr;
+        [[maybe_unused]] const WorkItem* next = j >= 0 ? &items[j] : nullptr;
+#if QUIRE_AVX512
         warm = nv != 0 && run_decode_dispatch<T>(p, w, nv, parts, next, warm);
         if (warm) continue;
 #endif
@@ -1518,7 +1550,8 @@ void run_all(const Params& p, const std::vector<WorkItem>& items, int nv, bool v
           default:
 #if QUIRE_VEC
             if (vec) {
-              run_item_vec<T>(p, w, vsc, parts);
+              run_item_vec<T>(p, w, vsc, parts, next, warm);
+              warm = w.ntok == 1 && next != nullptr && next->ntok == 1;  // it requested the next one's first rows
               break;
             }
 #endif

@@ -72,21 +72,10 @@ inline Vec exp(const Vec& x) { return exp2(x * Vec(1.4426950408889634f)); }
 #if QUIRE_VEC
 namespace quire_pvec {
 
-// Lane i of the result = sum of the lanes of a[i]: kW horizontal sums for the price of about one,
-// a tree of pairwise sums in which every step halves the vectors and keeps the order.
+// Lane i of the result = sum of the lanes of a[i]: kW horizontal sums in one tree of pairwise
+// sums, every step halving the vectors and keeping the order.  (An AVX2 hadd version measured no
+// faster in the decode loop.)
 inline Vec hsum_transposed(const Vec* a) {
-#if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
-  static_assert(kW == 8, "the AVX2 build has 8-lane vectors");
-  // hadd works within 128-bit halves: two rounds leave rows 0-3 / 4-7 summed per half, and the
-  // last step adds the halves. Measured faster than the portable deinterleave tree below.
-  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]);
-  const __m256 t1 = _mm256_hadd_ps(a[2], a[3]);
-  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]);
-  const __m256 t3 = _mm256_hadd_ps(a[6], a[7]);
-  const __m256 u0 = _mm256_hadd_ps(t0, t1);  // rows 0-3: lanes 0-3 summed in the low half, 4-7 in the high
-  const __m256 u1 = _mm256_hadd_ps(t2, t3);
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-#else
   // deinterleave2(x, y) splits the pair into even and odd lanes: their sum holds the pairwise
   // sums of x in its first half and of y in its second.
   Vec t[kW];
@@ -98,7 +87,6 @@ inline Vec hsum_transposed(const Vec* a) {
     }
   }
   return t[0];
-#endif
 }
 
 // The first n lanes of x, the rest from `rest`.
