@@ -36,8 +36,13 @@
 // widened to fp32 (exact) and accumulated with FMA.
 //
 // The AVX-512 path covers head_dim = 16 * n for n in 1..8, 10, 12, 16
-// (16..128, 160, 192, 256).  Any other head size, or a compiler without
-// AVX-512, uses a portable scalar path with the same semantics.
+// (16..128, 160, 192, 256).  Any other head size, or a build without AVX-512
+// (the avx2 and neon levels), takes the portable vector path (run_item_vec, on
+// ATen's Vectorized<float>) when head_dim is a multiple of the vector width:
+// the same chunked softmax, Q.K of decode rows as kW-row dot products reduced
+// in one tree, prefill tiles as outer products on a transposed K chunk, P.V in
+// register blocks of rows x head_dim slabs.  Everything else (and
+// force_generic) uses the scalar loop run_item_generic, the reference.
 
 // Registered as the PyTorch operator torch.ops.quire_pa.paged_attention_out
 // (writes into a caller-provided output; the Python wrapper allocates).  Only
