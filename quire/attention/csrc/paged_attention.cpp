@@ -36,8 +36,13 @@
 // widened to fp32 (exact) and accumulated with FMA.
 //
 // The AVX-512 path covers head_dim = 16 * n for n in 1..8, 10, 12, 16
-// (16..128, 160, 192, 256).  Any other head size, or a compiler without
-// AVX-512, uses a portable scalar path with the same semantics.
+// (16..128, 160, 192, 256).  Any other head size, or a build without AVX-512
+// (the avx2 and neon levels), takes the portable vector path (run_item_vec, on
+// ATen's Vectorized<float>) when head_dim is a multiple of the vector width:
+// the same chunked softmax, Q.K of decode rows as kW-row dot products reduced
+// in one tree, prefill tiles as outer products on a transposed K chunk, P.V in
+// register blocks of rows x head_dim slabs.  Everything else (and
+// force_generic) uses the scalar loop run_item_generic, the reference.
 
 // Registered as the PyTorch operator torch.ops.quire_pa.paged_attention_out
 // (writes into a caller-provided output; the Python wrapper allocates).  Only
@@ -1029,8 +1034,465 @@ inline int avx512_nv(int head_dim) {
 #endif
 }
 
+#if QUIRE_VEC
+// ---------------------------------------------------------------------------
+// Portable vector path: ATen's Vectorized<float> (8 lanes on AVX2, 16 on
+// AVX-512, 4 on NEON), for every head_dim that is a multiple of the vector
+// width when the AVX-512 path does not apply.  Same chunked base-2 online
+// softmax as above, in float32; bf16 K/V are widened on load.
+// ---------------------------------------------------------------------------
+namespace pv = quire_pvec;
+
+constexpr int kVW = pv::kW;
+// Register budgets: AVX2 has 16 vector registers, AVX-512 and NEON 32.
+constexpr int kVRegs = kVW == 8 ? 16 : 32;
+constexpr int kQkSlab = kVRegs == 16 ? 4 : 8;   // q vectors held while dotting kW K rows
+constexpr int kPvCols = kVRegs == 16 ? 3 : 4;   // head_dim vectors per P.V accumulator slab
+constexpr int kPvRows = kVRegs == 16 ? 3 : 6;   // rows per P.V register block
+constexpr int kTileR = kVRegs == 16 ? 4 : 6;    // rows per Q.K tile register block
+constexpr int kTileNB = kVRegs == 16 ? 3 : 4;    // position vectors per Q.K tile register block
+constexpr int kVecTileMinRows = 8;              // prefill items from this many rows transpose K
+
+// Logits of one row against kW K rows: kp[i] . q for i < kW, each row's products accumulated
+// over head_dim in a vector, the kW vectors reduced together.  q: fp32, scaled by scale*log2e.
 template <typename T>
-void run_all(const Params& p, const std::vector<WorkItem>& items, int nv, const Partials& parts) {
+inline pv::Vec qk_dot(const float* q, const T* const* kp, int nvec) {
+  pv::Vec a[kVW];
+#pragma GCC unroll 16
+  for (int i = 0; i < kVW; ++i) a[i] = pv::Vec(0.f);
+  for (int c0 = 0; c0 < nvec; c0 += kQkSlab) {
+    const int cnt = std::min(kQkSlab, nvec - c0);
+    pv::Vec qv[kQkSlab];
+#pragma GCC unroll 8
+    for (int c = 0; c < kQkSlab; ++c) qv[c] = c < cnt ? pv::load(q + (c0 + c) * kVW) : pv::Vec(0.f);
+#pragma GCC unroll 16
+    for (int i = 0; i < kVW; ++i) {
+      const T* k = kp[i] + c0 * kVW;
+#pragma GCC unroll 8
+      for (int c = 0; c < kQkSlab; ++c) {
+        if (c < cnt) a[i] = at::vec::fmadd(qv[c], pv::load(k + c * kVW), a[i]);
+      }
+    }
+  }
+  return pv::hsum_transposed(a);
+}
+
+// S[r][b * kW + lane] for R rows and NB position vectors from the transposed K chunk
+// (kt[d * kChunk + position]): broadcast query elements times K^T rows, no horizontal sums.
+template <int R, int NB>
+inline void qk_tile_vec(const float* q, int64_t q_stride, const float* kt, int D, float* S) {
+  pv::Vec acc[R][NB];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) acc[r][b] = pv::Vec(0.f);
+#pragma GCC unroll 2
+  for (int d = 0; d < D; ++d) {
+    pv::Vec k[NB];
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) k[b] = pv::Vec::loadu(kt + static_cast<int64_t>(d) * kChunk + b * kVW);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const pv::Vec qb(q[r * q_stride + d]);
+#pragma GCC unroll 4
+      for (int b = 0; b < NB; ++b) acc[r][b] = at::vec::fmadd(qb, k[b], acc[r][b]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int b = 0; b < NB; ++b) acc[r][b].store(S + r * kChunk + b * kVW);
+}
+
+template <int R>
+inline void qk_tile_vec_nb(int nb, const float* q, int64_t q_stride, const float* kt, int D, float* S) {
+  static_assert(kTileNB >= 3 && kTileNB <= 4, "nb is dispatched for 1..4");
+  if (nb >= kTileNB) {
+    qk_tile_vec<R, kTileNB>(q, q_stride, kt, D, S);
+    return;
+  }
+  switch (nb) {
+    case 1: qk_tile_vec<R, 1>(q, q_stride, kt, D, S); break;
+    case 2: qk_tile_vec<R, 2>(q, q_stride, kt, D, S); break;
+    default: qk_tile_vec<R, 3>(q, q_stride, kt, D, S); break;
+  }
+}
+
+// acc[r] = acc[r] * alpha[r] + sum_i P[r][i] V[i] on the CV head_dim vectors from c0 of R rows,
+// the R x CV accumulators in registers across the chunk's positions.
+template <typename T, int R, int CV>
+inline void pv_block_vec(float* acc, int64_t acc_stride, const float* P, const float* alpha, const T* const* vp,
+                         int n, int c0) {
+  pv::Vec a[R][CV];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    const pv::Vec al(alpha[r]);
+#pragma GCC unroll 4
+    for (int c = 0; c < CV; ++c) a[r][c] = pv::load(acc + r * acc_stride + (c0 + c) * kVW) * al;
+  }
+  for (int i = 0; i < n; ++i) {
+    const T* v = vp[i] + c0 * kVW;
+    pv::Vec vv[CV];
+#pragma GCC unroll 4
+    for (int c = 0; c < CV; ++c) vv[c] = pv::load(v + c * kVW);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const pv::Vec pr(P[r * kChunk + i]);
+#pragma GCC unroll 4
+      for (int c = 0; c < CV; ++c) a[r][c] = at::vec::fmadd(pr, vv[c], a[r][c]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int c = 0; c < CV; ++c) pv::store(acc + r * acc_stride + (c0 + c) * kVW, a[r][c]);
+}
+
+// All head_dim slabs of one row block.
+template <typename T, int R>
+inline void pv_rows_vec(float* acc, int64_t acc_stride, const float* P, const float* alpha, const T* const* vp,
+                        int n, int nvec) {
+  for (int c0 = 0; c0 < nvec; c0 += kPvCols) {
+    switch (std::min(kPvCols, nvec - c0)) {
+      case 1: pv_block_vec<T, R, 1>(acc, acc_stride, P, alpha, vp, n, c0); break;
+      case 2: pv_block_vec<T, R, 2>(acc, acc_stride, P, alpha, vp, n, c0); break;
+      case 3: pv_block_vec<T, R, 3>(acc, acc_stride, P, alpha, vp, n, c0); break;
+      default: pv_block_vec<T, R, kPvCols>(acc, acc_stride, P, alpha, vp, n, c0); break;
+    }
+  }
+}
+
+// Calls f(integral_constant<R>, first_row) for consecutive blocks of at most RM (<= 6) rows.
+template <int RM, typename F>
+inline void for_vec_row_blocks(int rows, F&& f) {
+  int r = 0;
+  for (; r + RM <= rows; r += RM) f(std::integral_constant<int, RM>{}, r);
+  switch (rows - r) {
+    case 1: f(std::integral_constant<int, 1>{}, r); break;
+    case 2: if constexpr (RM > 2) f(std::integral_constant<int, 2>{}, r); break;
+    case 3: if constexpr (RM > 3) f(std::integral_constant<int, 3>{}, r); break;
+    case 4: if constexpr (RM > 4) f(std::integral_constant<int, 4>{}, r); break;
+    case 5: if constexpr (RM > 5) f(std::integral_constant<int, 5>{}, r); break;
+    default: break;
+  }
+}
+
+struct VecScratch {
+  std::vector<float> q;      // rows x head_dim, query scaled by scale*log2e
+  std::vector<float> acc;    // rows x head_dim
+  std::vector<float> S, P;   // rows x kChunk logits / probabilities
+  std::vector<float> m, l, mnew, alpha;
+  std::vector<int> nvalid;
+  std::vector<float> kf;     // kChunk x head_dim, the K chunk in fp32 rows (tile path)
+  std::vector<float> kt;     // head_dim x kChunk, the K chunk transposed (tile path)
+  std::vector<float> vf;     // kChunk x head_dim, the V chunk in fp32 (bf16, many row blocks)
+  void ensure(int rows, int width) {
+    const size_t n = static_cast<size_t>(rows) * width;
+    if (acc.size() < n) {
+      q.resize(n);
+      acc.resize(n);
+    }
+    const size_t cw = static_cast<size_t>(kChunk) * width;
+    if (kf.size() < cw) {
+      kf.resize(cw);
+      kt.resize(cw);
+      vf.resize(cw);
+    }
+    // Rows rounded up to whole vectors for the per-row bookkeeping done kW rows at a time.
+    const size_t rr = static_cast<size_t>((rows + kVW - 1) / kVW * kVW);
+    if (m.size() < rr) {
+      S.resize(rr * kChunk);
+      P.resize(rr * kChunk);
+      m.resize(rr);
+      l.resize(rr);
+      mnew.resize(rr);
+      alpha.resize(rr);
+      nvalid.resize(rr);
+    }
+  }
+};
+
+inline bool vec_head_dim(int head_dim) { return head_dim > 0 && head_dim % kVW == 0; }
+
+template <typename T>
+void run_item_vec(const Params& p, const WorkItem& w, VecScratch& sc, const Partials& parts, const WorkItem* next,
+                  bool warm) {
+  const int D = p.head_dim;
+  const int nvec = D / kVW;
+  const int G = p.group;
+  const int rows = w.ntok * G;
+  const ItemGeom g = geom(p, w);
+  sc.ensure(rows, D);
+  const float qscale = p.scale * kLog2e;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+  // Query rows (row r = t * G + gi), scaled once so that the logits come out in base 2.
+  const T* qbase = reinterpret_cast<const T*>(p.q);
+  float* acc = sc.acc.data();
+  for (int t = 0; t < w.ntok; ++t) {
+    for (int gi = 0; gi < G; ++gi) {
+      const int r = t * G + gi;
+      const T* src = qbase + (g.first_row + t) * p.q_s_tok + (static_cast<int64_t>(w.kv_head) * G + gi) * p.q_s_head;
+      float* dst = sc.q.data() + static_cast<int64_t>(r) * D;
+      for (int c = 0; c < nvec; ++c) pv::store(dst + c * kVW, pv::load(src + c * kVW) * pv::Vec(qscale));
+      std::memset(acc + static_cast<int64_t>(r) * D, 0, sizeof(float) * D);
+      sc.m[r] = kNegInf;
+      sc.l[r] = 0.f;
+    }
+  }
+
+  const int BS = p.block_size;
+  const float* vfp[kChunk];
+  const int64_t kv_lo = g.kv_lo, kv_hi = g.kv_hi;
+  const bool tiles = w.ntok > 1 && rows >= kVecTileMinRows;
+
+  // The KV positions an item reads, as a stream of chunks that runs on into the next decode
+  // item of this worker, so that its first rows are requested while this one finishes.
+  struct Span {
+    const int32_t* bt;
+    const T* k;
+    const T* v;
+    int64_t lo, hi;
+  };
+  auto span_of = [&](const WorkItem& it) {
+    const ItemGeom ig = geom(p, it);
+    return Span{p.block_tables + static_cast<int64_t>(it.seq) * p.bt_stride,
+                reinterpret_cast<const T*>(p.k) + static_cast<int64_t>(it.kv_head) * p.k_s_head,
+                reinterpret_cast<const T*>(p.v) + static_cast<int64_t>(it.kv_head) * p.v_s_head, ig.kv_lo, ig.kv_hi};
+  };
+  const Span self = span_of(w);
+  const Span after = next != nullptr && next->ntok == 1 ? span_of(*next) : Span{nullptr, nullptr, nullptr, 0, 0};
+  const int64_t nchunks = (kv_hi - kv_lo + kChunk - 1) / kChunk;
+
+  // Row pointers of a chunk, one block run at a time; padded to whole vectors with the last
+  // row (its logits are masked).
+  struct ChunkRows {
+    const T* k[kChunk];
+    const T* v[kChunk];
+    int n = 0;  // valid positions
+  };
+  auto locate = [&](const Span& sp, int64_t j0, ChunkRows& c) {
+    const int n = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kChunk, sp.hi - j0)));
+    c.n = n;
+    for (int i = 0; i < n;) {
+      const int64_t pos = j0 + i;
+      const int64_t blk = sp.bt[pos / BS];
+      const int off = static_cast<int>(pos % BS);
+      const int cnt = std::min(n - i, BS - off);
+      const T* kr = sp.k + blk * p.k_s_blk + off * p.k_s_tok;
+      const T* vr = sp.v + blk * p.v_s_blk + off * p.v_s_tok;
+      for (int e = 0; e < cnt; ++e) {
+        c.k[i + e] = kr;
+        c.v[i + e] = vr;
+        kr += p.k_s_tok;
+        vr += p.v_s_tok;
+      }
+      i += cnt;
+    }
+    for (int i = n; i < (n + kVW - 1) / kVW * kVW; ++i) {
+      c.k[i] = c.k[n - 1];
+      c.v[i] = c.v[n - 1];
+    }
+  };
+  auto locate_stream = [&](int64_t s, ChunkRows& c) {
+    if (s < nchunks) {
+      locate(self, kv_lo + s * kChunk, c);
+    } else {
+      locate(after, after.lo + (s - nchunks) * kChunk, c);
+    }
+  };
+  // The blocks of a sequence lie anywhere in the cache, so the hardware prefetcher cannot follow
+  // them: the K/V rows of the chunk kPfAhead on are requested into L2 while this one is computed,
+  // a few rows per Q.K sub-block (a burst of a whole chunk's requests stalls the loads behind it).
+  const int row_bytes = D * static_cast<int>(sizeof(T));
+  auto prefetch_rows = [&](const ChunkRows& c, int lo, int hi) {
+    hi = std::min(hi, c.n);
+    for (int i = lo; i < hi; ++i) {
+      const char* kr = reinterpret_cast<const char*>(c.k[i]);
+      const char* vr = reinterpret_cast<const char*>(c.v[i]);
+      for (int b = 0; b < row_bytes; b += 64) {
+        __builtin_prefetch(kr + b, 0, 2);
+        __builtin_prefetch(vr + b, 0, 2);
+      }
+    }
+  };
+  constexpr int kPfAhead = 2;
+  ChunkRows ring[kPfAhead + 1];
+  for (int a = 0; a < kPfAhead; ++a) {
+    locate_stream(a, ring[a]);
+    if (!warm || a >= nchunks) prefetch_rows(ring[a], 0, kChunk);  // warm: the previous item requested them
+  }
+
+  for (int64_t j0 = kv_lo, ci = 0; j0 < kv_hi; j0 += kChunk, ++ci) {
+    const ChunkRows& cur = ring[ci % (kPfAhead + 1)];
+    ChunkRows& ahead = ring[(ci + kPfAhead) % (kPfAhead + 1)];
+    locate_stream(ci + kPfAhead, ahead);
+    // The next chunk's rows are requested a second time, which makes good requests the core
+    // dropped while its queues were full.
+    const ChunkRows& near = ring[(ci + 1) % (kPfAhead + 1)];
+    const T* const* kp = cur.k;
+    const T* const* vp = cur.v;
+    const int n = cur.n;
+    const int npad = (n + kVW - 1) / kVW * kVW;
+    // Causal limits: rows whose position is < j0 see nothing of this chunk.
+    const int t_first = static_cast<int>(std::max<int64_t>(0, j0 - g.pos0));
+    const int r0 = t_first * G;
+    for (int r = r0; r < rows; ++r) {
+      const int64_t limit = g.pos0 + r / G + 1;  // valid KV positions: [0, limit)
+      sc.nvalid[r] = static_cast<int>(std::min<int64_t>(n, limit - j0));
+    }
+
+    // (a) Logits in S.
+    if (tiles && rows - r0 >= kVecTileMinRows) {
+      // K chunk to fp32 rows, then transposed (kW x kW blocks), shared by all rows of the tile.
+      prefetch_rows(ahead, 0, kChunk);  // ample arithmetic per chunk to hide the burst
+      float* kf = sc.kf.data();
+      float* kt = sc.kt.data();
+      for (int i = 0; i < npad; ++i) {
+        for (int c = 0; c < nvec; ++c) pv::store(kf + static_cast<int64_t>(i) * D + c * kVW, pv::load(kp[i] + c * kVW));
+      }
+      for (int i0 = 0; i0 < npad; i0 += kVW) {
+        for (int d0 = 0; d0 < D; d0 += kVW) {
+          at::vec::transpose_mxn<float, kVW, kVW>(kf + static_cast<int64_t>(i0) * D + d0, D,
+                                                  kt + static_cast<int64_t>(d0) * kChunk + i0, kChunk);
+        }
+      }
+      for (int rb = r0; rb < rows; rb += kTileR) {
+        const int R = std::min(kTileR, rows - rb);
+        const int nsv = (sc.nvalid[rb + R - 1] + kVW - 1) / kVW;  // the last row sees the most
+        const float* qr = sc.q.data() + static_cast<int64_t>(rb) * D;
+        float* Sr = sc.S.data() + static_cast<int64_t>(rb) * kChunk;
+        for (int b0 = 0; b0 < nsv; b0 += kTileNB) {
+          const int nb = std::min(kTileNB, nsv - b0);
+          const float* ktb = kt + b0 * kVW;
+          float* Sb = Sr + b0 * kVW;
+          switch (R) {
+            case 1: qk_tile_vec_nb<1>(nb, qr, D, ktb, D, Sb); break;
+            case 2: qk_tile_vec_nb<2>(nb, qr, D, ktb, D, Sb); break;
+            case 3: qk_tile_vec_nb<3>(nb, qr, D, ktb, D, Sb); break;
+            case 4: if constexpr (kTileR >= 4) qk_tile_vec_nb<4>(nb, qr, D, ktb, D, Sb); break;
+            case 5: if constexpr (kTileR >= 5) qk_tile_vec_nb<5>(nb, qr, D, ktb, D, Sb); break;
+            default: if constexpr (kTileR >= 6) qk_tile_vec_nb<6>(nb, qr, D, ktb, D, Sb); break;
+          }
+        }
+      }
+    } else {
+      // Few rows (decode: the group's query heads): each kW-row K block is dotted with every
+      // row while it is in L1, so each K row is read from memory once for the whole group.
+      const int nsb = npad / kVW;
+      for (int b = 0; b < nsb; ++b) {
+        prefetch_rows(ahead, b * kVW, (b + 1) * kVW);
+        prefetch_rows(near, b * kVW, (b + 1) * kVW);
+        for (int r = r0; r < rows; ++r) {
+          if (b * kVW >= sc.nvalid[r]) continue;
+          qk_dot<T>(sc.q.data() + static_cast<int64_t>(r) * D, kp + b * kVW, nvec)
+              .store(sc.S.data() + static_cast<int64_t>(r) * kChunk + b * kVW);
+        }
+      }
+      prefetch_rows(ahead, npad, kChunk);  // a short chunk: the rest of the ones ahead
+      prefetch_rows(near, npad, kChunk);
+    }
+    // (b) Masking and the new running max per row.
+    for (int r = r0; r < rows; ++r) {
+      const int nv = sc.nvalid[r];
+      float* Sr = sc.S.data() + static_cast<int64_t>(r) * kChunk;
+      pv::Vec vmax(kNegInf);
+      for (int b = 0; b * kVW < nv; ++b) {
+        const pv::Vec x = pv::keep_first(pv::Vec::loadu(Sr + b * kVW), nv - b * kVW, pv::Vec(kNegInf));
+        vmax = at::vec::maximum(vmax, x);
+      }
+      sc.mnew[r] = std::max(sc.m[r], pv::max(vmax));
+    }
+    // (c) Rescale factors, kW rows at a time.  m = -inf (first chunk) gives ~2^-125 (acc and l
+    // are 0 then); an unchanged max gives exactly 1.
+    for (int r = r0; r < rows; r += kVW) {
+      const int cnt = std::min(kVW, rows - r);
+      const pv::Vec mo = pv::load(sc.m.data() + r, cnt);
+      const pv::Vec mn = pv::load(sc.mnew.data() + r, cnt);
+      pv::store(sc.alpha.data() + r, pv::exp2(mo - mn), cnt);
+      pv::store(sc.m.data() + r, mn, cnt);
+    }
+    // (d) Probabilities (zero past each row's limit, up to the chunk end) and denominators.
+    for (int r = r0; r < rows; ++r) {
+      const int nv = sc.nvalid[r];
+      const float* Sr = sc.S.data() + static_cast<int64_t>(r) * kChunk;
+      float* Pr = sc.P.data() + static_cast<int64_t>(r) * kChunk;
+      const pv::Vec mn(sc.m[r]);
+      pv::Vec vsum(0.f);
+      for (int b = 0; b < npad / kVW; ++b) {
+        pv::Vec e(0.f);
+        if (b * kVW < nv) {
+          e = pv::keep_first(pv::exp2(pv::Vec::loadu(Sr + b * kVW) - mn), nv - b * kVW, pv::Vec(0.f));
+          vsum = vsum + e;
+        }
+        e.store(Pr + b * kVW);
+      }
+      sc.l[r] = sc.l[r] * sc.alpha[r] + pv::sum(vsum);
+    }
+    // (e) acc = acc * alpha + P V, in register blocks of rows x head_dim slabs.  A row block reads
+    // the chunk's positions up to its most advanced row (later ones have P = 0).
+    const int prow = rows - r0;
+    const int nblocks = (prow + kPvRows - 1) / kPvRows;
+    bool converted = false;
+    if constexpr (std::is_same_v<T, bf16>) {
+      if (nblocks > 2) {
+        // Several row blocks walk V: widen the chunk to fp32 once.
+        for (int i = 0; i < n; ++i) {
+          float* dst = sc.vf.data() + static_cast<int64_t>(i) * D;
+          for (int c = 0; c < nvec; ++c) pv::store(dst + c * kVW, pv::load(vp[i] + c * kVW));
+          vfp[i] = dst;
+        }
+        converted = true;
+      }
+    }
+    for_vec_row_blocks<kPvRows>(prow, [&](auto rc, int rr) {
+      constexpr int R = decltype(rc)::value;
+      const int r = r0 + rr;
+      const int nn = sc.nvalid[r + R - 1];
+      float* ar = acc + static_cast<int64_t>(r) * D;
+      const float* Pr = sc.P.data() + static_cast<int64_t>(r) * kChunk;
+      if (converted) {
+        pv_rows_vec<float, R>(ar, D, Pr, sc.alpha.data() + r, vfp, nn, nvec);
+      } else {
+        pv_rows_vec<T, R>(ar, D, Pr, sc.alpha.data() + r, vp, nn, nvec);
+      }
+    });
+  }
+
+  if (w.part >= 0) {
+    float* dst = parts.data + w.part * parts.stride;
+    for (int r = 0; r < rows; ++r) {
+      dst[r * (D + 2)] = sc.m[r];
+      dst[r * (D + 2) + 1] = sc.l[r];
+      std::memcpy(dst + r * (D + 2) + 2, acc + static_cast<int64_t>(r) * D, sizeof(float) * D);
+    }
+    return;
+  }
+  T* obase = reinterpret_cast<T*>(p.out);
+  for (int t = 0; t < w.ntok; ++t) {
+    for (int gi = 0; gi < G; ++gi) {
+      const int r = t * G + gi;
+      T* dst = obase + (g.first_row + t) * p.o_s_tok + (static_cast<int64_t>(w.kv_head) * G + gi) * p.o_s_head;
+      const float* a = acc + static_cast<int64_t>(r) * D;
+      const pv::Vec inv(1.f / sc.l[r]);
+      for (int c = 0; c < nvec; ++c) pv::store(dst + c * kVW, pv::load(a + c * kVW) * inv, kVW);
+    }
+  }
+}
+#endif  // QUIRE_VEC
+
+// Whether the portable vector path takes a call the AVX-512 path does not cover.
+inline bool use_vec_path(int head_dim) {
+#if QUIRE_VEC
+  return vec_head_dim(head_dim);
+#else
+  (void)head_dim;
+  return false;
+#endif
+}
+
+template <typename T>
+void run_all(const Params& p, const std::vector<WorkItem>& items, int nv, bool vec, const Partials& parts) {
   // Threads claim runs of items. With enough decode sequences to go round, the whole (unsplit)
   // decode items of one sequence form one run: its kv heads are interleaved in each cache block,
   // so one core walking all of them reads every block once, in order, where cores taking
@@ -1058,6 +1520,9 @@ void run_all(const Params& p, const std::vector<WorkItem>& items, int nv, const 
 #if QUIRE_AVX512
     Scratch sc;
 #endif
+#if QUIRE_VEC
+    VecScratch vsc;
+#endif
     std::vector<float> gbuf;
     // A worker claims its next run before it starts the current one, so the last decode item of
     // a run can request the first K/V rows of the next while it computes.
@@ -1067,9 +1532,9 @@ void run_all(const Params& p, const std::vector<WorkItem>& items, int nv, const 
       const int64_t after = next.fetch_add(1, std::memory_order_relaxed);
       for (int64_t i = runs[r]; i < runs[r + 1]; ++i) {
         const WorkItem& w = items[i];
-#if QUIRE_AVX512
         const int64_t j = i + 1 < runs[r + 1] ? i + 1 : (after < nruns ? runs[after] : -1);
-        const WorkItem* next = j >= 0 ? &items[j] : nullptr;
+        [[maybe_unused]] const WorkItem* next = j >= 0 ? &items[j] : nullptr;
+#if QUIRE_AVX512
         warm = nv != 0 && run_decode_dispatch<T>(p, w, nv, parts, next, warm);
         if (warm) continue;
 #endif
@@ -1087,7 +1552,16 @@ void run_all(const Params& p, const std::vector<WorkItem>& items, int nv, const 
           case 12: run_item_avx512<T, 12>(p, w, sc, parts); break;
           case 16: run_item_avx512<T, 16>(p, w, sc, parts); break;
 #endif
-          default: run_item_generic<T>(p, w, gbuf); break;
+          default:
+#if QUIRE_VEC
+            if (vec) {
+              run_item_vec<T>(p, w, vsc, parts, next, warm);
+              warm = w.ntok == 1 && next != nullptr && next->ntok == 1;  // it requested the next one's first rows
+              break;
+            }
+#endif
+            run_item_generic<T>(p, w, gbuf);
+            break;
         }
       }
       r = after;
@@ -1271,10 +1745,11 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   });
 
   const int nv = force_generic ? 0 : avx512_nv(p.head_dim);
+  const bool vec = !force_generic && nv == 0 && use_vec_path(p.head_dim);
   const int64_t nthreads = std::max(1, at::get_num_threads());
   std::vector<float> part_buf;
   Partials parts;
-  if (nv != 0 && nthreads > 1 && static_cast<int64_t>(items.size()) < kSplitItemsPerThread * nthreads) {
+  if ((nv != 0 || vec) && nthreads > 1 && static_cast<int64_t>(items.size()) < kSplitItemsPerThread * nthreads) {
     // Few items (e.g. a handful of decode sequences with few kv heads): cut
     // long decode items into KV ranges so every thread gets work.
     int64_t total = 0;
@@ -1310,10 +1785,10 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   }
 
   if (dtype == at::kFloat) {
-    run_all<float>(p, items, nv, parts);
+    run_all<float>(p, items, nv, vec, parts);
     if (parts.data) merge_parts<float>(p, items, parts);
   } else {
-    run_all<bf16>(p, items, nv, parts);
+    run_all<bf16>(p, items, nv, vec, parts);
     if (parts.data) merge_parts<bf16>(p, items, parts);
   }
 }

@@ -67,3 +67,30 @@ inline Vec exp(const Vec& x) { return exp2(x * Vec(1.4426950408889634f)); }
 
 }  // namespace quire_pvec
 #endif
+
+// ---- Paged-attention helpers ---------------------------------------------------------------
+#if QUIRE_VEC
+namespace quire_pvec {
+
+// Lane i of the result = sum of the lanes of a[i]: kW horizontal sums in one tree of pairwise
+// sums, every step halving the vectors and keeping the order.  (An AVX2 hadd version measured no
+// faster in the decode loop.)
+inline Vec hsum_transposed(const Vec* a) {
+  // deinterleave2(x, y) splits the pair into even and odd lanes: their sum holds the pairwise
+  // sums of x in its first half and of y in its second.
+  Vec t[kW];
+  for (int i = 0; i < kW; ++i) t[i] = a[i];
+  for (int n = kW; n > 1; n /= 2) {
+    for (int i = 0; i < n / 2; ++i) {
+      const auto eo = at::vec::deinterleave2(t[2 * i], t[2 * i + 1]);
+      t[i] = eo.first + eo.second;
+    }
+  }
+  return t[0];
+}
+
+// The first n lanes of x, the rest from `rest`.
+inline Vec keep_first(const Vec& x, int64_t n, const Vec& rest) { return n >= kW ? x : Vec::set(rest, x, n); }
+
+}  // namespace quire_pvec
+#endif
