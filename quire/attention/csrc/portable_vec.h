@@ -67,3 +67,39 @@ inline Vec exp(const Vec& x) { return exp2(x * Vec(1.4426950408889634f)); }
 
 }  // namespace quire_pvec
 #endif
+
+// ---- fused_ops.cpp: GGUF block helpers ------------------------------------------------------
+#if QUIRE_VEC
+#include <c10/util/Half.h>
+
+namespace quire_pvec {
+
+// kW fp16 values given as raw bytes (a GGUF block's scales) as float32.
+inline Vec load_half(const uint8_t* p) {
+  Vec v;
+  at::vec::load_to_float(reinterpret_cast<const c10::Half*>(p), v);
+  return v;
+}
+
+// Asks for `bytes` from p into L1 ahead of use (the hardware prefetcher alone leaves DRAM idle
+// between a thread's block groups).
+inline void prefetch(const uint8_t* p, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, 0, 3);
+}
+
+// 16 bytes of Q4_1 nibbles -> 16 floats (low nibbles) and 16 (high nibbles), each minus
+// `offset`. A plain loop: the compiler widens it with the target's own byte->int->float ops.
+inline void nibbles_to_float(const uint8_t* q, float offset, float* lo, float* hi) {
+  for (int i = 0; i < 16; ++i) {
+    lo[i] = static_cast<float>(q[i] & 0x0F) - offset;
+    hi[i] = static_cast<float>(q[i] >> 4) - offset;
+  }
+}
+
+// 16 int8 -> 16 floats.
+inline void int8_to_float(const uint8_t* q, float* w) {
+  for (int i = 0; i < 16; ++i) w[i] = static_cast<float>(static_cast<int8_t>(q[i]));
+}
+
+}  // namespace quire_pvec
+#endif
