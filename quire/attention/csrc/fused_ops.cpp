@@ -743,10 +743,10 @@ void quant_linear_panel(const float* x, int64_t M, int64_t K, const uint8_t* pac
 
 #if QUIRE_VEC && !QUIRE_AVX512
 // Portable quant_linear on Vectorized<float> (AVX2, NEON): the same two paths as above. A row
-// group (16 output rows) is kGroupVecs vectors; the packed bytes are widened to floats by small
-// loops the compiler vectorises for the target (pv::nibbles_to_float, pv::int8_to_float).
+// group (16 output rows) is kGroupVecs vectors; pv::nibbles_to_float / int8_to_float widen the
+// packed bytes.
 constexpr int kGroupVecs = kGroupRows / pv::kW;
-constexpr int kVecTileRows = 4;  // x rows per register tile: 4 x kGroupVecs block sums in registers
+constexpr int kVecTileRows = 4;  // x rows per register tile: 4 x kGroupVecs block sums (2 and 3 measured slower)
 constexpr int64_t kVecPrefetchBlocks = 4;
 
 // y (16 output rows of each of RG groups, x rows m < MT) over all K.
@@ -758,13 +758,7 @@ inline void quant_tile_vec(const float* x, int64_t K, const float* sx, const uin
   // Few sums in flight: split the block sums into two chains each (FMA latency, not throughput).
   constexpr bool two_chains = RG * V * MT < 8;
   const int64_t nb = K / 32;
-  pv::Vec y[RG][V][MT];
-#pragma GCC unroll 16
-  for (int r = 0; r < RG; ++r)
-#pragma GCC unroll 16
-    for (int v = 0; v < V; ++v)
-#pragma GCC unroll 8
-      for (int m = 0; m < MT; ++m) y[r][v][m] = pv::Vec(0.f);
+  alignas(64) float ys[RG][V][MT][pv::kW] = {};  // running sums, touched once a block
   for (int64_t b = 0; b < nb; ++b) {
     if (b + kVecPrefetchBlocks < nb) {
 #pragma GCC unroll 2
@@ -783,16 +777,17 @@ inline void quant_tile_vec(const float* x, int64_t K, const float* sx, const uin
       for (int c = 0; c < 16; ++c) {
 #pragma GCC unroll 2
         for (int r = 0; r < RG; ++r) {
-          alignas(64) float lo[16], hi[16];
+          pv::Vec lo[V], hi[V];
           pv::nibbles_to_float(groups[r] + b * BB + 64 + 16 * c, 8.f, lo, hi);  // centred: q - 8
-#pragma GCC unroll 4
-          for (int v = 0; v < V; ++v) {
-            const pv::Vec wl = pv::load(lo + v * pv::kW), wh = pv::load(hi + v * pv::kW);
+          // x rows outermost: two broadcasts live at a time, not 2 MT (AVX2 has 16 registers).
 #pragma GCC unroll 8
-            for (int m = 0; m < MT; ++m) {
-              a0[r][v][m] = at::vec::fmadd(wl, pv::Vec(xb[m * K + c]), a0[r][v][m]);
+          for (int m = 0; m < MT; ++m) {
+            const pv::Vec xl(xb[m * K + c]), xh(xb[m * K + 16 + c]);
+#pragma GCC unroll 4
+            for (int v = 0; v < V; ++v) {
+              a0[r][v][m] = at::vec::fmadd(lo[v], xl, a0[r][v][m]);
               auto& ah = two_chains ? a1[r][v][m] : a0[r][v][m];
-              ah = at::vec::fmadd(wh, pv::Vec(xb[m * K + 16 + c]), ah);
+              ah = at::vec::fmadd(hi[v], xh, ah);
             }
           }
         }
@@ -808,8 +803,8 @@ inline void quant_tile_vec(const float* x, int64_t K, const float* sx, const uin
 #pragma GCC unroll 8
           for (int m = 0; m < MT; ++m) {
             const pv::Vec a = two_chains ? a0[r][v][m] + a1[r][v][m] : a0[r][v][m];
-            y[r][v][m] = at::vec::fmadd(d, a, y[r][v][m]);
-            y[r][v][m] = at::vec::fmadd(mv, pv::Vec(sx[m * nb + b]), y[r][v][m]);
+            pv::Vec y = at::vec::fmadd(d, a, pv::load(ys[r][v][m]));
+            at::vec::fmadd(mv, pv::Vec(sx[m * nb + b]), y).store(ys[r][v][m]);
           }
         }
       }
@@ -818,17 +813,17 @@ inline void quant_tile_vec(const float* x, int64_t K, const float* sx, const uin
       for (int k = 0; k < 32; k += 2) {
 #pragma GCC unroll 2
         for (int r = 0; r < RG; ++r) {
-          alignas(64) float q0[16], q1[16];
+          pv::Vec q0[V], q1[V];
           pv::int8_to_float(groups[r] + b * BB + 32 + 16 * k, q0);
           pv::int8_to_float(groups[r] + b * BB + 48 + 16 * k, q1);
-#pragma GCC unroll 4
-          for (int v = 0; v < V; ++v) {
-            const pv::Vec w0 = pv::load(q0 + v * pv::kW), w1 = pv::load(q1 + v * pv::kW);
 #pragma GCC unroll 8
-            for (int m = 0; m < MT; ++m) {
-              a0[r][v][m] = at::vec::fmadd(w0, pv::Vec(xb[m * K + k]), a0[r][v][m]);
+          for (int m = 0; m < MT; ++m) {
+            const pv::Vec x0(xb[m * K + k]), x1(xb[m * K + k + 1]);
+#pragma GCC unroll 4
+            for (int v = 0; v < V; ++v) {
+              a0[r][v][m] = at::vec::fmadd(q0[v], x0, a0[r][v][m]);
               auto& ah = two_chains ? a1[r][v][m] : a0[r][v][m];
-              ah = at::vec::fmadd(w1, pv::Vec(xb[m * K + k + 1]), ah);
+              ah = at::vec::fmadd(q1[v], x1, ah);
             }
           }
         }
@@ -841,7 +836,7 @@ inline void quant_tile_vec(const float* x, int64_t K, const float* sx, const uin
 #pragma GCC unroll 8
           for (int m = 0; m < MT; ++m) {
             const pv::Vec a = two_chains ? a0[r][v][m] + a1[r][v][m] : a0[r][v][m];
-            y[r][v][m] = at::vec::fmadd(d, a, y[r][v][m]);
+            at::vec::fmadd(d, a, pv::load(ys[r][v][m])).store(ys[r][v][m]);
           }
         }
       }
@@ -854,7 +849,7 @@ inline void quant_tile_vec(const float* x, int64_t K, const float* sx, const uin
       const int64_t first = n0 + r * kGroupRows + v * pv::kW;
       if (first >= N) break;
 #pragma GCC unroll 8
-      for (int m = 0; m < MT; ++m) pv::store(out + m * N + first, y[r][v][m], N - first);
+      for (int m = 0; m < MT; ++m) pv::store(out + m * N + first, pv::load(ys[r][v][m]), N - first);
     }
   }
 }
@@ -901,7 +896,9 @@ void quant_linear_vec(const float* x, int64_t M, int64_t K, const float* sx, con
 constexpr int kVecPanelCols = 2 * kGroupRows;
 constexpr int kVecPanelVecs = kVecPanelCols / pv::kW;
 constexpr int kVecPanelTileRows = 6;
-constexpr int64_t kVecPanelMinRows = 8;  // from this many rows on, the panel path is faster (measured)
+// From 9 rows on the panel is faster for Q4_1 (1 thread, AVX2: 0.18 vs 0.16 ms at 9 rows, 0.30 vs
+// 0.26 at 16); two register tiles of 4 still win at 7-8 rows, and for Q8_0 up to ~16 (measured).
+constexpr int64_t kVecPanelMinRows = 9;
 constexpr int64_t kVecPanelChunk = 192;  // K per panel chunk: 24 KB
 
 template <int64_t KIND>
@@ -919,58 +916,73 @@ inline void expand_group_vec(const uint8_t* group, int64_t nb, float* panel, int
     if constexpr (KIND == kQ4_1) {
 #pragma GCC unroll 2
       for (int c = 0; c < 16; ++c) {
-        alignas(64) float lo[16], hi[16];
+        pv::Vec lo[kGroupVecs], hi[kGroupVecs];
         pv::nibbles_to_float(blk + 64 + 16 * c, 0.f, lo, hi);
 #pragma GCC unroll 4
         for (int v = 0; v < kGroupVecs; ++v) {
           // d * q is exact in float32, so the fused and the separate forms round the same.
-          at::vec::fmadd(d[v], pv::load(lo + v * pv::kW), m[v]).store(w + c * kVecPanelCols + v * pv::kW);
-          at::vec::fmadd(d[v], pv::load(hi + v * pv::kW), m[v]).store(w + (c + 16) * kVecPanelCols + v * pv::kW);
+          at::vec::fmadd(d[v], lo[v], m[v]).store(w + c * kVecPanelCols + v * pv::kW);
+          at::vec::fmadd(d[v], hi[v], m[v]).store(w + (c + 16) * kVecPanelCols + v * pv::kW);
         }
       }
     } else {
 #pragma GCC unroll 2
       for (int k = 0; k < 32; ++k) {
-        alignas(64) float q[16];
+        pv::Vec q[kGroupVecs];
         pv::int8_to_float(blk + 32 + 16 * k, q);
 #pragma GCC unroll 4
-        for (int v = 0; v < kGroupVecs; ++v) (d[v] * pv::load(q + v * pv::kW)).store(w + k * kVecPanelCols + v * pv::kW);
+        for (int v = 0; v < kGroupVecs; ++v) (d[v] * q[v]).store(w + k * kVecPanelCols + v * pv::kW);
       }
     }
   }
 }
 
-// MT x rows against panel columns col..col + 2 kW over a K chunk, added to the earlier chunks' sums.
-template <int MT>
+// MT x rows against NV vectors of panel columns from col over a K chunk, added to the earlier
+// chunks' sums in out.
+template <int MT, int NV>
 inline void panel_tile_vec(const float* x, int64_t K, int64_t k0, int64_t kc, const float* panel, int col,
                            float* out, int64_t N, int64_t n0) {
-  pv::Vec y0[MT], y1[MT];
+  pv::Vec y[NV][MT];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v)
 #pragma GCC unroll 8
-  for (int m = 0; m < MT; ++m) y0[m] = y1[m] = pv::Vec(0.f);
+    for (int m = 0; m < MT; ++m) y[v][m] = pv::Vec(0.f);
   const float* xk = x + k0;
   const float* p = panel + col;
 #pragma GCC unroll 2
   for (int64_t k = 0; k < kc; ++k) {
-    const pv::Vec w0 = pv::load(p + k * kVecPanelCols), w1 = pv::load(p + k * kVecPanelCols + pv::kW);
+    pv::Vec w[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) w[v] = pv::load(p + k * kVecPanelCols + v * pv::kW);
 #pragma GCC unroll 8
     for (int m = 0; m < MT; ++m) {
       const pv::Vec xv(xk[m * K + k]);
-      y0[m] = at::vec::fmadd(xv, w0, y0[m]);
-      y1[m] = at::vec::fmadd(xv, w1, y1[m]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) y[v][m] = at::vec::fmadd(xv, w[v], y[v][m]);
     }
   }
-  const int64_t c0 = n0 + col, c1 = c0 + pv::kW;
-  if (c0 >= N) return;
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const int64_t c = n0 + col + v * pv::kW;
+    if (c >= N) break;
 #pragma GCC unroll 8
-  for (int m = 0; m < MT; ++m) {
-    float* o = out + m * N;
-    if (k0 > 0) {  // chunk sums added to the earlier chunks': shorter chains, smaller rounding error
-      y0[m] = y0[m] + pv::load(o + c0, N - c0);
-      if (c1 < N) y1[m] = y1[m] + pv::load(o + c1, N - c1);
+    for (int m = 0; m < MT; ++m) {
+      float* o = out + m * N + c;
+      // Chunk sums added to the earlier chunks': shorter chains, smaller rounding error.
+      pv::store(o, k0 > 0 ? y[v][m] + pv::load(o, N - c) : y[v][m], N - c);
     }
-    pv::store(o + c0, y0[m], N - c0);
-    if (c1 < N) pv::store(o + c1, y1[m], N - c1);
   }
+}
+
+// The tile shape for MT rows: 1 or 2 rows take 4 vectors (enough independent sums to hide the FMA
+// latency), 3 to 6 rows take 2 (up to 12 sums, 2 weight vectors and a broadcast in 16 registers;
+// 3 x 4 spills, measured).
+template <int MT>
+inline void panel_rows_vec(const float* x, int64_t K, int64_t k0, int64_t kc, const float* panel, int cols,
+                           float* out, int64_t N, int64_t n0) {
+  constexpr int NV = MT <= 2 ? std::min(4, kVecPanelVecs) : 2;
+  for (int col = 0; col < cols * pv::kW; col += NV * pv::kW)
+    panel_tile_vec<MT, NV>(x, K, k0, kc, panel, col, out, N, n0);
 }
 
 template <int64_t KIND>
@@ -994,21 +1006,27 @@ void quant_linear_panel_vec(const float* x, int64_t M, int64_t K, const uint8_t*
         }
         expand_group_vec<KIND>(packed + 2 * u * group_bytes + b0 * BB, kc / 32, panel, 0);
         const bool second = 2 * u + 1 < ngroups;
-        if (second) expand_group_vec<KIND>(packed + (2 * u + 1) * group_bytes + b0 * BB, kc / 32, panel, kGroupRows);
+        if (second) {
+          expand_group_vec<KIND>(packed + (2 * u + 1) * group_bytes + b0 * BB, kc / 32, panel, kGroupRows);
+        } else {  // wide tiles read the missing group's columns (never stored): zeros, not stale values
+          for (int64_t k = 0; k < kc; ++k) std::fill_n(panel + k * kVecPanelCols + kGroupRows, kGroupRows, 0.f);
+        }
         const int cols = second ? kVecPanelVecs : kGroupVecs;  // vectors of the panel to multiply
-        for (int64_t m0 = 0; m0 < M; m0 += kVecPanelTileRows) {
+        // Rows in tiles of near-equal size (13 = 5 + 4 + 4, not 6 + 6 + 1): small tiles are slow.
+        const int64_t ntiles = (M + kVecPanelTileRows - 1) / kVecPanelTileRows;
+        for (int64_t t = 0, m0 = 0; t < ntiles; ++t) {
+          const int64_t mt = M / ntiles + (t < M % ntiles ? 1 : 0);
           const float* xm = x + m0 * K;
           float* om = out + m0 * N;
-          for (int col = 0; col < cols * pv::kW; col += 2 * pv::kW) {
-            switch (std::min<int64_t>(kVecPanelTileRows, M - m0)) {
-              case 1: panel_tile_vec<1>(xm, K, k0, kc, panel, col, om, N, n0); break;
-              case 2: panel_tile_vec<2>(xm, K, k0, kc, panel, col, om, N, n0); break;
-              case 3: panel_tile_vec<3>(xm, K, k0, kc, panel, col, om, N, n0); break;
-              case 4: panel_tile_vec<4>(xm, K, k0, kc, panel, col, om, N, n0); break;
-              case 5: panel_tile_vec<5>(xm, K, k0, kc, panel, col, om, N, n0); break;
-              default: panel_tile_vec<6>(xm, K, k0, kc, panel, col, om, N, n0); break;
-            }
+          switch (mt) {
+            case 1: panel_rows_vec<1>(xm, K, k0, kc, panel, cols, om, N, n0); break;
+            case 2: panel_rows_vec<2>(xm, K, k0, kc, panel, cols, om, N, n0); break;
+            case 3: panel_rows_vec<3>(xm, K, k0, kc, panel, cols, om, N, n0); break;
+            case 4: panel_rows_vec<4>(xm, K, k0, kc, panel, cols, om, N, n0); break;
+            case 5: panel_rows_vec<5>(xm, K, k0, kc, panel, cols, om, N, n0); break;
+            default: panel_rows_vec<6>(xm, K, k0, kc, panel, cols, om, N, n0); break;
           }
+          m0 += mt;
         }
       }
     }
