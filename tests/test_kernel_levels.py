@@ -107,6 +107,7 @@ def test_argmax_logsumexp_first_index_of_the_maximum(ops, vocab):
         logits[3, 9] = logits[3, 2] = top  # the later lane holds the later index only
         logits[4, vocab - 1] = top  # the maximum in the tail
         logits[5, 0] = logits[5, vocab - 1] = top  # the first element against the tail
+        logits[7, 9] = logits[7, 17] = top  # vectors 1 and 2 of 8 lanes (kept in separate accumulators)
     logits[6] = 0.5  # every element ties
     indices, lse = ops.argmax_logsumexp(logits)
     assert torch.equal(indices, logits.argmax(dim=-1))

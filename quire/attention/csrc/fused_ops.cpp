@@ -1448,23 +1448,32 @@ std::tuple<at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor& logits) {
         arg = _mm512_mask_reduce_min_epi32(at_best, varg);
       }
 #elif QUIRE_VEC
-      if (V >= pv::kW && V < (int64_t{1} << 24)) {  // lane indices are exact as floats
-        alignas(64) float lanes[pv::kW], lane_arg[pv::kW];
-        for (int j = 0; j < pv::kW; ++j) lanes[j] = static_cast<float>(j);
-        pv::Vec vmax = pv::load(x), varg = pv::load(lanes), idx = varg;
-        const pv::Vec step(static_cast<float>(pv::kW));
-        for (i = pv::kW; i + pv::kW <= V; i += pv::kW) {
-          idx = idx + step;
-          const pv::Vec v = pv::load(x + i);
-          const pv::Vec gt = v > vmax;  // strictly greater: each lane keeps its first maximum
+      if (V >= 2 * pv::kW && V < (int64_t{1} << 24)) {  // lane indices are exact as floats
+        // Two (max, index) pairs over alternate vectors: the compare-and-blend chain is the limit.
+        alignas(64) float lanes[2 * pv::kW], lane_arg[2 * pv::kW];
+        for (int j = 0; j < 2 * pv::kW; ++j) lanes[j] = static_cast<float>(j);
+        pv::Vec vmax0 = pv::load(x), vmax1 = pv::load(x + pv::kW);
+        pv::Vec varg0 = pv::load(lanes), varg1 = pv::load(lanes + pv::kW), idx0 = varg0, idx1 = varg1;
+        const pv::Vec step(static_cast<float>(2 * pv::kW));
+        // Strictly greater: each lane keeps the first index of its maximum.
+        auto update = [](pv::Vec& vmax, pv::Vec& varg, const pv::Vec& v, const pv::Vec& idx) {
+          const pv::Vec gt = v > vmax;
           vmax = pv::Vec::blendv(vmax, v, gt);
           varg = pv::Vec::blendv(varg, idx, gt);
+        };
+        for (i = 2 * pv::kW; i + 2 * pv::kW <= V; i += 2 * pv::kW) {
+          idx0 = idx0 + step;
+          idx1 = idx1 + step;
+          update(vmax0, varg0, pv::load(x + i), idx0);
+          update(vmax1, varg1, pv::load(x + i + pv::kW), idx1);
         }
-        best = pv::max(vmax);
-        vmax.store(lanes);
-        varg.store(lane_arg);
-        arg = V;
-        for (int j = 0; j < pv::kW; ++j) {
+        best = std::max(pv::max(vmax0), pv::max(vmax1));
+        vmax0.store(lanes);
+        vmax1.store(lanes + pv::kW);
+        varg0.store(lane_arg);
+        varg1.store(lane_arg + pv::kW);
+        arg = V;  // the smallest index holding the maximum; the scalar loop below takes the tail
+        for (int j = 0; j < 2 * pv::kW; ++j) {
           if (lanes[j] == best) arg = std::min(arg, static_cast<int64_t>(lane_arg[j]));
         }
       }
@@ -1484,9 +1493,16 @@ std::tuple<at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor& logits) {
       sum = _mm512_reduce_add_ps(acc);
 #elif QUIRE_VEC
       const pv::Vec vb(best);
-      pv::Vec acc(0.f);
-      for (; j + pv::kW <= V; j += pv::kW) acc = acc + pv::exp(pv::load(x + j) - vb);
-      sum = pv::sum(acc);
+      pv::Vec acc0(0.f), acc1(0.f);
+      for (; j + 2 * pv::kW <= V; j += 2 * pv::kW) {
+        acc0 = acc0 + pv::exp(pv::load(x + j) - vb);
+        acc1 = acc1 + pv::exp(pv::load(x + j + pv::kW) - vb);
+      }
+      if (j + pv::kW <= V) {
+        acc0 = acc0 + pv::exp(pv::load(x + j) - vb);
+        j += pv::kW;
+      }
+      sum = pv::sum(acc0 + acc1);
 #endif
       for (; j < V; ++j) sum += std::exp(x[j] - best);
       ip[r] = arg;
