@@ -7,7 +7,9 @@
 //    of x while it is in L1 (bf16: VDPBF16PS, fp32: FMA; fp32 accumulation in both).
 //  * quant_linear: y = x W^T for weights kept in their GGUF block format (Q4_1, Q8_0), up to a
 //    hundred-odd rows (decode batches): W is read in its 5- or 8.5-bit form.
-// Each op has an AVX-512 path and a portable scalar path with the same semantics.
+// Each op has a hand-written AVX-512 path, a portable path on ATen's Vectorized<float> (the AVX2
+// and NEON levels; see isa.h) and the scalar loop the tests treat as the reference, with the
+// same semantics.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
