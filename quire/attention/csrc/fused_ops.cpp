@@ -7,7 +7,9 @@
 //    of x while it is in L1 (bf16: VDPBF16PS, fp32: FMA; fp32 accumulation in both).
 //  * quant_linear: y = x W^T for weights kept in their GGUF block format (Q4_1, Q8_0), up to a
 //    hundred-odd rows (decode batches): W is read in its 5- or 8.5-bit form.
-// Each op has an AVX-512 path and a portable scalar path with the same semantics.
+// Each op has a hand-written AVX-512 path, a portable path on ATen's Vectorized<float> (the AVX2
+// and NEON levels; see isa.h) and the scalar loop the tests treat as the reference, with the
+// same semantics.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -58,6 +60,10 @@ using quire_vec::store_f32x16;
 inline __mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1); }
 #endif
 
+#if QUIRE_VEC
+namespace pv = quire_pvec;
+#endif
+
 // ---------------------------------------------------------------------------------------------
 // out = rms_norm(x + residual) * weight; residual <- x + residual (rounded to T, as an unfused add
 // would). Without a residual: out = rms_norm(x) * weight.
@@ -82,6 +88,24 @@ void add_rms_norm_row(const T* xr, T* rr, const T* wp, T* orow, int64_t dim, flo
     const __mmask16 m = tail_mask(dim - d);
     const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + d), vinv), load_f32x16(wp + d, m));
     store_f32x16(orow + d, v, m);
+  }
+#elif QUIRE_VEC
+  pv::Vec ss(0.f);
+  for (int64_t d = 0; d < dim; d += pv::kW) {
+    const int64_t n = dim - d;
+    pv::Vec v = pv::load(xr + d, n);
+    if (rr != nullptr) {
+      v = v + pv::load(rr + d, n);
+      pv::store(rr + d, v, n);
+      if constexpr (!std::is_same_v<T, float>) v = pv::load(rr + d, n);  // the rounded sum
+    }
+    pv::store(row + d, v, n);
+    ss = at::vec::fmadd(v, v, ss);  // tail lanes are zero
+  }
+  const pv::Vec vinv(1.f / std::sqrt(pv::sum(ss) / static_cast<float>(dim) + eps));
+  for (int64_t d = 0; d < dim; d += pv::kW) {
+    const int64_t n = dim - d;
+    pv::store(orow + d, pv::load(row + d, n) * vinv * pv::load(wp + d, n), n);
   }
 #else
   float sum_sq = 0.f;
@@ -161,6 +185,14 @@ void rotary_impl(at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin, in
           store_f32x16(head + i, _mm512_fmsub_ps(x1, vc, _mm512_mul_ps(x2, vs)), m);
           store_f32x16(head + half + i, _mm512_fmadd_ps(x2, vc, _mm512_mul_ps(x1, vs)), m);
         }
+#elif QUIRE_VEC
+        for (int64_t i = 0; i < half; i += pv::kW) {
+          const int64_t n = half - i;
+          const pv::Vec x1 = pv::load(head + i, n), x2 = pv::load(head + half + i, n);
+          const pv::Vec vc = pv::load(c + i, n), vs = pv::load(s + i, n);
+          pv::store(head + i, at::vec::fmsub(x1, vc, x2 * vs), n);
+          pv::store(head + half + i, at::vec::fmadd(x2, vc, x1 * vs), n);
+        }
 #else
         for (int64_t i = 0; i < half; ++i) {
           const float x1 = to_float(head[i]), x2 = to_float(head[i + half]);
@@ -209,6 +241,15 @@ void silu_and_mul_impl(const at::Tensor& gate_up, at::Tensor& out) {
         // exp(-g) overflows to inf for g < -88: silu -> -0, as it should.
         const __m512 sig = _mm512_div_ps(vg, _mm512_add_ps(one, exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), vg))));
         store_f32x16(o + i, _mm512_mul_ps(sig, load_f32x16(u + i, m)), m);
+      }
+#elif QUIRE_VEC
+      const pv::Vec one(1.f), zero(0.f);
+      for (int64_t i = 0; i < inter; i += pv::kW) {
+        const int64_t n = inter - i;
+        const pv::Vec vg = pv::load(g + i, n);
+        // exp(-g) saturates near 2^127 for g < -88: silu -> -0, as it should.
+        const pv::Vec sig = vg / (one + pv::exp(zero - vg));
+        pv::store(o + i, sig * pv::load(u + i, n), n);
       }
 #else
       for (int64_t i = 0; i < inter; ++i) {
@@ -283,6 +324,52 @@ inline void small_tile(const T* const* xr, const T* const* wr, int64_t K, float*
 }
 #endif
 
+#if QUIRE_VEC
+// One K step of the portable tile: n (< kW in the tail) elements of each row, bf16 widened to
+// float32 (exact) and multiplied with FMA, so both dtypes accumulate alike.
+template <typename T, int NX, bool TAIL>
+inline void small_step_vec(const T* const* xr, const T* const* wr, int64_t k, int64_t n, pv::Vec* acc) {
+  pv::Vec xv[NX];
+#pragma GCC unroll 4
+  for (int m = 0; m < NX; ++m) xv[m] = TAIL ? pv::load(xr[m] + k, n) : pv::load(xr[m] + k);
+#pragma GCC unroll 4
+  for (int w = 0; w < kWRows; ++w) {
+    const pv::Vec wv = TAIL ? pv::load(wr[w] + k, n) : pv::load(wr[w] + k);
+#pragma GCC unroll 4
+    for (int m = 0; m < NX; ++m) acc[w * NX + m] = at::vec::fmadd(xv[m], wv, acc[w * NX + m]);
+  }
+}
+
+// x rows a pass of the portable tile takes: 4 x 4 sums, 4 x vectors and a weight vector fit in
+// NEON's and AVX-512's 32 registers, not in AVX2's 16 (spilled: 2.6x slower at 4 rows, measured).
+constexpr int kSmallPassRows = pv::kW == 8 ? 2 : kXRows;
+
+// NX rows of x against kWRows rows of W over all of K; sums[w * kXRows + m].
+template <typename T, int NX>
+inline void small_pass_vec(const T* const* xr, const T* const* wr, int64_t K, float* sums) {
+  pv::Vec acc[kWRows * NX];
+#pragma GCC unroll 16
+  for (int i = 0; i < kWRows * NX; ++i) acc[i] = pv::Vec(0.f);
+  int64_t k = 0;
+  for (; k + pv::kW <= K; k += pv::kW) small_step_vec<T, NX, false>(xr, wr, k, pv::kW, acc);
+  if (k < K) small_step_vec<T, NX, true>(xr, wr, k, K - k, acc);  // zero lanes past K
+#pragma GCC unroll 16
+  for (int i = 0; i < kWRows * NX; ++i) sums[(i / NX) * kXRows + i % NX] = pv::sum(acc[i]);
+}
+
+// The same tile as small_tile on Vectorized<float>, in passes of at most kSmallPassRows x rows
+// (the kWRows rows of W stay in L1 between passes).
+template <typename T, int NX>
+inline void small_tile_vec(const T* const* xr, const T* const* wr, int64_t K, float* sums) {
+  if constexpr (NX <= kSmallPassRows) {
+    small_pass_vec<T, NX>(xr, wr, K, sums);
+  } else {
+    small_pass_vec<T, kSmallPassRows>(xr, wr, K, sums);
+    small_tile_vec<T, NX - kSmallPassRows>(xr + kSmallPassRows, wr, K, sums + kSmallPassRows);
+  }
+}
+#endif
+
 template <typename T>
 void small_linear_impl(const at::Tensor& x, const at::Tensor& weight, at::Tensor& out) {
   const int64_t rows = x.size(0), K = x.size(1), N = weight.size(0);
@@ -300,20 +387,32 @@ void small_linear_impl(const at::Tensor& x, const at::Tensor& weight, at::Tensor
         const T* xr[kXRows];
         for (int m = 0; m < kXRows; ++m) xr[m] = xp + (m0 + std::min(m, nx - 1)) * K;
         float sums[kWRows * kXRows];
+        // 2: the AVX-512 tile (bf16 needs VDPBF16PS), 1: the portable tile, 0: scalar.
 #if QUIRE_AVX512 && defined(__AVX512BF16__)
-        constexpr bool vectorised = true;
+        constexpr int path = 2;
 #elif QUIRE_AVX512
-        constexpr bool vectorised = std::is_same_v<T, float>;
+        constexpr int path = std::is_same_v<T, float> ? 2 : 1;
+#elif QUIRE_VEC
+        constexpr int path = 1;
 #else
-        constexpr bool vectorised = false;
+        constexpr int path = 0;
 #endif
-        if constexpr (vectorised) {
+        if constexpr (path == 2) {
 #if QUIRE_AVX512
           switch (nx) {  // sums[w * kXRows + m]
             case 1: small_tile<T, 1>(xr, wr, K, sums); break;
             case 2: small_tile<T, 2>(xr, wr, K, sums); break;
             case 3: small_tile<T, 3>(xr, wr, K, sums); break;
             default: small_tile<T, 4>(xr, wr, K, sums); break;
+          }
+#endif
+        } else if constexpr (path == 1) {
+#if QUIRE_VEC
+          switch (nx) {
+            case 1: small_tile_vec<T, 1>(xr, wr, K, sums); break;
+            case 2: small_tile_vec<T, 2>(xr, wr, K, sums); break;
+            case 3: small_tile_vec<T, 3>(xr, wr, K, sums); break;
+            default: small_tile_vec<T, 4>(xr, wr, K, sums); break;
           }
 #endif
         } else {
@@ -660,6 +759,299 @@ void quant_linear_panel(const float* x, int64_t M, int64_t K, const uint8_t* pac
 }
 #endif
 
+#if QUIRE_VEC && !QUIRE_AVX512
+// Portable quant_linear on Vectorized<float> (AVX2, NEON): the same two paths as above. A row
+// group (16 output rows) is kGroupVecs vectors; pv::nibbles_to_float / int8_to_float widen the
+// packed bytes.
+constexpr int kGroupVecs = kGroupRows / pv::kW;
+constexpr int kVecTileRows = 4;  // x rows per register tile: 4 x kGroupVecs block sums (2 and 3 measured slower)
+constexpr int64_t kVecPrefetchBlocks = 4;
+
+// y (16 output rows of each of RG groups, x rows m < MT) over all K.
+template <int64_t KIND, int MT, int RG>
+inline void quant_tile_vec(const float* x, int64_t K, const float* sx, const uint8_t* const* groups, float* out,
+                           int64_t N, int64_t n0) {
+  constexpr int64_t BB = packed_block_bytes(KIND);
+  constexpr int V = kGroupVecs;
+  // Few sums in flight: split the block sums into two chains each (FMA latency, not throughput).
+  constexpr bool two_chains = RG * V * MT < 8;
+  const int64_t nb = K / 32;
+  alignas(64) float ys[RG][V][MT][pv::kW] = {};  // running sums, touched once a block
+  for (int64_t b = 0; b < nb; ++b) {
+    if (b + kVecPrefetchBlocks < nb) {
+#pragma GCC unroll 2
+      for (int r = 0; r < RG; ++r) pv::prefetch(groups[r] + (b + kVecPrefetchBlocks) * BB, BB);
+    }
+    pv::Vec a0[RG][V][MT], a1[RG][V][MT];
+#pragma GCC unroll 16
+    for (int r = 0; r < RG; ++r)
+#pragma GCC unroll 16
+      for (int v = 0; v < V; ++v)
+#pragma GCC unroll 8
+        for (int m = 0; m < MT; ++m) a0[r][v][m] = a1[r][v][m] = pv::Vec(0.f);
+    const float* xb = x + b * 32;
+    if constexpr (KIND == kQ4_1) {
+#pragma GCC unroll 2
+      for (int c = 0; c < 16; ++c) {
+#pragma GCC unroll 2
+        for (int r = 0; r < RG; ++r) {
+          pv::Vec lo[V], hi[V];
+          pv::nibbles_to_float(groups[r] + b * BB + 64 + 16 * c, 8.f, lo, hi);  // centred: q - 8
+          // x rows outermost: two broadcasts live at a time, not 2 MT (AVX2 has 16 registers).
+#pragma GCC unroll 8
+          for (int m = 0; m < MT; ++m) {
+            const pv::Vec xl(xb[m * K + c]), xh(xb[m * K + 16 + c]);
+#pragma GCC unroll 4
+            for (int v = 0; v < V; ++v) {
+              a0[r][v][m] = at::vec::fmadd(lo[v], xl, a0[r][v][m]);
+              auto& ah = two_chains ? a1[r][v][m] : a0[r][v][m];
+              ah = at::vec::fmadd(hi[v], xh, ah);
+            }
+          }
+        }
+      }
+#pragma GCC unroll 2
+      for (int r = 0; r < RG; ++r) {
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) {
+          // Centred: d * sum((q - 8) x) + (m + 8 d) sum(x), as the AVX-512 path.
+          const uint8_t* blk = groups[r] + b * BB;
+          const pv::Vec d = pv::load_half(blk + 2 * v * pv::kW);
+          const pv::Vec mv = at::vec::fmadd(d, pv::Vec(8.f), pv::load_half(blk + 32 + 2 * v * pv::kW));
+#pragma GCC unroll 8
+          for (int m = 0; m < MT; ++m) {
+            const pv::Vec a = two_chains ? a0[r][v][m] + a1[r][v][m] : a0[r][v][m];
+            pv::Vec y = at::vec::fmadd(d, a, pv::load(ys[r][v][m]));
+            at::vec::fmadd(mv, pv::Vec(sx[m * nb + b]), y).store(ys[r][v][m]);
+          }
+        }
+      }
+    } else {
+#pragma GCC unroll 2
+      for (int k = 0; k < 32; k += 2) {
+#pragma GCC unroll 2
+        for (int r = 0; r < RG; ++r) {
+          pv::Vec q0[V], q1[V];
+          pv::int8_to_float(groups[r] + b * BB + 32 + 16 * k, q0);
+          pv::int8_to_float(groups[r] + b * BB + 48 + 16 * k, q1);
+#pragma GCC unroll 8
+          for (int m = 0; m < MT; ++m) {
+            const pv::Vec x0(xb[m * K + k]), x1(xb[m * K + k + 1]);
+#pragma GCC unroll 4
+            for (int v = 0; v < V; ++v) {
+              a0[r][v][m] = at::vec::fmadd(q0[v], x0, a0[r][v][m]);
+              auto& ah = two_chains ? a1[r][v][m] : a0[r][v][m];
+              ah = at::vec::fmadd(q1[v], x1, ah);
+            }
+          }
+        }
+      }
+#pragma GCC unroll 2
+      for (int r = 0; r < RG; ++r) {
+#pragma GCC unroll 4
+        for (int v = 0; v < V; ++v) {
+          const pv::Vec d = pv::load_half(groups[r] + b * BB + 2 * v * pv::kW);
+#pragma GCC unroll 8
+          for (int m = 0; m < MT; ++m) {
+            const pv::Vec a = two_chains ? a0[r][v][m] + a1[r][v][m] : a0[r][v][m];
+            at::vec::fmadd(d, a, pv::load(ys[r][v][m])).store(ys[r][v][m]);
+          }
+        }
+      }
+    }
+  }
+#pragma GCC unroll 2
+  for (int r = 0; r < RG; ++r) {
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) {
+      const int64_t first = n0 + r * kGroupRows + v * pv::kW;
+      if (first >= N) break;
+#pragma GCC unroll 8
+      for (int m = 0; m < MT; ++m) pv::store(out + m * N + first, pv::load(ys[r][v][m]), N - first);
+    }
+  }
+}
+
+template <int64_t KIND, int MT>
+inline void quant_rows_vec(const float* x, int64_t K, const float* sx, const uint8_t* const* groups, int ngroups,
+                           float* out, int64_t N, int64_t n0) {
+  if (MT == 1 && ngroups == 2) {  // one x row: two row groups give enough independent sums
+    quant_tile_vec<KIND, MT, 2>(x, K, sx, groups, out, N, n0);
+    return;
+  }
+  for (int r = 0; r < ngroups; ++r) quant_tile_vec<KIND, MT, 1>(x, K, sx, groups + r, out, N, n0 + r * kGroupRows);
+}
+
+template <int64_t KIND>
+void quant_linear_vec(const float* x, int64_t M, int64_t K, const float* sx, const uint8_t* packed, int64_t N,
+                      float* out) {
+  const int64_t nb = K / 32, group_bytes = nb * packed_block_bytes(KIND);
+  const int64_t ngroups = (N + kGroupRows - 1) / kGroupRows;
+  const int64_t units = (ngroups + 1) / 2;  // two row groups per unit
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t u = begin; u < end; ++u) {
+      const int ng = static_cast<int>(std::min<int64_t>(2, ngroups - 2 * u));
+      const uint8_t* groups[2] = {packed + 2 * u * group_bytes, packed + (2 * u + 1) * group_bytes};
+      const int64_t n0 = 2 * u * kGroupRows;
+      for (int64_t m0 = 0; m0 < M; m0 += kVecTileRows) {
+        const float* xm = x + m0 * K;
+        const float* sxm = sx + m0 * nb;
+        float* om = out + m0 * N;
+        switch (std::min<int64_t>(kVecTileRows, M - m0)) {
+          case 1: quant_rows_vec<KIND, 1>(xm, K, sxm, groups, ng, om, N, n0); break;
+          case 2: quant_rows_vec<KIND, 2>(xm, K, sxm, groups, ng, om, N, n0); break;
+          case 3: quant_rows_vec<KIND, 3>(xm, K, sxm, groups, ng, om, N, n0); break;
+          default: quant_rows_vec<KIND, 4>(xm, K, sxm, groups, ng, om, N, n0); break;
+        }
+      }
+    }
+  });
+}
+
+// The panel path on Vectorized<float>: 32 output rows of a K chunk expanded to their exact
+// float32 values in an L1 panel, then register tiles of kVecPanelTileRows x rows by 2 vectors
+// (6 x 2 = 12 accumulators, 2 weight vectors and a broadcast: 15 of AVX2's 16 registers).
+constexpr int kVecPanelCols = 2 * kGroupRows;
+constexpr int kVecPanelVecs = kVecPanelCols / pv::kW;
+constexpr int kVecPanelTileRows = 6;
+// From 9 rows on the panel is faster for Q4_1 (1 thread, AVX2: 0.18 vs 0.16 ms at 9 rows, 0.30 vs
+// 0.26 at 16); two register tiles of 4 still win at 7-8 rows, and for Q8_0 up to ~16 (measured).
+constexpr int64_t kVecPanelMinRows = 9;
+constexpr int64_t kVecPanelChunk = 192;  // K per panel chunk: 24 KB
+
+template <int64_t KIND>
+inline void expand_group_vec(const uint8_t* group, int64_t nb, float* panel, int col0) {
+  constexpr int64_t BB = packed_block_bytes(KIND);
+  for (int64_t b = 0; b < nb; ++b) {
+    const uint8_t* blk = group + b * BB;
+    float* w = panel + b * 32 * kVecPanelCols + col0;
+    pv::Vec d[kGroupVecs], m[kGroupVecs];
+#pragma GCC unroll 4
+    for (int v = 0; v < kGroupVecs; ++v) {
+      d[v] = pv::load_half(blk + 2 * v * pv::kW);
+      if constexpr (KIND == kQ4_1) m[v] = pv::load_half(blk + 32 + 2 * v * pv::kW);
+    }
+    if constexpr (KIND == kQ4_1) {
+#pragma GCC unroll 2
+      for (int c = 0; c < 16; ++c) {
+        pv::Vec lo[kGroupVecs], hi[kGroupVecs];
+        pv::nibbles_to_float(blk + 64 + 16 * c, 0.f, lo, hi);
+#pragma GCC unroll 4
+        for (int v = 0; v < kGroupVecs; ++v) {
+          // d * q is exact in float32, so the fused and the separate forms round the same.
+          at::vec::fmadd(d[v], lo[v], m[v]).store(w + c * kVecPanelCols + v * pv::kW);
+          at::vec::fmadd(d[v], hi[v], m[v]).store(w + (c + 16) * kVecPanelCols + v * pv::kW);
+        }
+      }
+    } else {
+#pragma GCC unroll 2
+      for (int k = 0; k < 32; ++k) {
+        pv::Vec q[kGroupVecs];
+        pv::int8_to_float(blk + 32 + 16 * k, q);
+#pragma GCC unroll 4
+        for (int v = 0; v < kGroupVecs; ++v) (d[v] * q[v]).store(w + k * kVecPanelCols + v * pv::kW);
+      }
+    }
+  }
+}
+
+// MT x rows against NV vectors of panel columns from col over a K chunk, added to the earlier
+// chunks' sums in out.
+template <int MT, int NV>
+inline void panel_tile_vec(const float* x, int64_t K, int64_t k0, int64_t kc, const float* panel, int col,
+                           float* out, int64_t N, int64_t n0) {
+  pv::Vec y[NV][MT];
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v)
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) y[v][m] = pv::Vec(0.f);
+  const float* xk = x + k0;
+  const float* p = panel + col;
+#pragma GCC unroll 2
+  for (int64_t k = 0; k < kc; ++k) {
+    pv::Vec w[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) w[v] = pv::load(p + k * kVecPanelCols + v * pv::kW);
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) {
+      const pv::Vec xv(xk[m * K + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) y[v][m] = at::vec::fmadd(xv, w[v], y[v][m]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    const int64_t c = n0 + col + v * pv::kW;
+    if (c >= N) break;
+#pragma GCC unroll 8
+    for (int m = 0; m < MT; ++m) {
+      float* o = out + m * N + c;
+      // Chunk sums added to the earlier chunks': shorter chains, smaller rounding error.
+      pv::store(o, k0 > 0 ? y[v][m] + pv::load(o, N - c) : y[v][m], N - c);
+    }
+  }
+}
+
+// The tile shape for MT rows: 1 or 2 rows take 4 vectors (enough independent sums to hide the FMA
+// latency), 3 to 6 rows take 2 (up to 12 sums, 2 weight vectors and a broadcast in 16 registers;
+// 3 x 4 spills, measured).
+template <int MT>
+inline void panel_rows_vec(const float* x, int64_t K, int64_t k0, int64_t kc, const float* panel, int cols,
+                           float* out, int64_t N, int64_t n0) {
+  constexpr int NV = MT <= 2 ? std::min(4, kVecPanelVecs) : 2;
+  for (int col = 0; col < cols * pv::kW; col += NV * pv::kW)
+    panel_tile_vec<MT, NV>(x, K, k0, kc, panel, col, out, N, n0);
+}
+
+template <int64_t KIND>
+void quant_linear_panel_vec(const float* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, float* out) {
+  constexpr int64_t BB = packed_block_bytes(KIND);
+  const int64_t nb = K / 32, group_bytes = nb * BB;
+  const int64_t ngroups = (N + kGroupRows - 1) / kGroupRows;
+  const int64_t units = (ngroups + 1) / 2;
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) float panel[kVecPanelChunk * kVecPanelCols];
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t n0 = u * kVecPanelCols;
+      for (int64_t k0 = 0; k0 < K; k0 += kVecPanelChunk) {
+        const int64_t kc = std::min<int64_t>(kVecPanelChunk, K - k0), b0 = k0 / 32;
+        // Request the next chunk's blocks now, so that reading them overlaps this chunk's products.
+        const int64_t next_u = k0 + kc < K ? u : u + 1, next_b0 = k0 + kc < K ? b0 + kc / 32 : 0;
+        if (next_u < end) {
+          const int64_t bytes = std::min<int64_t>(kVecPanelChunk, K - next_b0 * 32) / 32 * BB;
+          pv::prefetch(packed + 2 * next_u * group_bytes + next_b0 * BB, bytes);
+          if (2 * next_u + 1 < ngroups) pv::prefetch(packed + (2 * next_u + 1) * group_bytes + next_b0 * BB, bytes);
+        }
+        expand_group_vec<KIND>(packed + 2 * u * group_bytes + b0 * BB, kc / 32, panel, 0);
+        const bool second = 2 * u + 1 < ngroups;
+        if (second) {
+          expand_group_vec<KIND>(packed + (2 * u + 1) * group_bytes + b0 * BB, kc / 32, panel, kGroupRows);
+        } else {  // wide tiles read the missing group's columns (never stored): zeros, not stale values
+          for (int64_t k = 0; k < kc; ++k) std::fill_n(panel + k * kVecPanelCols + kGroupRows, kGroupRows, 0.f);
+        }
+        const int cols = second ? kVecPanelVecs : kGroupVecs;  // vectors of the panel to multiply
+        // Rows in tiles of near-equal size (13 = 5 + 4 + 4, not 6 + 6 + 1): small tiles are slow.
+        const int64_t ntiles = (M + kVecPanelTileRows - 1) / kVecPanelTileRows;
+        for (int64_t t = 0, m0 = 0; t < ntiles; ++t) {
+          const int64_t mt = M / ntiles + (t < M % ntiles ? 1 : 0);
+          const float* xm = x + m0 * K;
+          float* om = out + m0 * N;
+          switch (mt) {
+            case 1: panel_rows_vec<1>(xm, K, k0, kc, panel, cols, om, N, n0); break;
+            case 2: panel_rows_vec<2>(xm, K, k0, kc, panel, cols, om, N, n0); break;
+            case 3: panel_rows_vec<3>(xm, K, k0, kc, panel, cols, om, N, n0); break;
+            case 4: panel_rows_vec<4>(xm, K, k0, kc, panel, cols, om, N, n0); break;
+            case 5: panel_rows_vec<5>(xm, K, k0, kc, panel, cols, om, N, n0); break;
+            default: panel_rows_vec<6>(xm, K, k0, kc, panel, cols, om, N, n0); break;
+          }
+          m0 += mt;
+        }
+      }
+    }
+  });
+}
+#endif
+
 #if QUIRE_AVX512 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #define QUIRE_AMX 1
 // bf16 activations from 5 rows on: the blocks are expanded to the bf16 model's weights (the
@@ -912,6 +1304,8 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_
   float* op = out.data_ptr<float>();
 #if QUIRE_AVX512
   const bool panel = M > kPanelMinRows;
+#elif QUIRE_VEC
+  const bool panel = M >= kVecPanelMinRows;
 #else
   const bool panel = false;
 #endif
@@ -933,6 +1327,18 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_
     quant_linear_avx512<kQ4_1>(xp, M, K, sx.data(), wp, N, op);
   } else {
     quant_linear_avx512<kQ8_0>(xp, M, K, sx.data(), wp, N, op);
+  }
+#elif QUIRE_VEC
+  if (panel) {
+    if (kind == kQ4_1) {
+      quant_linear_panel_vec<kQ4_1>(xp, M, K, wp, N, op);
+    } else {
+      quant_linear_panel_vec<kQ8_0>(xp, M, K, wp, N, op);
+    }
+  } else if (kind == kQ4_1) {
+    quant_linear_vec<kQ4_1>(xp, M, K, sx.data(), wp, N, op);
+  } else {
+    quant_linear_vec<kQ8_0>(xp, M, K, sx.data(), wp, N, op);
   }
 #else
   quant_linear_scalar(xp, M, K, sx.data(), wp, kind, N, op);
@@ -1043,6 +1449,36 @@ std::tuple<at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor& logits) {
         const __mmask16 at_best = _mm512_cmp_ps_mask(vmax, _mm512_set1_ps(best), _CMP_EQ_OQ);
         arg = _mm512_mask_reduce_min_epi32(at_best, varg);
       }
+#elif QUIRE_VEC
+      if (V >= 2 * pv::kW && V < (int64_t{1} << 24)) {  // lane indices are exact as floats
+        // Two (max, index) pairs over alternate vectors: the compare-and-blend chain is the limit.
+        alignas(64) float lanes[2 * pv::kW], lane_arg[2 * pv::kW];
+        for (int j = 0; j < 2 * pv::kW; ++j) lanes[j] = static_cast<float>(j);
+        pv::Vec vmax0 = pv::load(x), vmax1 = pv::load(x + pv::kW);
+        pv::Vec varg0 = pv::load(lanes), varg1 = pv::load(lanes + pv::kW), idx0 = varg0, idx1 = varg1;
+        const pv::Vec step(static_cast<float>(2 * pv::kW));
+        // Strictly greater: each lane keeps the first index of its maximum.
+        auto update = [](pv::Vec& vmax, pv::Vec& varg, const pv::Vec& v, const pv::Vec& idx) {
+          const pv::Vec gt = v > vmax;
+          vmax = pv::Vec::blendv(vmax, v, gt);
+          varg = pv::Vec::blendv(varg, idx, gt);
+        };
+        for (i = 2 * pv::kW; i + 2 * pv::kW <= V; i += 2 * pv::kW) {
+          idx0 = idx0 + step;
+          idx1 = idx1 + step;
+          update(vmax0, varg0, pv::load(x + i), idx0);
+          update(vmax1, varg1, pv::load(x + i + pv::kW), idx1);
+        }
+        best = std::max(pv::max(vmax0), pv::max(vmax1));
+        vmax0.store(lanes);
+        vmax1.store(lanes + pv::kW);
+        varg0.store(lane_arg);
+        varg1.store(lane_arg + pv::kW);
+        arg = V;  // the smallest index holding the maximum; the scalar loop below takes the tail
+        for (int j = 0; j < 2 * pv::kW; ++j) {
+          if (lanes[j] == best) arg = std::min(arg, static_cast<int64_t>(lane_arg[j]));
+        }
+      }
 #endif
       for (; i < V; ++i) {
         if (x[i] > best) {
@@ -1057,6 +1493,18 @@ std::tuple<at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor& logits) {
       __m512 acc = _mm512_setzero_ps();
       for (; j + 16 <= V; j += 16) acc = _mm512_add_ps(acc, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(x + j), vb)));
       sum = _mm512_reduce_add_ps(acc);
+#elif QUIRE_VEC
+      const pv::Vec vb(best);
+      pv::Vec acc0(0.f), acc1(0.f);
+      for (; j + 2 * pv::kW <= V; j += 2 * pv::kW) {
+        acc0 = acc0 + pv::exp(pv::load(x + j) - vb);
+        acc1 = acc1 + pv::exp(pv::load(x + j + pv::kW) - vb);
+      }
+      if (j + pv::kW <= V) {
+        acc0 = acc0 + pv::exp(pv::load(x + j) - vb);
+        j += pv::kW;
+      }
+      sum = pv::sum(acc0 + acc1);
 #endif
       for (; j < V; ++j) sum += std::exp(x[j] - best);
       ip[r] = arg;

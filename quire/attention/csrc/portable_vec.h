@@ -94,3 +94,66 @@ inline Vec keep_first(const Vec& x, int64_t n, const Vec& rest) { return n >= kW
 
 }  // namespace quire_pvec
 #endif
+
+// ---- fused_ops.cpp: GGUF block helpers ------------------------------------------------------
+#if QUIRE_VEC
+#include <c10/util/Half.h>
+
+namespace quire_pvec {
+
+// kW fp16 values given as raw bytes (a GGUF block's scales) as float32.
+inline Vec load_half(const uint8_t* p) {
+  Vec v;
+  at::vec::load_to_float(reinterpret_cast<const c10::Half*>(p), v);
+  return v;
+}
+
+// Asks for `bytes` from p into L1 ahead of use (the hardware prefetcher alone leaves DRAM idle
+// between a thread's block groups).
+inline void prefetch(const uint8_t* p, int64_t bytes) {
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(p + i, 0, 3);
+}
+
+// 16 bytes of Q4_1 nibbles -> the low nibbles (weights 0-15) and the high ones (16-31) as
+// 16 / kW vectors each, minus `offset`. GCC turns the portable loop into scalar byte code on x86
+// (measured: slower than the scalar level), hence the AVX2 widening where Vec is a __m256.
+inline void nibbles_to_float(const uint8_t* q, float offset, Vec* lo, Vec* hi) {
+#if defined(__AVX2__) && defined(CPU_CAPABILITY_AVX2)  // ATen's Vectorized<float> is one __m256
+  {
+    const __m256i low4 = _mm256_set1_epi32(0x0F);
+    for (int j = 0; j < 2; ++j) {
+      const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * j)));
+      lo[j] = Vec(_mm256_cvtepi32_ps(_mm256_and_si256(v, low4))) - Vec(offset);
+      hi[j] = Vec(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4))) - Vec(offset);
+    }
+    return;
+  }
+#endif
+  alignas(64) float l[16], h[16];
+  for (int i = 0; i < 16; ++i) {
+    l[i] = static_cast<float>(q[i] & 0x0F) - offset;
+    h[i] = static_cast<float>(q[i] >> 4) - offset;
+  }
+  for (int j = 0; j < 16 / kW; ++j) {
+    lo[j] = Vec::loadu(l + j * kW);
+    hi[j] = Vec::loadu(h + j * kW);
+  }
+}
+
+// 16 int8 -> 16 / kW float vectors.
+inline void int8_to_float(const uint8_t* q, Vec* w) {
+#if defined(__AVX2__) && defined(CPU_CAPABILITY_AVX2)  // ATen's Vectorized<float> is one __m256
+  {
+    for (int j = 0; j < 2; ++j) {
+      w[j] = Vec(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + 8 * j)))));
+    }
+    return;
+  }
+#endif
+  alignas(64) float f[16];
+  for (int i = 0; i < 16; ++i) f[i] = static_cast<float>(static_cast<int8_t>(q[i]));
+  for (int j = 0; j < 16 / kW; ++j) w[j] = Vec::loadu(f + j * kW);
+}
+
+}  // namespace quire_pvec
+#endif
