@@ -166,11 +166,16 @@ def _measure(kernels, dtype: torch.dtype) -> LinearPlan:
     if onednn:
         paths["packed"] = run_packed
     best: dict[int, dict[str, float]] = {}
+    float_paths = [p for p in ("small", "packed", "dense") if p in paths]
     for rows in ROW_LADDER:
         x = torch.randn(rows, CAL_K, generator=gen).to(dtype)
         timed = {name: fn for name, fn in paths.items() if name != "small" or rows <= SMALL_LADDER_TOP}
         best[rows] = _time_alternating(timed, x)
-    float_paths = [p for p in ("small", "packed", "dense") if p in paths]
+        # A path's limit is the rung before its first loss: past that it need not be timed (the
+        # slow scalar level would spend seconds on it).
+        for path, rivals in (("quant", ["quant", *float_paths]), ("small", float_paths)):
+            if path in paths and not _wins(best[rows], path, rivals):
+                del paths[path]
     plan = LinearPlan(
         quant_rows=_last_win(best, "quant", ["quant", *float_paths]),
         small_rows=_last_win(best, "small", float_paths),
