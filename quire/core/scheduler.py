@@ -133,6 +133,9 @@ class Scheduler:
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
 
+    def num_unfinished_requests(self) -> int:
+        return len(self.waiting) + len(self.running) + len(self.swapped)
+
     def _order(self, request: Request) -> tuple[int, int, int]:
         """Sort key: most urgent first (ascending). FCFS is arrival order alone."""
         if self.config.policy == "priority":

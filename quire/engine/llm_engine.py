@@ -334,6 +334,14 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
 
+    def num_unfinished_requests(self) -> int:
+        """Requests waiting, running or swapped out: what the next steps have to serve."""
+        return self.scheduler.num_unfinished_requests()
+
+    def num_waiting_requests(self) -> int:
+        """Requests not started yet (or preempted by recompute): the next steps prefill them."""
+        return len(self.scheduler.waiting)
+
     # -- the step -----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
