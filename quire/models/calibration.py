@@ -41,6 +41,7 @@ SMALL_LADDER_TOP = 8  # small_linear is timed only up to here
 # (16 MB in float32) are not all cache-resident, as a model's are not.
 CAL_K, CAL_N, CAL_COPIES = 1024, 1024, 4
 CAL_REPEATS = 3  # timed rounds per (path, rows) after one warm-up round; the fastest counts
+LIBRARY_ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 RECALIBRATE_ENV = "QUIRE_RECALIBRATE"  # "1": measure again and overwrite the cached plan
 
 
@@ -113,8 +114,10 @@ def _cache_path() -> Path:
 def _cache_key(level: str, source: str, dtype: torch.dtype) -> str:
     from quire.attention.cpu_kernel import cpu_flags
 
+    # The libraries the other paths run in can be capped below the CPU too (ATen, oneDNN, MKL).
+    caps = [torch.backends.cpu.get_cpu_capability(), *(os.environ.get(v, "") for v in LIBRARY_ISA_ENV)]
     what = [platform.machine(), sorted(cpu_flags()), os.cpu_count(), torch.get_num_threads(), level, source,
-            torch.__version__, str(dtype), ROW_LADDER, CAL_K, CAL_N]
+            torch.__version__, str(dtype), ROW_LADDER, CAL_K, CAL_N, caps]
     return hashlib.sha1(json.dumps(what).encode()).hexdigest()[:16]
 
 
