@@ -101,28 +101,29 @@ def _level_table(machine: str | None = None) -> dict[str, tuple[tuple[str, ...],
 
 
 def isa_levels() -> list[str]:
-    """Every ISA level this CPU can run, lowest first (``scalar`` always)."""
-    flags = cpu_flags()
-    return [name for name, (needs, _) in _level_table().items() if all(f in flags for f in needs)]
-
-
-def isa_level() -> str:
-    """The level the engine's kernels are built for: the CPU's highest, or ``QUIRE_CPU_ISA`` capped at it.
+    """The ISA levels Quire uses here, lowest first (``scalar`` always): every level this CPU runs,
+    up to ``QUIRE_CPU_ISA`` when it names one (so the process behaves as on a CPU of that level).
 
     Raises:
         ValueError: if ``QUIRE_CPU_ISA`` names no level of this architecture.
     """
-    levels = isa_levels()
+    flags = cpu_flags()
+    table = _level_table()
+    supported = [name for name, (needs, _) in table.items() if all(f in flags for f in needs)]
     wanted = os.environ.get(ISA_ENV, "").strip().lower()
     if not wanted:
-        return levels[-1]
-    table = list(_level_table())
+        return supported
     if wanted not in table:
         raise ValueError(f"{ISA_ENV}={wanted!r}: expected one of {', '.join(table)}")
-    if wanted not in levels:
-        logger.warning("%s=%s: this CPU runs at most %s; using that", ISA_ENV, wanted, levels[-1])
-        return levels[-1]
-    return wanted
+    if wanted not in supported:
+        logger.warning("%s=%s: this CPU runs at most %s; using that", ISA_ENV, wanted, supported[-1])
+        return supported
+    return supported[: supported.index(wanted) + 1]
+
+
+def isa_level() -> str:
+    """The level the engine's kernels are built for: the highest of :func:`isa_levels`."""
+    return isa_levels()[-1]
 
 
 _CFLAGS = ["-O3", "-fopenmp", "-DNDEBUG", "-fvisibility=hidden"]
