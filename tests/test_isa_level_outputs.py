@@ -22,16 +22,16 @@ pytestmark = pytest.mark.slow
 NEW_TOKENS = 24
 OTHER_LEVELS = [level for level in cpu_kernel.isa_levels() if level != cpu_kernel.isa_level()]
 
-RUN = f"""
+RUN = """
 import json, sys
 from quire import LLM, SamplingParams
 from quire.attention import cpu_kernel
 prompts = json.loads(sys.stdin.read())
 llm = LLM(dtype="float32", seed=0)
-params = SamplingParams(temperature=0.0, max_tokens={NEW_TOKENS}, ignore_eos=True)
+params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
 outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-print(json.dumps({{"level": cpu_kernel.isa_level(), "tokens": [list(o.outputs[0].token_ids) for o in outputs]}}))
-"""
+print(json.dumps({"level": cpu_kernel.isa_level(), "tokens": [list(o.outputs[0].token_ids) for o in outputs]}))
+""".replace("NEW_TOKENS", str(NEW_TOKENS))
 
 
 @pytest.mark.parametrize("level", OTHER_LEVELS)
