@@ -137,8 +137,8 @@ def test_bf16_quant_linear_uses_the_bf16_weights(loaded, name, rows):
 
 @needs_bf16_weights
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
-# K = 224: one chunk; 416: two uneven (7 + 6 blocks); 1056: five (7 + 7 + 7 + 7 + 5)
-@pytest.mark.parametrize("k_blocks", [7, 13, 33])
+# The panel's K chunks (at most 384): K = 224 one; 416 two uneven (7 + 6 blocks); 1184 four (10 x 3 + 7)
+@pytest.mark.parametrize("k_blocks", [7, 13, 37])
 # AMX: 30, 47 are a pair of x tiles and a pair and a single; the panel: one register tile of up to
 # 12 rows, then near-equal tiles (17 = 9 + 8, 200 = 13 x 12 + 4 x 11)
 @pytest.mark.parametrize("rows", [5, 9, 16, 17, 30, 33, 47, 64, 200])
