@@ -1264,8 +1264,9 @@ constexpr int kBf16TileRows = 12;  // x rows per register tile: 24 accumulators,
 // rows, 1 x 576 (a 36 KB panel) 7%; the MLP shapes do not care (measured).
 constexpr int64_t kBf16PanelMaxChunk = 384;
 constexpr int64_t kBf16PrefetchBlocks = 8;  // 4.3 (Q4_1) or 8.7 KB ahead: 4 and 16 measured no better
-// From here on the bf16 panel beats the float32 register tile on the widened x (measured).
-constexpr int64_t kBf16PanelMinRows = 5;
+// From here on the bf16 panel beats the float32 register tile on the widened x (1024 x 1024 Q4_1,
+// 2 threads: 26.5 against 29 us at 3 rows, 26 against 22 at 2; the LM head wins from 1 row).
+constexpr int64_t kBf16PanelMinRows = 3;
 
 inline __m512bh broadcast_pair(const bf16* p) {
   uint32_t pair;
@@ -1279,39 +1280,55 @@ inline __m512bh broadcast_pair(const bf16* p) {
 template <int MT>
 inline void bf16_panel_tile(const bf16* x, int64_t K, int64_t k0, int64_t nbc, const __m512i* panel, float* acc,
                             bf16* out, int64_t N, int64_t n0, bool first, bool last) {
-  __m512 y0[MT], y1[MT];
+  // Few rows give few independent sums, and each waits for VDPBF16PS's latency: then S sets of
+  // sums take the pairs in turn (at least 12 chains), added at the end.
+  constexpr int S = MT == 1 ? 8 : MT == 2 ? 4 : MT <= 5 ? 2 : 1;
+  __m512 y0[S][MT], y1[S][MT];
+#pragma GCC unroll 8
+  for (int s = 0; s < S; ++s)
 #pragma GCC unroll 12
-  for (int m = 0; m < MT; ++m) y0[m] = y1[m] = _mm512_setzero_ps();
+    for (int m = 0; m < MT; ++m) y0[s][m] = y1[s][m] = _mm512_setzero_ps();
   const bf16* xk = x + k0;
   for (int64_t b = 0; b < nbc; ++b) {
     const __m512i* pb = panel + 32 * b;
     const bf16* xb = xk + 32 * b;
 #pragma GCC unroll 2
-    for (int p = 0; p < 16; ++p) {
-      const __m512bh w0 = (__m512bh)_mm512_load_si512(pb + p);
-      const __m512bh w1 = (__m512bh)_mm512_load_si512(pb + 16 + p);
+    for (int p = 0; p < 16; p += S) {
+#pragma GCC unroll 8
+      for (int s = 0; s < S; ++s) {
+        const __m512bh w0 = (__m512bh)_mm512_load_si512(pb + p + s);
+        const __m512bh w1 = (__m512bh)_mm512_load_si512(pb + 16 + p + s);
 #pragma GCC unroll 12
-      for (int m = 0; m < MT; ++m) {
-        const __m512bh xv = broadcast_pair(xb + m * K + 2 * p);
-        y0[m] = _mm512_dpbf16_ps(y0[m], xv, w0);
-        y1[m] = _mm512_dpbf16_ps(y1[m], xv, w1);
+        for (int m = 0; m < MT; ++m) {
+          const __m512bh xv = broadcast_pair(xb + m * K + 2 * (p + s));
+          y0[s][m] = _mm512_dpbf16_ps(y0[s][m], xv, w0);
+          y1[s][m] = _mm512_dpbf16_ps(y1[s][m], xv, w1);
+        }
       }
     }
   }
+#pragma GCC unroll 8
+  for (int s = 1; s < S; ++s)
+#pragma GCC unroll 12
+    for (int m = 0; m < MT; ++m) {
+      y0[0][m] = _mm512_add_ps(y0[0][m], y0[s][m]);
+      y1[0][m] = _mm512_add_ps(y1[0][m], y1[s][m]);
+    }
   const __mmask16 mask0 = tail_mask(N - n0), mask1 = n0 + 16 < N ? tail_mask(N - n0 - 16) : __mmask16(0);
 #pragma GCC unroll 12
   for (int m = 0; m < MT; ++m) {
     float* a = acc + m * kPanelCols;
+    __m512 s0 = y0[0][m], s1 = y1[0][m];
     if (!first) {
-      y0[m] = _mm512_add_ps(y0[m], _mm512_load_ps(a));
-      y1[m] = _mm512_add_ps(y1[m], _mm512_load_ps(a + 16));
+      s0 = _mm512_add_ps(s0, _mm512_load_ps(a));
+      s1 = _mm512_add_ps(s1, _mm512_load_ps(a + 16));
     }
     if (last) {
-      _mm256_mask_storeu_epi16(out + m * N + n0, mask0, (__m256i)_mm512_cvtneps_pbh(y0[m]));
-      _mm256_mask_storeu_epi16(out + m * N + n0 + 16, mask1, (__m256i)_mm512_cvtneps_pbh(y1[m]));
+      _mm256_mask_storeu_epi16(out + m * N + n0, mask0, (__m256i)_mm512_cvtneps_pbh(s0));
+      _mm256_mask_storeu_epi16(out + m * N + n0 + 16, mask1, (__m256i)_mm512_cvtneps_pbh(s1));
     } else {
-      _mm512_store_ps(a, y0[m]);
-      _mm512_store_ps(a + 16, y1[m]);
+      _mm512_store_ps(a, s0);
+      _mm512_store_ps(a + 16, s1);
     }
   }
 }
