@@ -1319,16 +1319,16 @@ inline void bf16_panel_tile(const bf16* x, int64_t K, int64_t k0, int64_t nbc, c
   for (int m = 0; m < MT; ++m) {
     float* a = acc + m * kPanelCols;
     __m512 s0 = y0[0][m], s1 = y1[0][m];
-    if (!first) {
-      s0 = _mm512_add_ps(s0, _mm512_load_ps(a));
-      s1 = _mm512_add_ps(s1, _mm512_load_ps(a + 16));
+    if (!first) {  // unaligned forms: the float buffer is not 64-byte aligned
+      s0 = _mm512_add_ps(s0, _mm512_loadu_ps(a));
+      s1 = _mm512_add_ps(s1, _mm512_loadu_ps(a + 16));
     }
     if (last) {
       _mm256_mask_storeu_epi16(out + m * N + n0, mask0, (__m256i)_mm512_cvtneps_pbh(s0));
       _mm256_mask_storeu_epi16(out + m * N + n0 + 16, mask1, (__m256i)_mm512_cvtneps_pbh(s1));
     } else {
-      _mm512_store_ps(a, s0);
-      _mm512_store_ps(a + 16, s1);
+      _mm512_storeu_ps(a, s0);
+      _mm512_storeu_ps(a + 16, s1);
     }
   }
 }
@@ -1347,8 +1347,8 @@ void quant_linear_bf16_panel(const bf16* x, int64_t M, int64_t K, const uint8_t*
   const int64_t ntiles = (M + kBf16TileRows - 1) / kBf16TileRows;
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
     alignas(64) __m512i panel[kBf16PanelMaxChunk];  // kBf16PanelMaxChunk / 32 blocks x 32 vectors
-    std::vector<__m512> acc_store(nchunks > 1 ? static_cast<size_t>(M) * kPanelCols / 16 : 0);
-    float* acc = reinterpret_cast<float*>(acc_store.data());
+    std::vector<float> acc_store(nchunks > 1 ? static_cast<size_t>(M) * kPanelCols : 0);
+    float* acc = acc_store.data();
     for (int64_t u = begin; u < end; ++u) {
       const int64_t n0 = u * kPanelCols;
       const uint8_t* g0 = packed + 2 * u * group_bytes;
