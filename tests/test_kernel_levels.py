@@ -171,15 +171,23 @@ def test_quant_linear(ops, quant_weights, kind, rows):
 
 
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
-@pytest.mark.parametrize("rows", [1, 3, 17])
+@pytest.mark.parametrize("rows", [1, 3, 5, 9, 16, 17, 33, 64, 200])
 def test_quant_linear_bf16_is_the_float_product_rounded_once(ops, quant_weights, kind, rows):
-    if ops.quant_linear_uses_amx():
-        pytest.skip("bf16 from 5 rows runs on the tile unit (tests/test_quantized_linear.py)")
+    """bf16 x: the float32 product rounded once; from the row count the level reports on (AMX or
+    the AVX512-BF16 panel), of the weights rounded to bf16 (exact products, float32 sums)."""
     packed, weight = quant_weights[kind]
+    bf16_from = ops.quant_linear_bf16_rows()
+    if bf16_from and rows >= bf16_from:
+        weight = weight.to(torch.bfloat16).double()
     x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
     out = ops.quant_linear(x, packed, KINDS[kind], weight.shape[0])
     want = x.double() @ weight.t()
     _assert_one_rounding(out, want, torch.bfloat16, magnitude=x.double().abs() @ weight.abs().t())
+
+
+def test_only_levels_with_vdpbf16ps_multiply_bf16_weights(ops):
+    level = cpu_kernel.level_of(ops)
+    assert (ops.quant_linear_bf16_rows() > 0) == (level in ("avx512_bf16", "amx"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -87,9 +87,14 @@ def test_quant_linear_with_k_not_a_multiple_of_the_panel_chunk(kind, k_blocks, r
     assert ((out.double() - want).abs().max() / want.abs().max()).item() < 1e-6
 
 
-needs_amx = pytest.mark.skipif(
-    not cpu_kernel.is_available() or not cpu_kernel.fused_ops().quant_linear_uses_amx(),
-    reason="no AMX bf16 tile unit on this CPU",
+def bf16_weight_rows() -> int:
+    """From how many rows the engine's quant_linear multiplies bf16 x by the bf16-rounded weights
+    (the AMX tile unit or the AVX512-BF16 panel), 0 if never: the kernels report it."""
+    return cpu_kernel.fused_ops().quant_linear_bf16_rows() if cpu_kernel.is_available() else 0
+
+
+needs_bf16_weights = pytest.mark.skipif(
+    bf16_weight_rows() == 0, reason="no bf16 block path (AMX or AVX512-BF16) on this CPU"
 )
 
 
@@ -101,13 +106,25 @@ def assert_bf16_product(out, x, weight_bf16):
     assert ((out.double() - want).abs() <= want.abs() * 2**-8 + magnitude * 1e-6).all()
 
 
-@needs_amx
+def assert_bf16_block_product(out, x, weight):
+    """The bf16 block path's product for x's row count: of the bf16 weights from bf16_weight_rows()
+    rows on, else the float32 product of the exact weights rounded once."""
+    if x.shape[0] >= bf16_weight_rows():
+        assert_bf16_product(out, x, weight.to(torch.bfloat16))
+        return
+    exact = x.double() @ weight.double().t()
+    magnitude = x.double().abs() @ weight.double().abs().t()
+    assert out.dtype == torch.bfloat16 and out.shape == exact.shape
+    assert ((out.double() - exact).abs() <= exact.abs() * 2**-8 + magnitude * 1e-6).all()
+
+
+@needs_bf16_weights
 @pytest.mark.parametrize("rows", [5, 9, 16, 17, 33, 64, 200])
 @pytest.mark.parametrize(
     "name",
     ["model.layers.0.mlp.gate_proj.weight", "model.layers.5.mlp.down_proj.weight", "model.embed_tokens.weight"],
 )
-def test_bf16_quant_linear_on_the_tile_unit_uses_the_bf16_weights(loaded, name, rows):
+def test_bf16_quant_linear_uses_the_bf16_weights(loaded, name, rows):
     quantized, weight = loaded.quantized[name], loaded.weights[name]
     blocks = quantized.blocks
     if weight.shape[0] > 4096:
@@ -115,16 +132,20 @@ def test_bf16_quant_linear_on_the_tile_unit_uses_the_bf16_weights(loaded, name, 
     x = torch.randn(rows, weight.shape[1], generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
     out = cpu_kernel.fused_ops().quant_linear(x, pack_quantized(blocks, quantized.kind), KINDS[quantized.kind],
                                               weight.shape[0])
-    assert_bf16_product(out, x, weight.to(torch.bfloat16))
+    assert_bf16_block_product(out, x, weight)
 
 
-@needs_amx
+@needs_bf16_weights
 @pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
-@pytest.mark.parametrize("rows", [5, 30, 47])  # one x tile, a pair, a pair and a single
-def test_bf16_tile_path_with_odd_shapes(kind, rows):
-    gen = torch.Generator().manual_seed(rows)
+# The panel's K chunks (at most 384): K = 224 one; 416 two uneven (7 + 6 blocks); 1184 four (10 x 3 + 7)
+@pytest.mark.parametrize("k_blocks", [7, 13, 37])
+# AMX: 30, 47 are a pair of x tiles and a pair and a single; the panel: one register tile of up to
+# 12 rows, then near-equal tiles (17 = 9 + 8, 200 = 13 x 12 + 4 x 11)
+@pytest.mark.parametrize("rows", [5, 9, 16, 17, 30, 33, 47, 64, 200])
+def test_bf16_block_path_with_odd_shapes(kind, k_blocks, rows):
+    gen = torch.Generator().manual_seed(rows * 100 + k_blocks)
     block_bytes = 20 if kind == "q4_1" else 34
-    n, k_blocks = 40, 7  # a unit with one row group, 8 columns of it used
+    n = 40  # a unit with one row group, 8 columns of it used
     blocks = torch.randint(0, 256, (n, k_blocks, block_bytes), dtype=torch.uint8, generator=gen)
     scales = torch.rand(n, k_blocks, 2, generator=gen) * 0.02 + 0.001
     scales[..., 1] *= -8
@@ -133,7 +154,24 @@ def test_bf16_tile_path_with_odd_shapes(kind, rows):
     weight = cpu_kernel.fused_ops().dequantize_blocks(blocks, KINDS[kind], 32 * k_blocks)
     x = torch.randn(rows, 32 * k_blocks, generator=gen).to(torch.bfloat16)
     out = cpu_kernel.fused_ops().quant_linear(x, pack_quantized(blocks, kind), KINDS[kind], n)
-    assert_bf16_product(out, x, weight.to(torch.bfloat16))
+    assert_bf16_block_product(out, x, weight)
+
+
+@needs_bf16_weights
+def test_bf16_rows_below_the_bf16_path_keep_the_exact_weights():
+    """Under the reported row count the product is of the GGUF weights, not their bf16 rounding."""
+    rows = bf16_weight_rows() - 1
+    if rows == 0:
+        pytest.skip("the bf16 path serves every row count")
+    kind, n, k_blocks = "q8_0", 48, 6
+    gen = torch.Generator().manual_seed(3)
+    blocks = torch.randint(0, 256, (n, k_blocks, 34), dtype=torch.uint8, generator=gen)
+    blocks[..., 0:2] = (torch.rand(n, k_blocks, 1, generator=gen) * 0.02 + 0.001).half().view(torch.uint8)
+    blocks = blocks.view(n, -1)
+    x = torch.randn(rows, 32 * k_blocks, generator=gen).to(torch.bfloat16)
+    out = cpu_kernel.fused_ops().quant_linear(x, pack_quantized(blocks, kind), KINDS[kind], n)
+    assert torch.equal(out, cpu_kernel.fused_ops().quant_linear(x.float(), pack_quantized(blocks, kind),
+                                                                 KINDS[kind], n).to(torch.bfloat16))
 
 
 def test_packing_a_row_count_that_is_not_a_multiple_of_16_pads_with_zero_rows():
@@ -183,15 +221,15 @@ def test_every_path_a_plan_can_choose_gives_the_gguf_product(loaded, quant_rows)
         x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows))
         got, want = layer(x), x.double() @ weight.double().t()
         assert ((got.double() - want).abs().max() / want.abs().max()).item() < 1e-6, rows
-    # bf16: the block path is float32 math rounded once (on the tile unit, from 5 rows, the bf16
-    # weights); the other paths multiply the bf16 weights.
+    # bf16: the block path is float32 math rounded once (from quant_linear_bf16_rows() rows on, on
+    # the tile unit or the bf16 panel, of the bf16 weights); the other paths multiply the bf16 weights.
     layer = _o_proj(loaded).to(torch.bfloat16)
     layer.prepare(kernels, plan)
-    amx = kernels.quant_linear_uses_amx()
+    bf16_from = kernels.quant_linear_bf16_rows()
     for rows in (1, 2, 5, 8, 9, 64, 600):
         x = torch.randn(rows, 576, generator=torch.Generator().manual_seed(rows)).to(torch.bfloat16)
         got = layer(x)
-        if rows <= quant_rows and not (amx and rows >= 5):
+        if rows <= quant_rows and not (bf16_from and rows >= bf16_from):
             exact = x.double() @ weight.double().t()  # the GGUF weights, not their bf16 rounding
             assert got.dtype == torch.bfloat16
             assert ((got.double() - exact).abs() <= exact.abs() * 2**-8 + 1e-6).all(), rows  # one rounding

@@ -10,8 +10,9 @@ machine that runs (``models/calibration.py``; docs/benchmarks.md has figures per
   more rows expand 32 output rows' weights once per K chunk into an L1-resident float32 panel
   (the exact gguf values) and run a register-blocked product over it. The weights are the float32
   copy's values; the sums differ from the float product only by rounding order. bf16 activations
-  are widened and the float32 result rounded once; on a CPU with AMX a bf16 layer multiplies on
-  the tile unit, the blocks expanded to the bf16 weights once per call;
+  are widened and the float32 result rounded once; from ``quant_linear_bf16_rows()`` rows on (0:
+  never) a bf16 layer multiplies the bf16 weights instead, the blocks expanded to them once per
+  call: on the AMX tile unit, or with VDPBF16PS from an L1 panel of bf16 pairs on AVX512-BF16;
 * a few rows of a float layer: ``small_linear`` streams the weight once at memory speed;
 * oneDNN with the weight reordered once into its blocked layout (AMX tiles in bf16) instead of
   repacked on every call;
@@ -102,10 +103,10 @@ class Linear(nn.Module):
     def release_weight(self) -> bool:
         """After ``prepare``: free the float weight if the block path serves every row count.
 
-        That path never reads it: a float32 GGUF model on a CPU without AMX, or a bf16 one with
-        AMX, would otherwise hold every linear weight twice (0.42 GB in float32, 0.21 GB in bf16
-        for the default model). The layer cannot be prepared again afterwards. Returns whether
-        the weight was freed.
+        That path never reads it: a GGUF model whose block path wins at every row count (float32
+        without AMX; bf16 with AMX or AVX512-BF16) would otherwise hold every linear weight twice
+        (0.42 GB in float32, 0.21 GB in bf16 for the default model). The layer cannot be prepared
+        again afterwards. Returns whether the weight was freed.
         """
         if self._quant_rows != sys.maxsize or self.weight.numel() == 0:
             return False

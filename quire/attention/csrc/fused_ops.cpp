@@ -1052,6 +1052,67 @@ void quant_linear_panel_vec(const float* x, int64_t M, int64_t K, const uint8_t*
 }
 #endif
 
+#if QUIRE_AVX512 && defined(__AVX512BF16__)
+#define QUIRE_BF16_PAIRS 1
+// The blocks expanded to bf16 weights (the float32 gguf values rounded to nearest even, as
+// ``.to(torch.bfloat16)`` rounds them) in pairs: for the 16 output rows n of a group and K pair
+// p, the weights k = 2p and 2p + 1 side by side in one 32-bit word (words 2n and 2n + 1 of a
+// vector). That is the operand layout of VDPBF16PS and of AMX's B tiles, so both bf16 paths below
+// (the tile unit, and the bf16 panel on CPUs without it) expand with expand_tile.
+
+// Bytes of two chunks (k = 2p and 2p + 1, one byte a row each) interleaved, so that lane j of the
+// widened vectors holds row j / 2 (first vector; second: 8 + j / 2) at k = 2p + j % 2: the floats
+// of a pair vector in order, and cvtne2ps writes them as one (no word permute after it).
+inline void interleave_chunks(const uint8_t* two_chunks, __m128i& rows0_7, __m128i& rows8_15) {
+  const __m128i e = _mm_loadu_si128(reinterpret_cast<const __m128i*>(two_chunks));
+  const __m128i o = _mm_loadu_si128(reinterpret_cast<const __m128i*>(two_chunks + 16));
+  rows0_7 = _mm_unpacklo_epi8(e, o);
+  rows8_15 = _mm_unpackhi_epi8(e, o);
+}
+
+// 32 float32 weights in pair order (rows 0-7, then 8-15) -> one vector (tile row) of bf16 pairs.
+inline __m512i pair_row(__m512 rows0_7, __m512 rows8_15) {
+  return (__m512i)_mm512_cvtne2ps_pbh(rows8_15, rows0_7);  // words 0-15 from rows0_7
+}
+
+// One (group, block) of the packed layout -> its 16 pair vectors, tile[p] for K pair p.
+template <int64_t KIND>
+inline void expand_tile(const uint8_t* blk, __m512i* tile) {
+  // Per-row scales spread to the pair order: lane j takes row j / 2 (8 + j / 2).
+  const __m512i first = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  const __m512 d = cvt_half16(blk);
+  const __m512 d0 = _mm512_permutexvar_ps(first, d), d1 = _mm512_permutexvar_ps(second, d);
+  if constexpr (KIND == kQ4_1) {
+    // Chunks 2p and 2p + 1 give tile row p from their low nibbles (k < 16) and p + 8 from the high.
+    const __m512 m = cvt_half16(blk + 32);
+    const __m512 m0 = _mm512_permutexvar_ps(first, m), m1 = _mm512_permutexvar_ps(second, m);
+    const __m512i low = _mm512_set1_epi32(0x0F);
+#pragma GCC unroll 2
+    for (int p = 0; p < 8; ++p) {
+      __m128i b0, b1;
+      interleave_chunks(blk + 64 + 32 * p, b0, b1);
+      const __m512i v0 = _mm512_cvtepu8_epi32(b0), v1 = _mm512_cvtepu8_epi32(b1);
+      // d * q is exact in float32, so the fused and the separate forms round the same.
+      tile[p] = pair_row(_mm512_fmadd_ps(d0, _mm512_cvtepi32_ps(_mm512_and_si512(v0, low)), m0),
+                         _mm512_fmadd_ps(d1, _mm512_cvtepi32_ps(_mm512_and_si512(v1, low)), m1));
+      tile[p + 8] = pair_row(_mm512_fmadd_ps(d0, _mm512_cvtepi32_ps(_mm512_srli_epi32(v0, 4)), m0),
+                             _mm512_fmadd_ps(d1, _mm512_cvtepi32_ps(_mm512_srli_epi32(v1, 4)), m1));
+    }
+  } else {
+#pragma GCC unroll 4
+    for (int p = 0; p < 16; ++p) {
+      __m128i b0, b1;
+      interleave_chunks(blk + 32 + 32 * p, b0, b1);
+      tile[p] = pair_row(_mm512_mul_ps(d0, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b0))),
+                         _mm512_mul_ps(d1, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b1))));
+    }
+  }
+}
+#else
+#define QUIRE_BF16_PAIRS 0
+#endif
+
 #if QUIRE_AVX512 && defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 #define QUIRE_AMX 1
 // bf16 activations from 5 rows on: the blocks are expanded to the bf16 model's weights (the
@@ -1079,41 +1140,6 @@ inline bool amx_permitted() {
     return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
   }();
   return permitted;
-}
-
-// 16 float32 weights of k even and 16 of k odd (lane = output row) -> one tile row of bf16 pairs.
-inline __m512i tile_row(__m512 even, __m512 odd) {
-  // cvtne2ps puts `even` in words 0-15 and `odd` in 16-31; word 2n takes n, word 2n + 1 takes 16 + n.
-  const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
-                                         21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-  return _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(odd, even));
-}
-
-template <int64_t KIND>
-inline void expand_tile(const uint8_t* blk, __m512i* tile) {
-  const __m512 d = cvt_half16(blk);
-  if constexpr (KIND == kQ4_1) {
-    // Chunks 2p and 2p + 1 give tile row p from their low nibbles (k < 16) and p + 8 from the high.
-    const __m512 m = cvt_half16(blk + 32);
-    const __m512 values = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-#pragma GCC unroll 2
-    for (int p = 0; p < 8; ++p) {
-      const __m512i e = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 64 + 32 * p)));
-      const __m512i o = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 80 + 32 * p)));
-      // d * q is exact in float32, so the fused and the separate forms round the same.
-      tile[p] = tile_row(_mm512_fmadd_ps(d, _mm512_permutexvar_ps(e, values), m),
-                         _mm512_fmadd_ps(d, _mm512_permutexvar_ps(o, values), m));
-      tile[p + 8] = tile_row(_mm512_fmadd_ps(d, _mm512_permutexvar_ps(_mm512_srli_epi32(e, 4), values), m),
-                             _mm512_fmadd_ps(d, _mm512_permutexvar_ps(_mm512_srli_epi32(o, 4), values), m));
-    }
-  } else {
-#pragma GCC unroll 4
-    for (int p = 0; p < 16; ++p) {
-      const __m512i e = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 32 + 32 * p)));
-      const __m512i o = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk + 48 + 32 * p)));
-      tile[p] = tile_row(_mm512_mul_ps(d, _mm512_cvtepi32_ps(e)), _mm512_mul_ps(d, _mm512_cvtepi32_ps(o)));
-    }
-  }
 }
 
 // 16 rows x 16 float32 sums of a C tile -> bf16 out rows (rows < rows_left, columns < cols_left).
@@ -1224,6 +1250,169 @@ void quant_linear_amx(const bf16* x, int64_t M, int64_t Mp, int64_t K, const uin
 #define QUIRE_AMX 0
 #endif
 
+#if QUIRE_BF16_PAIRS
+// bf16 activations on a CPU with VDPBF16PS but no tile unit: the float32 panel path's scheme with
+// bf16 weights. Per unit of two row groups (32 outputs) and K chunk, the blocks are expanded once
+// into an L1 panel of bf16 pairs (expand_tile: per block 16 pair vectors of group 0, then 16 of
+// group 1), and every x row's pair (x[2p], x[2p + 1]) is broadcast and multiplied into 2 x 16
+// float32 sums with VDPBF16PS: twice the FMA path's multiplies an instruction and half its panel
+// bytes, and no widening of x. Chunk sums are added in float32; the result is rounded once, so
+// the product is that of the AMX path (exact products of bf16 x and weights, float32 sums).
+constexpr int kBf16TileRows = 12;  // x rows per register tile: 24 accumulators, 2 weight vectors
+// K per chunk at most: a panel of up to 24 KB and 9 KB of x rows, in a 32 KB L1. Fewer chunks
+// write fewer float32 partial sums: 576 = 2 x 288 is 2% faster than 3 x 192 on the LM head at 256
+// rows, 1 x 576 (a 36 KB panel) 7%; the MLP shapes do not care (measured).
+constexpr int64_t kBf16PanelMaxChunk = 384;
+constexpr int64_t kBf16PrefetchBlocks = 8;  // 4.3 (Q4_1) or 8.7 KB ahead: 4 and 16 measured no better
+// From here on the bf16 panel beats the float32 register tile on the widened x (1024 x 1024 Q4_1,
+// 2 threads: 26.5 against 29 us at 3 rows, 26 against 22 at 2; the LM head wins from 1 row).
+constexpr int64_t kBf16PanelMinRows = 3;
+
+inline __m512bh broadcast_pair(const bf16* p) {
+  uint32_t pair;
+  std::memcpy(&pair, p, 4);
+  return (__m512bh)_mm512_set1_epi32(static_cast<int>(pair));
+}
+
+// MT x rows against one chunk's panel (nbc blocks). acc: the float32 sums of the earlier chunks
+// (row stride kPanelCols), read unless this is the first chunk, written unless it is the last;
+// the last chunk rounds to bf16 into out.
+template <int MT>
+inline void bf16_panel_tile(const bf16* x, int64_t K, int64_t k0, int64_t nbc, const __m512i* panel, float* acc,
+                            bf16* out, int64_t N, int64_t n0, bool first, bool last) {
+  // Few rows give few independent sums, and each waits for VDPBF16PS's latency: then S sets of
+  // sums take the pairs in turn (at least 12 chains), added at the end.
+  constexpr int S = MT == 1 ? 8 : MT == 2 ? 4 : MT <= 5 ? 2 : 1;
+  __m512 y0[S][MT], y1[S][MT];
+#pragma GCC unroll 8
+  for (int s = 0; s < S; ++s)
+#pragma GCC unroll 12
+    for (int m = 0; m < MT; ++m) y0[s][m] = y1[s][m] = _mm512_setzero_ps();
+  const bf16* xk = x + k0;
+  for (int64_t b = 0; b < nbc; ++b) {
+    const __m512i* pb = panel + 32 * b;
+    const bf16* xb = xk + 32 * b;
+#pragma GCC unroll 2
+    for (int p = 0; p < 16; p += S) {
+#pragma GCC unroll 8
+      for (int s = 0; s < S; ++s) {
+        const __m512bh w0 = (__m512bh)_mm512_load_si512(pb + p + s);
+        const __m512bh w1 = (__m512bh)_mm512_load_si512(pb + 16 + p + s);
+#pragma GCC unroll 12
+        for (int m = 0; m < MT; ++m) {
+          const __m512bh xv = broadcast_pair(xb + m * K + 2 * (p + s));
+          y0[s][m] = _mm512_dpbf16_ps(y0[s][m], xv, w0);
+          y1[s][m] = _mm512_dpbf16_ps(y1[s][m], xv, w1);
+        }
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int s = 1; s < S; ++s)
+#pragma GCC unroll 12
+    for (int m = 0; m < MT; ++m) {
+      y0[0][m] = _mm512_add_ps(y0[0][m], y0[s][m]);
+      y1[0][m] = _mm512_add_ps(y1[0][m], y1[s][m]);
+    }
+  const __mmask16 mask0 = tail_mask(N - n0), mask1 = n0 + 16 < N ? tail_mask(N - n0 - 16) : __mmask16(0);
+#pragma GCC unroll 12
+  for (int m = 0; m < MT; ++m) {
+    float* a = acc + m * kPanelCols;
+    __m512 s0 = y0[0][m], s1 = y1[0][m];
+    if (!first) {  // unaligned forms: the float buffer is not 64-byte aligned
+      s0 = _mm512_add_ps(s0, _mm512_loadu_ps(a));
+      s1 = _mm512_add_ps(s1, _mm512_loadu_ps(a + 16));
+    }
+    if (last) {
+      _mm256_mask_storeu_epi16(out + m * N + n0, mask0, (__m256i)_mm512_cvtneps_pbh(s0));
+      _mm256_mask_storeu_epi16(out + m * N + n0 + 16, mask1, (__m256i)_mm512_cvtneps_pbh(s1));
+    } else {
+      _mm512_storeu_ps(a, s0);
+      _mm512_storeu_ps(a + 16, s1);
+    }
+  }
+}
+
+// out[M, N] (bf16) = x[M, K] (bf16) times the blocks, from kBf16PanelMinRows rows on.
+template <int64_t KIND>
+void quant_linear_bf16_panel(const bf16* x, int64_t M, int64_t K, const uint8_t* packed, int64_t N, bf16* out) {
+  constexpr int64_t BB = packed_block_bytes(KIND);
+  const int64_t nb = K / 32, group_bytes = nb * BB;
+  const int64_t ngroups = (N + kGroupRows - 1) / kGroupRows;
+  const int64_t units = (ngroups + 1) / 2;
+  // K in near-equal chunks of whole blocks (1056 = 3 x 352, not 384 + 384 + 288).
+  const int64_t nchunks = (K + kBf16PanelMaxChunk - 1) / kBf16PanelMaxChunk;
+  const int64_t chunk_blocks = (nb + nchunks - 1) / nchunks;
+  // Rows in tiles of near-equal size (13 = 7 + 6, not 12 + 1).
+  const int64_t ntiles = (M + kBf16TileRows - 1) / kBf16TileRows;
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    alignas(64) __m512i panel[kBf16PanelMaxChunk];  // kBf16PanelMaxChunk / 32 blocks x 32 vectors
+    std::vector<float> acc_store(nchunks > 1 ? static_cast<size_t>(M) * kPanelCols : 0);
+    float* acc = acc_store.data();
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t n0 = u * kPanelCols;
+      const uint8_t* g0 = packed + 2 * u * group_bytes;
+      const bool second = 2 * u + 1 < ngroups;
+      for (int64_t b0 = 0; b0 < nb; b0 += chunk_blocks) {
+        const int64_t nbc = std::min<int64_t>(chunk_blocks, nb - b0);
+        for (int64_t b = 0; b < nbc; ++b) {
+          // Request the block kBf16PrefetchBlocks on in this thread's (unit, block) order: a steady
+          // stream of requests keeps DRAM busy (the next chunk's at once left it idle half the time).
+          const int64_t ahead = (u - begin) * nb + b0 + b + kBf16PrefetchBlocks;
+          const int64_t au = begin + ahead / nb, ab = ahead % nb;
+          if (au < end) {
+            prefetch_bytes(packed + 2 * au * group_bytes + ab * BB, BB);
+            if (2 * au + 1 < ngroups) prefetch_bytes(packed + (2 * au + 1) * group_bytes + ab * BB, BB);
+          }
+          expand_tile<KIND>(g0 + (b0 + b) * BB, panel + 32 * b);
+          if (second) {
+            expand_tile<KIND>(g0 + group_bytes + (b0 + b) * BB, panel + 32 * b + 16);
+          } else {  // the missing group's columns are multiplied (never stored): zeros, not stale values
+            for (int p = 0; p < 16; ++p) panel[32 * b + 16 + p] = _mm512_setzero_si512();
+          }
+        }
+        const bool first = b0 == 0, last = b0 + nbc >= nb;
+        for (int64_t t = 0, m0 = 0; t < ntiles; ++t) {
+          const int64_t mt = M / ntiles + (t < M % ntiles ? 1 : 0);
+          const bf16* xm = x + m0 * K;
+          float* am = acc + m0 * kPanelCols;
+          bf16* om = out + m0 * N;
+          const int64_t k0 = b0 * 32;
+          switch (mt) {
+            case 1: bf16_panel_tile<1>(xm, K, k0, nbc, panel, am, om, N, n0, first, last); break;
+            case 2: bf16_panel_tile<2>(xm, K, k0, nbc, panel, am, om, N, n0, first, last); break;
+            case 3: bf16_panel_tile<3>(xm, K, k0, nbc, panel, am, om, N, n0, first, last); break;
+            case 4: bf16_panel_tile<4>(xm, K, k0, nbc, panel, am, om, N, n0, first, last); break;
+            case 5: bf16_panel_tile<5>(xm, K, k0, nbc, panel, am, om, N, n0, first, last); break;
+            case 6: bf16_panel_tile<6>(xm, K, k0, nbc, panel, am, om, N, n0, first, last); break;
+            case 7: bf16_panel_tile<7>(xm, K, k0, nbc, panel, am, om, N, n0, first, last); break;
+            case 8: bf16_panel_tile<8>(xm, K, k0, nbc, panel, am, om, N, n0, first, last); break;
+            case 9: bf16_panel_tile<9>(xm, K, k0, nbc, panel, am, om, N, n0, first, last); break;
+            case 10: bf16_panel_tile<10>(xm, K, k0, nbc, panel, am, om, N, n0, first, last); break;
+            case 11: bf16_panel_tile<11>(xm, K, k0, nbc, panel, am, om, N, n0, first, last); break;
+            default: bf16_panel_tile<12>(xm, K, k0, nbc, panel, am, om, N, n0, first, last); break;
+          }
+          m0 += mt;
+        }
+      }
+    }
+  });
+}
+#endif
+
+// From how many rows on quant_linear multiplies bf16 activations by the bf16-rounded weights (the
+// tile unit or the bf16 panel; fewer rows: the exact float32 weights), 0 if it never does.
+int64_t quant_linear_bf16_rows() {
+#if QUIRE_AMX
+  if (amx_permitted()) return kAmxMinRows;
+#endif
+#if QUIRE_BF16_PAIRS
+  return kBf16PanelMinRows;
+#else
+  return 0;
+#endif
+}
+
 // Whether quant_linear multiplies bf16 activations on the tile unit (from kAmxMinRows rows on).
 bool quant_linear_uses_amx() {
 #if QUIRE_AMX
@@ -1291,6 +1480,19 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_
       quant_linear_amx<kQ4_1>(xp, M, Mp, K, packed.data_ptr<uint8_t>(), N, op);
     } else {
       quant_linear_amx<kQ8_0>(xp, M, Mp, K, packed.data_ptr<uint8_t>(), N, op);
+    }
+    return out;
+  }
+#endif
+#if QUIRE_BF16_PAIRS
+  if (x_in.scalar_type() == at::kBFloat16 && x_in.size(0) >= kBf16PanelMinRows) {
+    const at::Tensor x = x_in.contiguous();
+    const int64_t M = x.size(0);
+    at::Tensor out = at::empty({M, N}, x.options());
+    if (kind == kQ4_1) {
+      quant_linear_bf16_panel<kQ4_1>(x.data_ptr<bf16>(), M, K, packed.data_ptr<uint8_t>(), N, out.data_ptr<bf16>());
+    } else {
+      quant_linear_bf16_panel<kQ8_0>(x.data_ptr<bf16>(), M, K, packed.data_ptr<uint8_t>(), N, out.data_ptr<bf16>());
     }
     return out;
   }
@@ -1544,6 +1746,7 @@ TORCH_LIBRARY_FRAGMENT(QUIRE_PA_NAMESPACE, m) {
   m.def("small_linear(Tensor x, Tensor weight, Tensor(a!) out) -> ()", &quire_ops::small_linear);
   m.def("quant_linear(Tensor x, Tensor packed, int kind, int N) -> Tensor", &quire_ops::quant_linear);
   m.def("quant_linear_uses_amx() -> bool", &quire_ops::quant_linear_uses_amx);
+  m.def("quant_linear_bf16_rows() -> int", &quire_ops::quant_linear_bf16_rows);
   m.def("write_kv(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping) -> ()",
         &quire_ops::write_kv);
   m.def(
