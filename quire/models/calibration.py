@@ -176,11 +176,13 @@ def _measure(kernels, dtype: torch.dtype) -> LinearPlan:
         best[rows] = _time_alternating(timed, x)
         # A path's limit is the rung before its first loss: past that it need not be timed (the
         # slow scalar level would spend seconds on it).
-        for path, rivals in (("quant", ["quant", *float_paths]), ("small", float_paths)):
+        for path, rivals in (("quant", ["quant", "packed", "dense"]), ("small", float_paths)):
             if path in paths and not _wins(best[rows], path, rivals):
                 del paths[path]
     plan = LinearPlan(
-        quant_rows=_last_win(best, "quant", ["quant", *float_paths]),
+        # small_linear is no rival of the block path: it streams 16-32 bits a weight where the block
+        # path reads 5-8.5, an edge the cache-resident synthetic layer does not show.
+        quant_rows=_last_win(best, "quant", ["quant", "packed", "dense"]),
         small_rows=_last_win(best, "small", float_paths),
         packed_from=next((r for r in ROW_LADDER if _wins(best[r], "packed", ["packed", "dense"])), 1),
         packed_to=max((r for r in ROW_LADDER if _wins(best[r], "packed", ["packed", "dense"])), default=0),
