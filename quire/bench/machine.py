@@ -1,7 +1,7 @@
 """What the machine can do, measured in the same run as the figures it bounds.
 
 * read bandwidth: GB/s of a multi-threaded sum over a buffer far larger than any cache;
-* GEMM peak: GFLOP/s of a 2048-cube matrix product in a dtype, the faster of ``torch.mm`` (MKL,
+* GEMM peak: GFLOP/s of a 1024-cube matrix product in a dtype, the faster of ``torch.mm`` (MKL,
   which on some vendors' CPUs does not use their widest vectors) and oneDNN on a reordered weight;
 * the weight-read bound of one decode step: the bytes of weights a one-row step reads (the
   block format where the block path serves one row), divided by the read bandwidth.
@@ -14,7 +14,7 @@ import time
 import torch
 
 BANDWIDTH_BYTES = 1 << 30  # 1 GiB: far past the last-level cache
-GEMM_SIZE = 2048
+GEMM_SIZE = 1024  # 2 GFLOP a product: long enough to time, short where a dtype has no fast path
 REPEATS = 5
 
 
@@ -31,7 +31,7 @@ def read_bandwidth_gbs() -> float:
 
 
 def gemm_peak_gflops(dtype: torch.dtype) -> float:
-    """Best of a few 2048 x 2048 x 2048 products in ``dtype``: ``torch.mm`` and, where it runs, oneDNN."""
+    """Best of a few 1024 x 1024 x 1024 products in ``dtype``: ``torch.mm`` and, where it runs, oneDNN."""
     from quire.models.calibration import onednn_available
 
     a = torch.randn(GEMM_SIZE, GEMM_SIZE).to(dtype)
