@@ -9,7 +9,7 @@ Each ISA level (``scalar``, ``avx2``, ``avx512``, ``avx512_bf16``, ``amx`` on x8
 ``neon`` on aarch64; see ``csrc/isa.h``) is compiled with its own target flags into its own
 library and operator namespace ``torch.ops.quire_<level>``, so one process can load several and
 the tests run every level the machine has. The engine uses :func:`isa_level`: the CPU's highest,
-or ``QUIRE_CPU_ISA`` capped at it. A library's name carries the level, a hash of the CPU's flags
+or the one ``QUIRE_CPU_ISA`` caps the process at. A library's name carries the level, a hash of the CPU's flags
 (it is tuned for them) and of the sources, so a shared cache never hands a binary to a CPU that
 cannot run it.
 
@@ -52,6 +52,18 @@ def cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def cpu_model() -> str:
+    """The CPU's model name as the OS reports it (``platform.processor()`` is often empty on Linux)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("model name", "Model", "CPU part")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _cpu_tag() -> str:

@@ -500,17 +500,6 @@ def run_hf(
 # -- environment and report ------------------------------------------------------------------
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def _load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -537,7 +526,7 @@ def environment() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch_interop_threads": torch.get_num_interop_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_kernel.cpu_model(),
         "logical_cpus": os.cpu_count(),
         "usable_cpus": usable_cpus,
         "quire_kernels": cpu_kernel.isa_level() if cpu_kernel.is_available() else "none (PyTorch paths)",

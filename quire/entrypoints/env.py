@@ -9,18 +9,6 @@ import platform
 import torch
 
 
-def cpu_model() -> str:
-    """The CPU's model name as the OS reports it (``platform.processor()`` is often empty on Linux)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith(("model name", "Model", "CPU part")):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def add_parser(commands) -> None:
     parser = commands.add_parser("env", help="print the CPU, its ISA levels and the kernel paths chosen for it")
     parser.set_defaults(func=run)
@@ -30,7 +18,8 @@ def run(args: argparse.Namespace) -> int:
     from quire.attention import cpu_kernel
     from quire.models.calibration import linear_plan
 
-    print(f"cpu: {cpu_model()} ({platform.machine()}), {os.cpu_count()} cores, torch threads {torch.get_num_threads()}")
+    cores, threads = os.cpu_count(), torch.get_num_threads()
+    print(f"cpu: {cpu_kernel.cpu_model()} ({platform.machine()}), {cores} cores, torch threads {threads}")
     print(f"isa levels: {' '.join(cpu_kernel.isa_levels())}")
     level = cpu_kernel.isa_level()
     kernels = cpu_kernel.kernels()
