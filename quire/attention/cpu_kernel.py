@@ -39,7 +39,7 @@ __all__ = ["build", "build_seconds", "is_available", "isa_level", "isa_levels", 
 logger = logging.getLogger(__name__)
 
 _CSRC = Path(__file__).resolve().parent / "csrc"
-_SOURCES = [_CSRC / "paged_attention.cpp", _CSRC / "fused_ops.cpp"]
+_SOURCES = [_CSRC / "paged_attention.cpp", _CSRC / "fused_ops.cpp", _CSRC / "decode_stack.cpp"]
 
 
 def cpu_flags() -> set[str]:

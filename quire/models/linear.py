@@ -124,6 +124,18 @@ class Linear(nn.Module):
             return self._quant_packed.numel()
         return self.out_features * self.in_features * self.weight.element_size()
 
+    @property
+    def block_rows(self) -> int:
+        """Up to how many rows the block-format path serves (0: none)."""
+        return self._quant_rows
+
+    def block_weight(self) -> tuple[torch.Tensor, int]:
+        """The packed block-format weight and its kind, as ``quant_linear`` takes them: for a
+        compiled layer stack that makes the same call ``matmul`` makes up to ``block_rows`` rows."""
+        if not self._quant_rows:
+            raise ValueError("this layer has no block-format path")
+        return self._quant_packed, self._quant_kind
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.matmul(x)
         return out if self.bias is None else out.add_(self.bias)

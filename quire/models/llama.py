@@ -19,6 +19,7 @@ from quire.models.blocks import Attention, GatedMLP, RMSNorm
 from quire.models.causal_lm import CausalLM, Target
 from quire.models.config import ArchConfig
 from quire.models.layer_ops import layer_ops
+from quire.models.layer_stack import LayerStack
 from quire.models.parallel_layers import ParallelLMHead, VocabParallelEmbedding
 
 
@@ -106,6 +107,12 @@ class LlamaForCausalLM(CausalLM):
         tied = self.embed_tokens if config.tie_word_embeddings else None
         self.lm_head = ParallelLMHead(config.hidden_size, config.vocab_size, group, tied)
         self.rotary = RotaryEmbedding(config, max_positions)
+        self._stack: LayerStack | None = None
+
+    def prepare(self) -> LlamaForCausalLM:
+        super().prepare()
+        self._stack = LayerStack.build(self.layers, self.ops.kernels)
+        return self
 
     def forward(
         self,
@@ -116,9 +123,12 @@ class LlamaForCausalLM(CausalLM):
     ) -> torch.Tensor:
         hidden = self.embed_tokens(input_ids)
         rotary = self.ops.rotary_tables(*self.rotary.lookup(positions), hidden.dtype)
-        residual = None
-        for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = layer.forward(hidden, residual, rotary, kv_cache, metadata)
+        if self._stack is not None and hidden.shape[0] <= self._stack.rows:
+            hidden, residual = self._stack(hidden, rotary, kv_caches, metadata)
+        else:
+            residual = None
+            for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
+                hidden, residual = layer.forward(hidden, residual, rotary, kv_cache, metadata)
         return self.norm(hidden, residual)[0]
 
     def map_weight(self, name: str, tensor: torch.Tensor | None) -> list[Target]:

@@ -31,6 +31,7 @@
 #include <unistd.h>
 
 #include "isa.h"
+#include "ops.h"
 
 #include "vec512.h"
 #include "portable_vec.h"
