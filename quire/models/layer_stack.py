@@ -23,7 +23,8 @@ class LayerStack:
         self.kernels = kernels
         self.num_heads, self.num_kv_heads, self.scale = attn.num_heads, attn.num_kv_heads, attn.scale
         self.eps = layers[0].input_layernorm.eps
-        self.norms = [n.weight.detach() for layer in layers for n in (layer.input_layernorm, layer.post_attention_layernorm)]
+        norms = [(layer.input_layernorm, layer.post_attention_layernorm) for layer in layers]
+        self.norms = [n.weight.detach() for pair in norms for n in pair]
         linears = [lin for layer in layers for lin in _linears(layer)]
         self.rows = min(lin.block_rows for lin in linears)
         weights = [lin.block_weight() for lin in linears]
