@@ -498,8 +498,17 @@ constexpr int kQuantTileRows = 8;  // x rows per register tile
 
 constexpr int64_t packed_block_bytes(int64_t kind) { return kind == kQ4_1 ? 320 : 544; }
 
+// Which block of a row group to request `distance` blocks ahead of block b, counted in a tile's
+// reading order: past its last block the tile's next work is the same group RG groups on (the
+// groups lie back to back), so the stream stays ahead across tiles instead of stalling at each
+// tile's start. A request past the end of the weights is a harmless no-op.
+inline int64_t prefetch_block(int64_t b, int64_t distance, int64_t nb, int64_t rg) {
+  const int64_t ahead = b + distance;
+  return ahead < nb ? ahead : ahead + (rg - 1) * nb;
+}
+
 #if QUIRE_AVX512
-constexpr int64_t kPrefetchBlocks = 4;  // how far ahead the register-tile path requests blocks
+constexpr int64_t kPrefetchBlocks = 12;  // how far ahead the register-tile path requests blocks (measured)
 
 inline void prefetch_bytes(const uint8_t* p, int64_t n) {
   for (int64_t i = 0; i < n; i += 64) _mm_prefetch(reinterpret_cast<const char*>(p + i), _MM_HINT_T0);
@@ -521,9 +530,10 @@ inline void quant_tile(const float* x, int64_t K, const float* sx, const uint8_t
 #pragma GCC unroll 8
     for (int m = 0; m < MT; ++m) y[r][m] = _mm512_setzero_ps();
   for (int64_t b = 0; b < nb; ++b) {
-    if (b + kPrefetchBlocks < nb) {  // keep DRAM busy: the hardware prefetcher alone leaves it half idle
+    {  // keep DRAM busy: the hardware prefetcher alone leaves it half idle
+      const int64_t ahead = prefetch_block(b, kPrefetchBlocks, nb, RG);
 #pragma GCC unroll 2
-      for (int r = 0; r < RG; ++r) prefetch_bytes(groups[r] + (b + kPrefetchBlocks) * BB, BB);
+      for (int r = 0; r < RG; ++r) prefetch_bytes(groups[r] + ahead * BB, BB);
     }
     __m512 a0[RG][MT], a1[RG][MT];
 #pragma GCC unroll 8
@@ -766,7 +776,7 @@ void quant_linear_panel(const float* x, int64_t M, int64_t K, const uint8_t* pac
 // packed bytes.
 constexpr int kGroupVecs = kGroupRows / pv::kW;
 constexpr int kVecTileRows = 4;  // x rows per register tile: 4 x kGroupVecs block sums (2 and 3 measured slower)
-constexpr int64_t kVecPrefetchBlocks = 4;
+constexpr int64_t kVecPrefetchBlocks = 12;
 
 // y (16 output rows of each of RG groups, x rows m < MT) over all K.
 template <int64_t KIND, int MT, int RG>
@@ -779,9 +789,10 @@ inline void quant_tile_vec(const float* x, int64_t K, const float* sx, const uin
   const int64_t nb = K / 32;
   alignas(64) float ys[RG][V][MT][pv::kW] = {};  // running sums, touched once a block
   for (int64_t b = 0; b < nb; ++b) {
-    if (b + kVecPrefetchBlocks < nb) {
+    {
+      const int64_t ahead = prefetch_block(b, kVecPrefetchBlocks, nb, RG);
 #pragma GCC unroll 2
-      for (int r = 0; r < RG; ++r) pv::prefetch(groups[r] + (b + kVecPrefetchBlocks) * BB, BB);
+      for (int r = 0; r < RG; ++r) pv::prefetch(groups[r] + ahead * BB, BB);
     }
     pv::Vec a0[RG][V][MT], a1[RG][V][MT];
 #pragma GCC unroll 16
@@ -1455,6 +1466,16 @@ void quant_linear_scalar(const float* x, int64_t M, int64_t K, const float* sx, 
   });
 }
 
+// bf16 <-> float32 (round to nearest even, as Tensor.to) for activations.
+template <typename S, typename D>
+void convert_rows(const S* src, D* dst, int64_t n) {
+#if QUIRE_VEC
+  at::vec::convert(src, dst, n);
+#else
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<D>(src[i]);
+#endif
+}
+
 at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_t kind, int64_t N) {
   TORCH_CHECK(kind == kQ4_1 || kind == kQ8_0, "quant_linear: kind 0 (Q4_1) or 1 (Q8_0) expected");
   TORCH_CHECK(x_in.dim() == 2 && (x_in.scalar_type() == at::kFloat || x_in.scalar_type() == at::kBFloat16),
@@ -1498,13 +1519,17 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_
     return out;
   }
 #endif
-  // bf16 activations are widened (exact); the float32 result is rounded once at the end.
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  // bf16 activations are widened (exact); the float32 result is rounded once at the end. Here,
+  // not by Tensor.to: two dispatcher round trips cost as much as a small layer's product.
+  const at::Tensor x = x_in.contiguous();
   const int64_t M = x.size(0);
+  const bool widen = x.scalar_type() == at::kBFloat16;
   at::Tensor out = at::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
+  std::vector<float> x_wide(widen ? M * K : 0), out_wide(widen ? M * N : 0);
+  if (widen) convert_rows(x.data_ptr<bf16>(), x_wide.data(), M * K);
+  const float* xp = widen ? x_wide.data() : x.data_ptr<float>();
   const uint8_t* wp = packed.data_ptr<uint8_t>();
-  float* op = out.data_ptr<float>();
+  float* op = widen ? out_wide.data() : out.data_ptr<float>();
 #if QUIRE_AVX512
   const bool panel = M > kPanelMinRows;
 #elif QUIRE_VEC
@@ -1546,7 +1571,8 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_
 #else
   quant_linear_scalar(xp, M, K, sx.data(), wp, kind, N, op);
 #endif
-  return x_in.scalar_type() == at::kFloat ? out : out.to(x_in.scalar_type());
+  if (widen) convert_rows(out_wide.data(), out.data_ptr<bf16>(), M * N);
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------
