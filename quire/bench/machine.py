@@ -31,15 +31,19 @@ def read_bandwidth_gbs() -> float:
 
 
 def gemm_peak_gflops(dtype: torch.dtype) -> float:
-    """Best of a few 1024 x 1024 x 1024 products in ``dtype``: ``torch.mm`` and, where it runs, oneDNN."""
+    """Best of a few 1024 x 1024 x 1024 products: ``torch.mm`` and, where it runs, oneDNN, in ``dtype``
+    and in float32 (a CPU without bf16 arithmetic multiplies bf16 fastest by widening it, as the
+    kernels do, so float32's rate is the peak a bf16 step can be held to there)."""
     from quire.models.calibration import onednn_available
 
-    a = torch.randn(GEMM_SIZE, GEMM_SIZE).to(dtype)
-    b = torch.randn(GEMM_SIZE, GEMM_SIZE).to(dtype)
-    products = [lambda: torch.mm(a, b)]
-    if onednn_available(dtype):
-        packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
-        products.append(lambda: torch.ops.mkldnn._linear_pointwise(a, packed, None, "none", [], ""))
+    products = []
+    for kind in dict.fromkeys((dtype, torch.float32)):
+        a = torch.randn(GEMM_SIZE, GEMM_SIZE).to(kind)
+        b = torch.randn(GEMM_SIZE, GEMM_SIZE).to(kind)
+        products.append(lambda a=a, b=b: torch.mm(a, b))
+        if onednn_available(kind):
+            packed = torch.ops.mkldnn._reorder_linear_weight(b, None)
+            products.append(lambda a=a, p=packed: torch.ops.mkldnn._linear_pointwise(a, p, None, "none", [], ""))
     best = float("inf")
     for product in products:
         product()
