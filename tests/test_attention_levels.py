@@ -18,8 +18,8 @@ from test_paged_attention_kernel import (
     make_batch,
 )
 
-from quire.attention import cpu_kernel
 from quire.attention.reference import paged_attention_reference
+from quire.kernels import cpu_kernel
 
 LEVELS = cpu_kernel.isa_levels()
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}

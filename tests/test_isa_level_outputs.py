@@ -15,7 +15,7 @@ import pytest
 from fidelity_utils import fidelity_prompts
 
 from quire import SamplingParams
-from quire.attention import cpu_kernel
+from quire.kernels import cpu_kernel
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +25,7 @@ OTHER_LEVELS = [level for level in cpu_kernel.isa_levels() if level != cpu_kerne
 RUN = """
 import json, sys
 from quire import LLM, SamplingParams
-from quire.attention import cpu_kernel
+from quire.kernels import cpu_kernel
 prompts = json.loads(sys.stdin.read())
 llm = LLM(dtype="float32", seed=0)
 params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)

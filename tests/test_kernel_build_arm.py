@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch.utils.cpp_extension as cpp_extension
 
-from quire.attention import cpu_kernel
+from quire.kernels import cpu_kernel
 
 CROSS = "aarch64-linux-gnu-g++"
 

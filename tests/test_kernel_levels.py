@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quire.attention import cpu_kernel
+from quire.kernels import cpu_kernel
 from quire.models.linear import pack_quantized
 
 KINDS = {"q4_1": 0, "q8_0": 1}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from quire.attention import cpu_kernel
+from quire.kernels import cpu_kernel
 from quire.models.layer_ops import FusedLayerOps, TorchLayerOps
 
 pytestmark = pytest.mark.skipif(not cpu_kernel.is_available(), reason="CPU extension did not build")

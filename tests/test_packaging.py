@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from quire.attention import cpu_kernel
+from quire.kernels import cpu_kernel
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,12 +22,12 @@ def test_an_installed_wheel_builds_and_runs_the_kernels(tmp_path):
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheels), str(ROOT)], check=True)
     (wheel,) = wheels.glob("quire-*.whl")
     shipped = {Path(name).name for name in zipfile.ZipFile(wheel).namelist() if "/csrc/" in name}
-    assert shipped == {p.name for p in (ROOT / "quire/attention/csrc").iterdir()}
+    assert shipped == {p.name for p in (ROOT / "quire/kernels/csrc").iterdir()}
     subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True)
     # The installed copy, not this checkout, builds the engine's level into a fresh extension dir.
     probe = f"""
 import quire, torch
-from quire.attention import cpu_kernel as c
+from quire.kernels import cpu_kernel as c
 assert quire.__file__.startswith({str(target)!r}), quire.__file__
 ops = c.kernels()
 x, w = torch.randn(3, 64), torch.ones(64)

@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from quire.attention import cpu_kernel
 from quire.attention.reference import paged_attention_reference
+from quire.kernels import cpu_kernel
 
 try:
     from hypothesis import HealthCheck, given, settings

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from quire.attention import cpu_kernel
+from quire.kernels import cpu_kernel
 from quire.models.calibration import LinearPlan, linear_plan, onednn_available
 from quire.models.linear import Linear, pack_quantized
 from quire.models.loader import default_model_path, load_model_files

@@ -24,7 +24,7 @@ def paged_attention_reference(
     scale: float,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Same contract as :func:`quire.attention.cpu_kernel.paged_attention`.
+    """Same contract as :func:`quire.kernels.cpu_kernel.paged_attention`.
 
     Query row ``i`` of sequence ``s`` (``query_len = qs[s+1] - qs[s]``) is at
     position ``p = seq_lens[s] - query_len + i`` and attends to KV positions

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from quire.attention import cpu_kernel
 from quire.attention.backend import AttentionMetadata
 from quire.attention.reference import paged_attention_reference
+from quire.kernels import cpu_kernel
 
 
 class TorchAttentionBackend:

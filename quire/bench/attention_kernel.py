@@ -12,7 +12,7 @@ blocks shuffled):
 each for float32 and bfloat16 caches, and a decode step over 30 layers whose K/V does not fit
 in the caches (``--dram-layers``; the kernel only).  Three implementations are timed:
 
-* ``kernel``    - quire.attention.cpu_kernel.paged_attention;
+* ``kernel``    - quire.kernels.cpu_kernel.paged_attention;
 * ``reference`` - quire.attention.reference.paged_attention_reference (float32
   math, Python loop over sequences);
 * ``gather+sdpa`` - a leaner torch path for comparison: gather K/V per sequence
@@ -40,8 +40,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from quire.attention import cpu_kernel
 from quire.attention.reference import paged_attention_reference
+from quire.kernels import cpu_kernel
 
 NUM_Q_HEADS = 9
 NUM_KV_HEADS = 3

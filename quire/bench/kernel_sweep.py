@@ -52,9 +52,9 @@ def measure(batch_size: int, context_len: int, dtype: str, min_time: float) -> K
     import torch
     import torch.nn.functional as F
 
-    from quire.attention import cpu_kernel
     from quire.attention.reference import paged_attention_reference
     from quire.bench.attention_kernel import make_case, time_call
+    from quire.kernels import cpu_kernel
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
     case = make_case(f"b{batch_size} ctx{context_len}", [1] * batch_size, [context_len] * batch_size, torch_dtype)
@@ -121,8 +121,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
     from tqdm import tqdm
 
-    from quire.attention import cpu_kernel
     from quire.bench.attention_kernel import HEAD_DIM, NUM_KV_HEADS, NUM_Q_HEADS
+    from quire.kernels import cpu_kernel
 
     torch.set_num_threads(args.threads)
     batches = [int(b) for b in args.batch_sizes.split(",")]

@@ -512,7 +512,7 @@ def environment() -> dict[str, Any]:
     import transformers
 
     import quire
-    from quire.attention import cpu_kernel
+    from quire.kernels import cpu_kernel
 
     try:
         usable_cpus = len(os.sched_getaffinity(0))

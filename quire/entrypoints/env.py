@@ -15,7 +15,7 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from quire.attention import cpu_kernel
+    from quire.kernels import cpu_kernel
     from quire.models.calibration import linear_plan
 
     cores, threads = os.cpu_count(), torch.get_num_threads()

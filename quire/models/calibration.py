@@ -93,7 +93,7 @@ def linear_plan(kernels, dtype: torch.dtype) -> LinearPlan:
     """
     if kernels is None or dtype not in (torch.float32, torch.bfloat16):
         return LinearPlan(quant_rows=0, small_rows=0, packed_from=1, packed_to=0)
-    from quire.attention import cpu_kernel
+    from quire.kernels import cpu_kernel
 
     key = _cache_key(cpu_kernel.level_of(kernels), cpu_kernel.source_tag(), dtype)
     path = _cache_path()
@@ -112,7 +112,7 @@ def _cache_path() -> Path:
 
 
 def _cache_key(level: str, source: str, dtype: torch.dtype) -> str:
-    from quire.attention.cpu_kernel import cpu_flags
+    from quire.kernels.cpu_kernel import cpu_flags
 
     # The libraries the other paths run in can be capped below the CPU too (ATen, oneDNN, MKL).
     caps = [torch.backends.cpu.get_cpu_capability(), *(os.environ.get(v, "") for v in LIBRARY_ISA_ENV)]

@@ -12,7 +12,7 @@ import logging
 import torch
 from torch import nn
 
-from quire.attention.cpu_kernel import isa_level
+from quire.kernels.cpu_kernel import isa_level
 from quire.models.calibration import LinearPlan, linear_plan
 from quire.models.linear import Linear
 from quire.models.loader import BlockQuantized

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from quire.attention import cpu_kernel
+from quire.kernels import cpu_kernel
 
 
 class TorchLayerOps:
@@ -43,7 +43,7 @@ class TorchLayerOps:
 
 
 class FusedLayerOps:
-    """One vectorised pass over memory per op (``quire/attention/csrc/fused_ops.cpp``), float32 and bf16."""
+    """One vectorised pass over memory per op (``quire/kernels/csrc/fused_ops.cpp``), float32 and bf16."""
 
     def __init__(self, kernels) -> None:
         self.kernels = kernels
