@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from quire.kernels import cpu_kernel
-from quire.models.linear import pack_quantized
+from quire.models.block_format import pack_quantized
 
 KINDS = {"q4_1": 0, "q8_0": 1}
 BF16_STEP = 2.0**-8  # one bf16 rounding, relative

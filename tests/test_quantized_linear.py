@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from quire.kernels import cpu_kernel
+from quire.models.block_format import pack_quantized
 from quire.models.calibration import LinearPlan, linear_plan, onednn_available
-from quire.models.linear import Linear, pack_quantized
+from quire.models.linear import Linear
 from quire.models.loader import default_model_path, load_model_files
 
 pytestmark = pytest.mark.skipif(not cpu_kernel.is_available(), reason="CPU extension did not build")

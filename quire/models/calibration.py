@@ -139,7 +139,7 @@ def _write_cache(path: Path, entries: dict) -> None:
 
 
 def _measure(kernels, dtype: torch.dtype) -> LinearPlan:
-    from quire.models.linear import pack_quantized
+    from quire.models.block_format import pack_quantized
 
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(0)

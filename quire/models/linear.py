@@ -31,29 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quire.models.block_format import QUANT_KINDS, pack_quantized
 from quire.models.calibration import LinearPlan, linear_plan, onednn_available
-
-_QUANT_KINDS = {"q4_1": 0, "q8_0": 1}
-_BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
-
-
-def pack_quantized(blocks: torch.Tensor, kind: str) -> torch.Tensor:
-    """GGUF rows of blocks [N, K/32 * block bytes] -> ``quant_linear``'s layout [ceil(N/16), K/32, 16 * block bytes].
-
-    Rows go in groups of 16 side by side, so one vector lane of the kernel is one output row
-    (the layout is described in ``fused_ops.cpp``). Padding rows are zero (d = m = 0).
-    """
-    block_bytes = _BLOCK_BYTES[kind]
-    n = blocks.shape[0]
-    groups = -(-n // 16)
-    rows = torch.zeros(groups * 16, blocks.shape[1], dtype=torch.uint8)
-    rows[:n] = blocks
-    t = rows.view(groups, 16, -1, block_bytes).permute(0, 2, 1, 3)  # [group, block, row, byte]
-    scales = 4 if kind == "q4_1" else 2  # fp16 d (and m) lead each block
-    parts = [t[..., 0:2], t[..., 2:4]] if kind == "q4_1" else [t[..., 0:2]]
-    quants = t[..., scales:].transpose(2, 3)  # [group, block, byte, row]
-    flat = [p.reshape(groups, t.shape[1], -1) for p in (*parts, quants)]
-    return torch.cat(flat, dim=2).contiguous()
 
 
 class Linear(nn.Module):
@@ -88,7 +67,7 @@ class Linear(nn.Module):
         self._kernels = kernels if weight.is_cpu else None
         if self.quantized is not None:  # packed once; the GGUF-layout copy is not needed after that
             self._quant_packed = pack_quantized(self.quantized.blocks, self.quantized.kind)
-            self._quant_kind = _QUANT_KINDS[self.quantized.kind]
+            self._quant_kind = QUANT_KINDS[self.quantized.kind]
             self.quantized = None
         plan = plan or linear_plan(self._kernels, weight.dtype)
         self._small_rows = plan.small_rows if self._kernels is not None else 0

@@ -20,11 +20,9 @@ from torch import nn
 
 from quire.distributed.comm import TPGroup
 from quire.distributed.partition import split_range
+from quire.models.block_format import BLOCK_BYTES, QK
 from quire.models.linear import Linear
 from quire.models.loader import BlockQuantized
-
-_QK = 32  # weights per GGUF block
-_BLOCK_BYTES = {"q4_1": 20, "q8_0": 34}
 
 
 def _check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
@@ -81,10 +79,10 @@ class RowParallelLinear(Linear):
             target.copy_(tensor)
 
     def load_quantized(self, quantized: BlockQuantized, part: str = "") -> None:
-        if self.cols.start % _QK or self.cols.stop % _QK:
+        if self.cols.start % QK or self.cols.stop % QK:
             return  # a slice inside a block: the float path serves all row counts
-        step = _BLOCK_BYTES[quantized.kind]
-        blocks = quantized.blocks[:, self.cols.start // _QK * step : self.cols.stop // _QK * step]
+        step = BLOCK_BYTES[quantized.kind]
+        blocks = quantized.blocks[:, self.cols.start // QK * step : self.cols.stop // QK * step]
         self.quantized = BlockQuantized(quantized.kind, blocks.contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
