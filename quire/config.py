@@ -7,11 +7,17 @@ the machine (``kv_cache_memory_gb``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
-_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# The dtypes offered on the command line. ``float16`` is accepted by ``validate`` only so that the
+# engine can answer it with a clear "not supported on CPU" instead of a bare "invalid choice".
+CPU_DTYPES = ("auto", "float32", "bfloat16")
+_DTYPES = (*CPU_DTYPES, "float16")
 PREEMPTION_MODES = ("auto", "swap", "recompute")
 SCHEDULING_POLICIES = ("fcfs", "priority")
+# The step's token budget when ``max_num_batched_tokens`` is not given: large enough that one long
+# prompt prefills in few chunks, small enough to keep decode latency low.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -56,27 +62,61 @@ class EngineConfig:
     scheduler: SchedulerConfig
 
 
+def _arg(default, help: str, **cli) -> object:  # noqa: A002 - argparse's name
+    """A field whose command-line help (and any choices or short aliases) sits next to its default.
+
+    ``quire.entrypoints.engine_args`` turns every ``EngineArgs`` field into a flag from this
+    metadata, so the dataclass is the one place where an engine argument is declared.
+    """
+    return field(default=default, metadata={"help": help, **cli})
+
+
 @dataclass
 class EngineArgs:
-    """Arguments accepted by ``LLM(...)`` and the command line."""
+    """Arguments accepted by ``LLM(...)`` and, one flag per field, by ``quire serve`` / ``quire generate``."""
 
-    model: str | None = None
-    dtype: str = "auto"
-    block_size: int = 16
-    max_model_len: int | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
-    seed: int = 0
-    kv_cache_memory_gb: float | None = None
-    num_kv_blocks: int | None = None
-    enable_prefix_caching: bool = True
-    num_threads: int | None = None
-    tensor_parallel_size: int = 1
-    swap_space: float = 4.0  # GiB of host memory for swapped-out KV blocks (vLLM's name)
-    num_host_kv_blocks: int | None = None  # exact host block count, overrides swap_space (tests)
-    preemption_mode: str = "auto"
-    scheduling_policy: str = "fcfs"
-    priority_aging_steps: int = 1000
+    model: str | None = _arg(
+        None,
+        "Hugging Face model directory or .gguf file; nothing is downloaded "
+        "(default: the embedded SmolLM2-135M-Instruct)",
+    )
+    dtype: str = _arg(
+        "auto",
+        "weights and activations; auto is float32 (bfloat16 is faster, but its greedy text drifts from "
+        "float32's and depends on the batch)",
+        choices=CPU_DTYPES,
+    )
+    block_size: int = _arg(16, "tokens per KV block")
+    max_model_len: int | None = _arg(None, "context length, prompt plus output (default: the model's)")
+    max_num_seqs: int = _arg(256, "most sequences in one step")
+    max_num_batched_tokens: int | None = _arg(
+        None, f"most tokens in one step; longer prompts prefill in chunks (default: {DEFAULT_MAX_NUM_BATCHED_TOKENS})"
+    )
+    seed: int = _arg(0, "engine random seed (requests without a seed of their own sample from it)")
+    kv_cache_memory_gb: float | None = _arg(
+        None, "GiB for the KV pool (default: a share of the available memory, capped)"
+    )
+    num_kv_blocks: int | None = _arg(None, "exact KV block count; overrides --kv-cache-memory-gb")
+    enable_prefix_caching: bool = _arg(True, "reuse the KV blocks of prompt prefixes already computed")
+    num_threads: int | None = _arg(None, "torch threads per rank (default: this host's cores shared by its ranks)")
+    tensor_parallel_size: int = _arg(
+        1,
+        "ranks to shard the model over (local worker processes, or torchrun's ranks; see README)",
+        aliases=("-tp",),
+    )
+    swap_space: float = _arg(4.0, "GiB of host memory for swapped-out KV blocks (vLLM's name)")
+    num_host_kv_blocks: int | None = _arg(None, "exact host KV block count; overrides --swap-space")
+    preemption_mode: str = _arg(
+        "auto",
+        "what a preempted request's KV blocks go through: auto picks swap or recompute by measured cost",
+        choices=PREEMPTION_MODES,
+    )
+    scheduling_policy: str = _arg(
+        "fcfs", "fcfs, or priority: requests' priority orders admission and preemption", choices=SCHEDULING_POLICIES
+    )
+    priority_aging_steps: int = _arg(
+        1000, "under --scheduling-policy priority, promote a request after waiting this many steps"
+    )
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -121,8 +161,7 @@ class EngineArgs:
             raise ValueError(
                 f"max_model_len ({max_model_len}) is larger than the model's context length ({model_max_len})."
             )
-        # Large enough that one long prompt prefills in few chunks, small enough to keep decode latency low.
-        max_batched = self.max_num_batched_tokens or 512
+        max_batched = self.max_num_batched_tokens or DEFAULT_MAX_NUM_BATCHED_TOKENS
         return EngineConfig(
             model=ModelConfig(model=model_path, dtype=dtype, max_model_len=max_model_len, seed=self.seed),
             cache=CacheConfig(

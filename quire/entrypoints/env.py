@@ -6,15 +6,14 @@ import argparse
 import os
 import platform
 
-import torch
 
-
-def add_parser(commands) -> None:
-    parser = commands.add_parser("env", help="print the CPU, its ISA levels and the kernel paths chosen for it")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     from quire.kernels import cpu_kernel
     from quire.models.calibration import linear_plan
 

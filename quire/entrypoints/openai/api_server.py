@@ -1,7 +1,8 @@
 """The FastAPI app: OpenAI's endpoints over an ``AsyncLLMEngine``, plus /health, /metrics, /tokenize.
 
 ``build_app(engine, ...)`` makes the app (tests build it around an engine they own);
-``run_server(args)`` is ``quire serve``: load the engine, build the app, run uvicorn.
+``run_server(args)`` is what ``quire serve`` runs (``quire.entrypoints.serve`` parses its
+flags): load the engine, build the app, run uvicorn.
 The app starts the engine's step thread on start-up and stops it (aborting what is left) on
 shut-down, unless ``manage_engine=False``.
 """
@@ -14,12 +15,17 @@ import time
 from contextlib import asynccontextmanager
 from typing import Any
 
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from quire.config import EngineArgs
 from quire.engine.async_engine import AsyncLLMEngine, EngineDeadError
+from quire.engine.llm_engine import LLMEngine
+from quire.entrypoints.engine_args import engine_kwargs
+from quire.entrypoints.openai.cli_args import DEFAULT_SERVED_MODEL_NAME
 from quire.entrypoints.openai.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -30,12 +36,10 @@ from quire.entrypoints.openai.protocol import (
 )
 from quire.entrypoints.openai.serving_chat import OpenAIServingChat, apply_chat_template
 from quire.entrypoints.openai.serving_completion import OpenAIServingCompletion
-from quire.metrics import CONTENT_TYPE
+from quire.metrics import CONTENT_TYPE, EngineMetrics
 
 logger = logging.getLogger(__name__)
 
-# What clients call the embedded default model when no --served-model-name is given.
-DEFAULT_SERVED_MODEL_NAME = "SmolLM2-135M-Instruct"
 # Reachable without the API key (probes and scrapers).
 OPEN_PATHS = frozenset({"/health", "/metrics", "/ping", "/version"})
 # pydantic's tags for union members in an error location: not field names.
@@ -189,20 +193,14 @@ def build_app(
 
 
 def run_server(args) -> int:
-    """``quire serve``: build the engine from the parsed command line and serve until interrupted."""
-    import uvicorn
-
-    from quire.config import EngineArgs
-    from quire.engine.llm_engine import LLMEngine
-    from quire.entrypoints.cli import engine_kwargs
-    from quire.metrics import EngineMetrics
-
+    """Build the engine from ``quire serve``'s parsed flags and serve until interrupted."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(asctime)s %(name)s: %(message)s")
-    kwargs = engine_kwargs(args)
     names = args.served_model_name or [args.model or DEFAULT_SERVED_MODEL_NAME]
-    llm_engine = LLMEngine(EngineArgs(**kwargs))
+    llm_engine = LLMEngine(EngineArgs(**engine_kwargs(args)))
     metrics = EngineMetrics(names[0])
-    engine = AsyncLLMEngine(llm_engine, metrics=metrics, log_stats_interval=args.log_stats_interval)
+    # No --log-stats-interval: the engine's default interval.
+    interval = {} if args.log_stats_interval is None else {"log_stats_interval": args.log_stats_interval}
+    engine = AsyncLLMEngine(llm_engine, metrics=metrics, **interval)
     app = build_app(
         engine,
         served_model_names=names,
