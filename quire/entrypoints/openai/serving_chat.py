@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -13,31 +10,27 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from quire.entrypoints.openai.protocol import APIError, ChatCompletionRequest, ChatMessage
 from quire.entrypoints.openai.serving_engine import (
     MAX_LOGPROBS,
+    ChatLogprobs,
     EnginePrompt,
     OpenAIServing,
+    StreamFormat,
     chat_logprobs,
     finish_reason,
     last_output,
-    merge,
     random_id,
-    sse,
-    stop_holdback,
+    stream_chunks,
     until_disconnected,
     usage,
-    visible_text,
 )
 from quire.models.loader import chat_prompt_token_ids
 from quire.outputs import RequestOutput
-from quire.sampling_params import SamplingParams
 
-logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _Choice:
-    sent_text: int = 0
-    sent_tokens: int = 0
-    done: bool = False
+# Chat chunks carry a delta; each choice opens with the assistant role, as OpenAI's do.
+CHAT_STREAM = StreamFormat(
+    object="chat.completion.chunk",
+    text=lambda delta: {"delta": {"content": delta} if delta else {}},
+    opening={"delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None},
+)
 
 
 def apply_chat_template(
@@ -85,7 +78,11 @@ class OpenAIServingChat(OpenAIServing):
         streams = await self.add_all(request_id, [prompt], params, request.priority, "messages", beam)
         created = int(time.time())
         if request.stream:
-            body = self._stream(request, request_id, model, created, params, streams[0])
+            k = request.top_logprobs or 0
+            body = stream_chunks(
+                CHAT_STREAM, request_id, model, created, [prompt], streams, params, request.stream_options,
+                logprobs=(lambda _: ChatLogprobs(self.tokenizer, k)) if request.logprobs else None,
+            )
             return StreamingResponse(body, media_type="text/event-stream")
         final = await until_disconnected(raw_request, last_output(streams[0]))
         if final is None:
@@ -115,93 +112,3 @@ class OpenAIServingChat(OpenAIServing):
             "usage": usage(len(final.prompt_token_ids), sum(len(o.token_ids) for o in final.outputs)),
             "system_fingerprint": None,
         }
-
-    async def _stream(
-        self,
-        request: ChatCompletionRequest,
-        request_id: str,
-        model: str,
-        created: int,
-        params: SamplingParams,
-        stream: AsyncIterator[RequestOutput],
-    ) -> AsyncIterator[str]:
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        continuous = include_usage and bool(request.stream_options.continuous_usage_stats)
-        holdback = stop_holdback(params)
-        k = request.top_logprobs or 0
-        choices: dict[int, _Choice] = {}
-        num_prompt = 0
-        generated: dict[int, int] = {}
-
-        def chunk(choice: dict) -> dict:
-            data = {
-                "id": request_id,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [choice],
-            }
-            if include_usage:
-                data["usage"] = usage(num_prompt, sum(generated.values())) if continuous else None
-            return data
-
-        merged = merge([stream])
-        try:
-            async for _, output in merged:
-                num_prompt = len(output.prompt_token_ids)
-                for out in output.outputs:
-                    generated[out.index] = len(out.token_ids)
-                    state = choices.get(out.index)
-                    if state is None:
-                        state = choices[out.index] = _Choice()
-                        yield sse(
-                            chunk(
-                                {
-                                    "index": out.index,
-                                    "delta": {"role": "assistant", "content": ""},
-                                    "logprobs": None,
-                                    "finish_reason": None,
-                                }
-                            )
-                        )
-                    if state.done:
-                        continue
-                    finished = out.finish_reason is not None
-                    text = visible_text(out.text, finished, holdback)
-                    delta = text[state.sent_text :]
-                    token_ids = out.token_ids[state.sent_tokens :]
-                    if not (delta or finished or (token_ids and request.logprobs)):
-                        continue
-                    logprobs = None
-                    if request.logprobs:
-                        positions = list((out.logprobs or [])[state.sent_tokens :])
-                        logprobs = chat_logprobs(self.tokenizer, token_ids, positions, k)
-                    state.sent_text, state.sent_tokens, state.done = len(text), len(out.token_ids), finished
-                    yield sse(
-                        chunk(
-                            {
-                                "index": out.index,
-                                "delta": {"content": delta} if delta else {},
-                                "logprobs": logprobs,
-                                "finish_reason": finish_reason(out.finish_reason),
-                                "stop_reason": out.stop_reason,
-                            }
-                        )
-                    )
-            if include_usage:
-                yield sse(
-                    {
-                        "id": request_id,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": model,
-                        "choices": [],
-                        "usage": usage(num_prompt, sum(generated.values())),
-                    }
-                )
-        except Exception as exc:  # noqa: BLE001 - the status line is sent: report in-band
-            logger.exception("chat stream %s failed", request_id)
-            yield sse({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
-        finally:
-            await merged.aclose()
-        yield sse("[DONE]")

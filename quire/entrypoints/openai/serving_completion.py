@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -17,31 +14,18 @@ from quire.entrypoints.openai.serving_engine import (
     CompletionLogprobs,
     EnginePrompt,
     OpenAIServing,
+    StreamFormat,
     finish_reason,
     last_output,
-    merge,
     random_id,
-    sse,
-    stop_holdback,
+    stream_chunks,
     until_disconnected,
     usage,
-    visible_text,
 )
 from quire.outputs import RequestOutput
-from quire.sampling_params import SamplingParams
 
-logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _Choice:
-    """What one streamed choice has sent so far."""
-
-    logprobs: CompletionLogprobs | None
-    sent_text: int = 0
-    sent_tokens: int = 0
-    started: bool = False
-    done: bool = False
+# Completion chunks carry plain text and have the same "object" as the full response.
+COMPLETION_STREAM = StreamFormat(object="text_completion", text=lambda delta: {"text": delta})
 
 
 class OpenAIServingCompletion(OpenAIServing):
@@ -66,7 +50,11 @@ class OpenAIServingCompletion(OpenAIServing):
         streams = await self.add_all(request_id, prompts, params, request.priority, "prompt", beam)
         created = int(time.time())
         if request.stream:
-            body = self._stream(request, request_id, model, created, prompts, params, streams)
+            body = stream_chunks(
+                COMPLETION_STREAM, request_id, model, created, prompts, streams, params, request.stream_options,
+                logprobs=(lambda p: self._logprobs(p, request.echo)) if request.logprobs is not None else None,
+                echo=request.echo,
+            )
             return StreamingResponse(body, media_type="text/event-stream")
         finals = await until_disconnected(raw_request, asyncio.gather(*(last_output(s) for s in streams)))
         if finals is None:
@@ -93,6 +81,10 @@ class OpenAIServingCompletion(OpenAIServing):
                 out.append(EnginePrompt(tokenizer.decode(ids) if echo else None, ids))
         return out
 
+    def _logprobs(self, prompt: EnginePrompt, echo: bool) -> CompletionLogprobs:
+        """A choice's logprobs; ``text_offset`` counts from the returned text's start, where echo puts the prompt."""
+        return CompletionLogprobs(self.tokenizer, 0 if echo else len(prompt.text or ""))
+
     # -- one JSON response --------------------------------------------------------------------
 
     def _response(self, request, request_id, model, created, prompts, finals: list[RequestOutput]) -> dict:
@@ -106,7 +98,7 @@ class OpenAIServingCompletion(OpenAIServing):
                 if request.echo:
                     text = (prompt.text or "") + text
                 if request.logprobs is not None:
-                    builder = CompletionLogprobs(self.tokenizer, 0 if request.echo else len(prompt.text or ""))
+                    builder = self._logprobs(prompt, request.echo)
                     if request.echo:
                         token_ids = final.prompt_token_ids + out.token_ids
                         positions = list(final.prompt_logprobs or []) + list(out.logprobs or [])
@@ -132,95 +124,3 @@ class OpenAIServingCompletion(OpenAIServing):
             "usage": usage(num_prompt, num_generated),
             "system_fingerprint": None,
         }
-
-    # -- server-sent events -------------------------------------------------------------------
-
-    async def _stream(
-        self,
-        request: CompletionRequest,
-        request_id: str,
-        model: str,
-        created: int,
-        prompts: list[EnginePrompt],
-        params: SamplingParams,
-        streams: list[AsyncIterator[RequestOutput]],
-    ) -> AsyncIterator[str]:
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        continuous = include_usage and bool(request.stream_options.continuous_usage_stats)
-        holdback = stop_holdback(params)
-        choices: dict[int, _Choice] = {}
-        generated: dict[int, int] = {}
-        prompt_len = {i: len(p.token_ids) for i, p in enumerate(prompts)}
-
-        def chunk(choice: dict) -> dict:
-            data = {
-                "id": request_id,
-                "object": "text_completion",
-                "created": created,
-                "model": model,
-                "choices": [choice],
-            }
-            if include_usage:
-                data["usage"] = usage(sum(prompt_len.values()), sum(generated.values())) if continuous else None
-            return data
-
-        merged = merge(streams)
-        try:
-            async for i, output in merged:
-                prompt = prompts[i]
-                for out in output.outputs:
-                    index = i * request.n + out.index
-                    generated[index] = len(out.token_ids)
-                    state = choices.get(index)
-                    if state is None:
-                        builder = None
-                        if request.logprobs is not None:
-                            builder = CompletionLogprobs(self.tokenizer, 0 if request.echo else len(prompt.text or ""))
-                        state = choices[index] = _Choice(builder)
-                    if state.done:
-                        continue
-                    finished = out.finish_reason is not None
-                    text = visible_text(out.text, finished, holdback)
-                    delta = text[state.sent_text :]
-                    token_ids = out.token_ids[state.sent_tokens :]
-                    positions = list(out.logprobs[state.sent_tokens :]) if out.logprobs is not None else []
-                    if not state.started and request.echo:
-                        delta = (prompt.text or "") + delta
-                        if state.logprobs is not None:
-                            token_ids = output.prompt_token_ids + token_ids
-                            positions = list(output.prompt_logprobs or []) + positions
-                    if not (delta or finished or (token_ids and state.logprobs is not None)):
-                        continue
-                    logprobs = state.logprobs.build(token_ids, positions) if state.logprobs is not None else None
-                    state.started = True
-                    state.sent_text = len(text)
-                    state.sent_tokens = len(out.token_ids)
-                    state.done = finished
-                    yield sse(
-                        chunk(
-                            {
-                                "index": index,
-                                "text": delta,
-                                "logprobs": logprobs,
-                                "finish_reason": finish_reason(out.finish_reason),
-                                "stop_reason": out.stop_reason,
-                            }
-                        )
-                    )
-            if include_usage:
-                yield sse(
-                    {
-                        "id": request_id,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": model,
-                        "choices": [],
-                        "usage": usage(sum(prompt_len.values()), sum(generated.values())),
-                    }
-                )
-        except Exception as exc:  # noqa: BLE001 - the status line is sent: report in-band
-            logger.exception("completion stream %s failed", request_id)
-            yield sse({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
-        finally:
-            await merged.aclose()
-        yield sse("[DONE]")

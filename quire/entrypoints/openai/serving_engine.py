@@ -1,24 +1,27 @@
-"""What completions and chat share: model names, prompt checks, SamplingParams, logprobs, SSE, cancellation."""
+"""What completions and chat share: model names, prompt checks, SamplingParams, logprobs, streaming, cancellation."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from fastapi import Request
 
 from quire.engine.async_engine import AsyncLLMEngine
-from quire.entrypoints.openai.protocol import APIError, ChatCompletionRequest, CompletionRequest
+from quire.entrypoints.openai.protocol import APIError, ChatCompletionRequest, CompletionRequest, StreamOptions
 from quire.outputs import PositionLogprobs, RequestOutput
 from quire.sampling_params import BeamSearchParams, SamplingParams
 
 T = TypeVar("T")
+
+logger = logging.getLogger(__name__)
 
 # vLLM's default max_logprobs: the most top logprobs a request may ask for.
 MAX_LOGPROBS = 20
@@ -195,6 +198,114 @@ class OpenAIServing:
         return streams
 
 
+class LogprobsBuilder(Protocol):
+    """Turns a choice's next tokens and their candidates into the endpoint's logprobs object."""
+
+    def build(self, token_ids: list[int], positions: list[PositionLogprobs | None]) -> dict: ...
+
+
+@dataclass(frozen=True)
+class StreamFormat:
+    """How one endpoint spells its stream chunks; everything else is ``stream_chunks``."""
+
+    object: str  # every chunk's "object"
+    text: Callable[[str], dict]  # a choice's new text as the chunk's fields: {"text": ...} or {"delta": ...}
+    opening: dict | None = None  # the fields of a chunk sent once per choice before any text (chat: the role)
+
+
+@dataclass
+class _StreamedChoice:
+    """What one streamed choice has sent so far."""
+
+    logprobs: LogprobsBuilder | None
+    sent_text: int = 0
+    sent_tokens: int = 0
+    started: bool = False
+    done: bool = False
+
+
+async def stream_chunks(
+    fmt: StreamFormat,
+    request_id: str,
+    model: str,
+    created: int,
+    prompts: list[EnginePrompt],
+    streams: list[AsyncIterator[RequestOutput]],
+    params: SamplingParams,
+    stream_options: StreamOptions | None,
+    logprobs: Callable[[EnginePrompt], LogprobsBuilder] | None = None,
+    echo: bool = False,
+) -> AsyncIterator[str]:
+    """The SSE body of a streamed completion or chat completion, ending with ``data: [DONE]``.
+
+    One loop for both endpoints, so that holding back a possible stop string, the usage
+    chunks, skipping empty steps and in-band errors behave alike; ``fmt`` says how the
+    endpoint spells a chunk. Prompt ``i``'s outputs come from ``streams[i]``; its choice ``j``
+    is index ``i * params.n + j``. ``logprobs`` makes one builder per choice (None: the request
+    wants none); ``echo`` sends each prompt, and its logprobs, at the head of its choices.
+    """
+    include_usage = bool(stream_options and stream_options.include_usage)
+    continuous = include_usage and bool(stream_options.continuous_usage_stats)
+    holdback = stop_holdback(params)
+    num_prompt = sum(len(p.token_ids) for p in prompts)
+    choices: dict[int, _StreamedChoice] = {}
+    generated: dict[int, int] = {}
+
+    def chunk(choice_list: list[dict], usage_now: bool) -> dict:
+        data = {"id": request_id, "object": fmt.object, "created": created, "model": model, "choices": choice_list}
+        if include_usage:
+            data["usage"] = usage(num_prompt, sum(generated.values())) if usage_now else None
+        return data
+
+    merged = merge(streams)
+    try:
+        async for i, output in merged:
+            prompt = prompts[i]
+            for out in output.outputs:
+                index = i * params.n + out.index
+                generated[index] = len(out.token_ids)
+                state = choices.get(index)
+                if state is None:
+                    state = choices[index] = _StreamedChoice(logprobs(prompt) if logprobs is not None else None)
+                    if fmt.opening is not None:
+                        yield sse(chunk([{"index": index, **fmt.opening}], continuous))
+                if state.done:
+                    continue
+                finished = out.finish_reason is not None
+                text = visible_text(out.text, finished, holdback)
+                delta = text[state.sent_text :]
+                token_ids = out.token_ids[state.sent_tokens :]
+                positions = list(out.logprobs[state.sent_tokens :]) if out.logprobs is not None else []
+                if echo and not state.started:
+                    delta = (prompt.text or "") + delta
+                    if state.logprobs is not None:
+                        token_ids = output.prompt_token_ids + token_ids
+                        positions = list(output.prompt_logprobs or []) + positions
+                if not (delta or finished or (token_ids and state.logprobs is not None)):
+                    continue  # nothing to say yet (a stop string may still be completing)
+                choice_logprobs = state.logprobs.build(token_ids, positions) if state.logprobs is not None else None
+                state.started = True
+                state.sent_text = len(text)
+                state.sent_tokens = len(out.token_ids)
+                state.done = finished
+                choice = {
+                    "index": index,
+                    **fmt.text(delta),
+                    "logprobs": choice_logprobs,
+                    "finish_reason": finish_reason(out.finish_reason),
+                    "stop_reason": out.stop_reason,
+                }
+                yield sse(chunk([choice], continuous))
+        if include_usage:
+            yield sse(chunk([], True))
+    except Exception as exc:  # noqa: BLE001 - the status line is sent: report in-band
+        logger.exception("%s stream %s failed", fmt.object, request_id)
+        yield sse({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
+    finally:
+        await merged.aclose()
+    yield sse("[DONE]")
+
+
 async def _first_n(stream: AsyncIterator[RequestOutput], n: int) -> AsyncIterator[RequestOutput]:
     try:
         async for output in stream:
@@ -319,6 +430,17 @@ class CompletionLogprobs:
             ranked = sorted(position.items(), key=lambda kv: kv[1].rank if kv[1].rank is not None else 1 << 30)
             top.append({token_text(self.tokenizer, t, position): clamp(lp.logprob) for t, lp in ranked})
         return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+class ChatLogprobs:
+    """``chat_logprobs`` as a ``LogprobsBuilder`` (chat logprobs need no running state)."""
+
+    def __init__(self, tokenizer, k: int) -> None:
+        self.tokenizer = tokenizer
+        self.k = k
+
+    def build(self, token_ids: list[int], positions: list[PositionLogprobs]) -> dict:
+        return chat_logprobs(self.tokenizer, token_ids, positions, self.k)
 
 
 def chat_logprobs(tokenizer, token_ids: list[int], positions: list[PositionLogprobs], k: int) -> dict:
