@@ -1,0 +1,147 @@
+"""The `quire` command's structure, without loading a model: what `quire serve` imports, which flags
+exist with which defaults, and that the entry-point modules do not import one another in a cycle."""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import quire
+from quire.config import EngineArgs
+from quire.entrypoints.cli import build_parser
+from quire.entrypoints.engine_args import engine_kwargs
+from quire.sampling_params import SamplingParams
+
+ROOT = Path(quire.__file__).resolve().parent.parent
+
+# `quire serve` from the top (`cli.main`), with the two expensive ends stubbed: LLMEngine (no model
+# load) and uvicorn.run (no socket), which instead reports what the process has imported by then.
+SERVE_WITHOUT_MODEL = r"""
+import json, sys, types
+from quire.entrypoints.openai import api_server
+
+ns = types.SimpleNamespace
+
+class StubEngine:
+    # What run_server, AsyncLLMEngine and build_app read from an LLMEngine before serving.
+    max_model_len = 64
+
+    def __init__(self, args):
+        self.config = ns(model=ns(model=args.model or "embedded"))
+        self.scheduler = ns(config=ns(policy=args.scheduling_policy))
+
+    def stats(self):
+        return {}
+
+def report(app, **kwargs):
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("rich", "matplotlib") or m.startswith("quire.bench"))
+    print(json.dumps({"heavy": heavy, "app": type(app).__name__, "port": kwargs["port"],
+                      "fastapi": "fastapi" in sys.modules}))
+
+api_server.LLMEngine = StubEngine
+api_server.uvicorn.run = report
+from quire.entrypoints.cli import main
+sys.exit(main(["serve", "--port", "8123", "--api-key", "k", "--scheduling-policy", "priority"]))
+"""
+
+
+def test_quire_serve_imports_neither_bench_nor_rich_nor_matplotlib():
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    result = subprocess.run(
+        [sys.executable, "-c", SERVE_WITHOUT_MODEL], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report == {"heavy": [], "app": "FastAPI", "port": 8123, "fastapi": True}
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return names
+
+
+def test_entry_point_modules_import_no_cycle():
+    package = ROOT / "quire" / "entrypoints"
+    modules = {
+        "quire." + ".".join(p.relative_to(ROOT / "quire").with_suffix("").parts): p for p in package.rglob("*.py")
+    }
+    graph = {name: sorted(_imports(path) & set(modules) - {name}) for name, path in modules.items()}
+    assert not any("quire.entrypoints.cli" in deps for deps in graph.values()), graph
+
+    def visit(name: str, stack: tuple[str, ...]) -> None:
+        assert name not in stack, " -> ".join((*stack, name))
+        for dep in graph[name]:
+            visit(dep, (*stack, name))
+
+    for name in graph:
+        visit(name, ())
+
+
+# Every flag the commands had before their flags were generated from EngineArgs.
+SERVE_FLAGS = {
+    "--host", "--port", "--api-key", "--served-model-name", "--log-stats-interval", "--uvicorn-log-level",
+}
+GENERATE_FLAGS = {
+    "--chat", "--max-tokens", "--temperature", "--top-p", "--top-k", "--min-p", "--repetition-penalty",
+    "--sampling-seed", "--stop", "--ignore-eos",
+}
+ENGINE_FLAGS = {
+    "--model", "--dtype", "--block-size", "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens", "--seed",
+    "--kv-cache-memory-gb", "--num-kv-blocks", "--enable-prefix-caching", "--no-enable-prefix-caching",
+    "--num-threads", "--tensor-parallel-size", "-tp", "--swap-space", "--num-host-kv-blocks", "--preemption-mode",
+    "--scheduling-policy", "--priority-aging-steps",
+}
+
+
+def _subparser(command: str):
+    parser = build_parser([command])
+    return parser._subparsers._group_actions[0].choices[command]
+
+
+def _flags(command: str) -> set[str]:
+    return {flag for action in _subparser(command)._actions for flag in action.option_strings} - {"-h", "--help"}
+
+
+def test_flag_names_are_kept():
+    assert _flags("serve") == SERVE_FLAGS | ENGINE_FLAGS
+    assert _flags("generate") == GENERATE_FLAGS | ENGINE_FLAGS
+
+
+def test_engine_flag_defaults_are_engine_args_defaults():
+    for argv in (["serve"], ["generate", "hi"]):
+        args = build_parser(argv).parse_args(argv)
+        assert engine_kwargs(args) == dataclasses.asdict(EngineArgs())
+    args = build_parser(["serve"]).parse_args(
+        ["serve", "m.gguf", "-tp", "2", "--no-enable-prefix-caching", "--swap-space", "1.5", "--num-kv-blocks", "8"]
+    )
+    kwargs = engine_kwargs(args)
+    assert (kwargs["tensor_parallel_size"], kwargs["enable_prefix_caching"]) == (2, False)
+    assert (kwargs["swap_space"], kwargs["num_kv_blocks"], args.model_tag) == (1.5, 8, "m.gguf")
+    assert all(f.metadata.get("help") for f in dataclasses.fields(EngineArgs))
+
+
+def test_generate_sampling_defaults_are_sampling_params_but_greedy_and_longer():
+    args = build_parser(["generate", "hi"]).parse_args(["generate", "hi"])
+    given = {name: getattr(args, name) for name in ("max_tokens", "temperature", "top_p", "top_k", "min_p")}
+    defaults = SamplingParams()
+    assert given == {"max_tokens": 64, "temperature": 0.0, "top_p": defaults.top_p, "top_k": defaults.top_k,
+                     "min_p": defaults.min_p}
+    assert args.sampling_seed is None and args.stop == [] and not args.ignore_eos
+
+
+def test_only_the_chosen_subcommand_is_filled_in():
+    parser = build_parser(["env"])
+    choices = parser._subparsers._group_actions[0].choices
+    assert set(choices) == {"serve", "generate", "env", "bench"}
+    assert len(choices["bench"]._actions) == 1  # only -h: quire.bench.cli was not consulted
