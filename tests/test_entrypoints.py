@@ -1,9 +1,8 @@
-"""The `quire` command's structure, without loading a model: what `quire serve` imports, which flags
-exist with which defaults, and that the entry-point modules do not import one another in a cycle."""
+"""The `quire` command's structure, without loading a model: what `quire serve` imports, and which
+flags exist with which defaults. (No import cycle among them: tests/test_import_graph.py.)"""
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import json
 import os
@@ -58,34 +57,6 @@ def test_quire_serve_imports_neither_bench_nor_rich_nor_matplotlib():
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report == {"heavy": [], "app": "FastAPI", "port": 8123, "fastapi": True}
-
-
-def _imports(path: Path) -> set[str]:
-    names = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-        elif isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-    return names
-
-
-def test_entry_point_modules_import_no_cycle():
-    package = ROOT / "quire" / "entrypoints"
-    modules = {
-        "quire." + ".".join(p.relative_to(ROOT / "quire").with_suffix("").parts): p for p in package.rglob("*.py")
-    }
-    graph = {name: sorted(_imports(path) & set(modules) - {name}) for name, path in modules.items()}
-    assert not any("quire.entrypoints.cli" in deps for deps in graph.values()), graph
-
-    def visit(name: str, stack: tuple[str, ...]) -> None:
-        assert name not in stack, " -> ".join((*stack, name))
-        for dep in graph[name]:
-            visit(dep, (*stack, name))
-
-    for name in graph:
-        visit(name, ())
 
 
 # Every flag the commands had before their flags were generated from EngineArgs.
