@@ -4,10 +4,12 @@ flags exist with which defaults. (No import cycle among them: tests/test_import_
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import quire
@@ -18,45 +20,43 @@ from quire.sampling_params import SamplingParams
 
 ROOT = Path(quire.__file__).resolve().parent.parent
 
-# `quire serve` from the top (`cli.main`), with the two expensive ends stubbed: LLMEngine (no model
-# load) and uvicorn.run (no socket), which instead reports what the process has imported by then.
-SERVE_WITHOUT_MODEL = r"""
-import json, sys, types
-from quire.entrypoints.openai import api_server
-
-ns = types.SimpleNamespace
-
-class StubEngine:
-    # What run_server, AsyncLLMEngine and build_app read from an LLMEngine before serving.
-    max_model_len = 64
-
-    def __init__(self, args):
-        self.config = ns(model=ns(model=args.model or "embedded"))
-        self.scheduler = ns(config=ns(policy=args.scheduling_policy))
-
-    def stats(self):
-        return {}
-
-def report(app, **kwargs):
-    heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("rich", "matplotlib") or m.startswith("quire.bench"))
-    print(json.dumps({"heavy": heavy, "app": type(app).__name__, "port": kwargs["port"],
-                      "fastapi": "fastapi" in sys.modules}))
-
-api_server.LLMEngine = StubEngine
-api_server.uvicorn.run = report
-from quire.entrypoints.cli import main
-sys.exit(main(["serve", "--port", "8123", "--api-key", "k", "--scheduling-policy", "priority"]))
-"""
+# The real `quire serve` (default model, a small KV pool) under `python -X importtime`, which logs
+# every module the process imports to stderr: what a user's server loads, with nothing stubbed.
+SERVE = "import sys; from quire.entrypoints.cli import main; sys.exit(main(sys.argv[1:]))"
 
 
-def test_quire_serve_imports_neither_bench_nor_rich_nor_matplotlib():
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_quire_serve_imports_neither_bench_nor_rich_nor_matplotlib(tmp_path):
+    port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    result = subprocess.run(
-        [sys.executable, "-c", SERVE_WITHOUT_MODEL], env=env, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report == {"heavy": [], "app": "FastAPI", "port": 8123, "fastapi": True}
+    log = tmp_path / "stderr.log"
+    args = ["serve", "--host", "127.0.0.1", "--port", str(port), "--num-kv-blocks", "64"]
+    with log.open("w") as err:
+        server = subprocess.Popen([sys.executable, "-X", "importtime", "-c", SERVE, *args], env=env, stderr=err)
+        try:
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and server.poll() is None:
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    time.sleep(0.5)
+            else:
+                raise AssertionError(f"quire serve did not come up: {log.read_text()[-2000:]}")
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    lines = log.read_text().splitlines()
+    imported = {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")}
+    assert "fastapi" in imported and "quire.engine.llm_engine" in imported, "the import log is read"
+    heavy = sorted(m for m in imported if m.split(".")[0] in ("rich", "matplotlib") or m.startswith("quire.bench"))
+    assert heavy == []
 
 
 # Every flag the commands had before their flags were generated from EngineArgs.
