@@ -12,6 +12,10 @@ from dataclasses import dataclass, fields
 _DTYPES = ("auto", "float32", "bfloat16", "float16")
 PREEMPTION_MODES = ("auto", "swap", "recompute")
 SCHEDULING_POLICIES = ("fcfs", "priority")
+# KV allocation policies (quire.core.allocator_registry): Quire's paged manager, and the paper's
+# contiguous-reservation baselines, which the memory benchmark serves traces with.
+KV_ALLOCATORS = ("paged", "orca-max", "orca-pow2", "orca-oracle", "static")
+DEFAULT_KV_ALLOCATOR = "paged"
 
 
 @dataclass(frozen=True)
@@ -30,6 +34,7 @@ class CacheConfig:
     enable_prefix_caching: bool
     swap_space_gb: float = 0.0  # host (swap) KV pool budget
     num_host_kv_blocks: int | None = None  # exact host block count; None: derive from swap_space_gb
+    kv_allocator: str = DEFAULT_KV_ALLOCATOR  # one of KV_ALLOCATORS
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,9 @@ class EngineArgs:
     preemption_mode: str = "auto"
     scheduling_policy: str = "fcfs"
     priority_aging_steps: int = 1000
+    # Which KV allocator the scheduler drives (KV_ALLOCATORS). Anything but "paged" is a
+    # contiguous-reservation baseline for benchmarks: no prefix cache, no swap, no n > 1 or beams.
+    kv_allocator: str = DEFAULT_KV_ALLOCATOR
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -111,6 +119,8 @@ class EngineArgs:
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}.")
         positive_int("priority_aging_steps", self.priority_aging_steps)
+        if self.kv_allocator not in KV_ALLOCATORS:
+            raise ValueError(f"kv_allocator must be one of {KV_ALLOCATORS}, got {self.kv_allocator!r}.")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}.")
 
@@ -132,6 +142,7 @@ class EngineArgs:
                 enable_prefix_caching=self.enable_prefix_caching,
                 swap_space_gb=float(self.swap_space),
                 num_host_kv_blocks=self.num_host_kv_blocks,
+                kv_allocator=self.kv_allocator,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,
