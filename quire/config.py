@@ -18,6 +18,10 @@ SCHEDULING_POLICIES = ("fcfs", "priority")
 # The step's token budget when ``max_num_batched_tokens`` is not given: large enough that one long
 # prompt prefills in few chunks, small enough to keep decode latency low.
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
+# KV allocation policies (quire.core.allocator_registry): Quire's paged manager, and the paper's
+# contiguous-reservation baselines, which the memory benchmark serves traces with.
+KV_ALLOCATORS = ("paged", "orca-max", "orca-pow2", "orca-oracle", "static")
+DEFAULT_KV_ALLOCATOR = "paged"
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class CacheConfig:
     enable_prefix_caching: bool
     swap_space_gb: float = 0.0  # host (swap) KV pool budget
     num_host_kv_blocks: int | None = None  # exact host block count; None: derive from swap_space_gb
+    kv_allocator: str = DEFAULT_KV_ALLOCATOR  # one of KV_ALLOCATORS
 
 
 @dataclass(frozen=True)
@@ -117,6 +122,12 @@ class EngineArgs:
     priority_aging_steps: int = _arg(
         1000, "under --scheduling-policy priority, promote a request after waiting this many steps"
     )
+    kv_allocator: str = _arg(
+        DEFAULT_KV_ALLOCATOR,
+        "the KV allocator the scheduler drives; anything but paged is a contiguous-reservation baseline "
+        "for benchmarks (no prefix cache, swap, n > 1 or beams)",
+        choices=KV_ALLOCATORS,
+    )
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -151,6 +162,8 @@ class EngineArgs:
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {SCHEDULING_POLICIES}, got {self.scheduling_policy!r}.")
         positive_int("priority_aging_steps", self.priority_aging_steps)
+        if self.kv_allocator not in KV_ALLOCATORS:
+            raise ValueError(f"kv_allocator must be one of {KV_ALLOCATORS}, got {self.kv_allocator!r}.")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}.")
 
@@ -171,6 +184,7 @@ class EngineArgs:
                 enable_prefix_caching=self.enable_prefix_caching,
                 swap_space_gb=float(self.swap_space),
                 num_host_kv_blocks=self.num_host_kv_blocks,
+                kv_allocator=self.kv_allocator,
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,

@@ -228,29 +228,29 @@ def test_sharing(tiny_model, tmp_path):
 
 
 def test_contiguous_reservations_drive_the_real_engine_to_the_same_tokens(tiny_model):
-    """An Orca allocator hands the engine runs of consecutive blocks; greedy outputs must not change."""
-    from quire.bench.allocators import ContiguousAllocator, PagedAllocator, Policy
+    """An Orca allocator (``kv_allocator``) hands the engine consecutive blocks; greedy outputs must not change."""
     from quire.bench.datasets import TraceRequest, corpus_tokens
-    from quire.bench.engine_setup import load_engine
+    from quire.bench.engine_setup import load_engine, load_tokenizer
     from quire.bench.trace_runner import EngineExecutor
 
-    engine = load_engine(tiny_model, kv_slots=256, block_size=4, max_model_len=64)
-    tokens = corpus_tokens(engine.tokenizer)
+    tokens = corpus_tokens(load_tokenizer(tiny_model))
     trace = [TraceRequest(tuple(tokens[i * 7 : i * 7 + 3 + 4 * i]), 5 + 3 * i, 0.0) for i in range(4)]
 
-    def serve(name, allocator) -> list[list[int]]:
-        executor = EngineExecutor(engine, allocator)
+    def serve(kind) -> list[list[int]]:
+        engine = load_engine(tiny_model, kv_slots=256, block_size=4, max_model_len=64, kv_allocator=kind)
+        executor = EngineExecutor(engine)
         for i, request in enumerate(trace):
-            req = executor.add(f"{name}-{i}", request)
-            allocator.expect(req.seqs[0].seq_id, request.prompt_len, request.output_len)
+            executor.add(f"{kind}-{i}", request)
         outputs = {}
         while engine.has_unfinished_requests():
             for out in engine.step():
                 if out.finished:
                     outputs[out.request_id] = out.outputs[0].token_ids
-        return [outputs[f"{name}-{i}"] for i in range(len(trace))]
+        usage = engine.kv_usage()
+        assert usage.token_states == usage.reserved == usage.internal_frag == 0  # all freed
+        return [outputs[f"{kind}-{i}"] for i in range(len(trace))]
 
-    paged = serve("paged", PagedAllocator(64, 4))
-    for policy in Policy:
-        assert serve(policy.value, ContiguousAllocator(64, 4, policy, 64)) == paged
+    paged = serve("paged")
+    for kind in ("orca-max", "orca-pow2", "orca-oracle", "static"):
+        assert serve(kind) == paged
     assert [len(t) for t in paged] == [r.output_len for r in trace]

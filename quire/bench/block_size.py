@@ -8,9 +8,9 @@ y-axis), throughput, the time-averaged batch and the share of KV slots holding t
 Small blocks cost kernel efficiency (more, shorter gathers); large blocks waste slots in each
 sequence's last block, so fewer requests fit.
 
-Real mode measures both effects on the real engine (one loaded model, its KV tensor rebuilt
-per block size). ``--simulate`` runs the paper's setting with a step-time model that does not
-depend on the block size, so it shows only the memory effect (large blocks).
+Real mode measures both effects on the real engine (a fresh engine per block size, built
+with that block size and the same KV budget). ``--simulate`` runs the paper's setting with a
+step-time model that does not depend on the block size, so it shows only the memory effect (large blocks).
 """
 
 from __future__ import annotations
@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
-from quire.bench.allocators import PagedAllocator
 from quire.bench.datasets import corpus_tokens, make_trace, word_token_stream
 from quire.bench.memory import PAPER_RATES, load_step_model
 from quire.bench.report import LoadMeter, Output, load_now, print_table, pyplot
 from quire.bench.trace_runner import EngineExecutor, SimulatedExecutor, TraceRunResult, run_trace
 from quire.config import SchedulerConfig
+from quire.core.kv_cache_manager import KVCacheManager
 
 __all__ = ["BlockSizeRun", "add_cli_args", "run"]
 
@@ -86,16 +86,14 @@ def run(args: argparse.Namespace) -> int:
     out = Output(args.results_dir)
     machine = load_now()
     meter = LoadMeter()
-    engine = step_model = None
+    step_model = None
     if sim:
         step_model = load_step_model(args.step_model)
         tokens = word_token_stream()
     else:
-        from quire.bench.engine_setup import load_engine
+        from quire.bench.engine_setup import load_engine, load_tokenizer, warm_up
 
-        out.console.print("loading the model ...")
-        engine = load_engine(args.model, kv_slots, sizes[0], max_model_len, args.max_num_seqs, max_batched, args.dtype)
-        tokens = corpus_tokens(engine.tokenizer)
+        tokens = corpus_tokens(load_tokenizer(args.model))
 
     runs = []
     for dataset in datasets:
@@ -107,15 +105,16 @@ def run(args: argparse.Namespace) -> int:
             if slots < max_model_len:
                 out.console.print(f"skipping block size {block_size}: {slots} slots < max_model_len {max_model_len}")
                 continue
-            allocator = PagedAllocator(slots // block_size, block_size)
-            if engine is not None:
-                from quire.bench.engine_setup import set_kv_layout, warm_up
-
-                set_kv_layout(engine, block_size, slots)
-                warm_up(engine, tokens)
-                executor = EngineExecutor(engine, allocator)
+            engine = None
+            if sim:
+                executor = SimulatedExecutor(KVCacheManager(slots // block_size, block_size), config, step_model)
             else:
-                executor = SimulatedExecutor(allocator, config, step_model)
+                out.console.print(f"loading the model (block size {block_size}) ...")
+                engine = load_engine(
+                    args.model, slots, block_size, max_model_len, args.max_num_seqs, max_batched, args.dtype
+                )
+                warm_up(engine, tokens)
+                executor = EngineExecutor(engine)
             label = f"{dataset} block {block_size}"
             with (
                 meter.measure(),
@@ -123,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
                     total=len(trace), desc=label, unit="req", leave=False, disable=True if args.no_progress else None
                 ) as bar,
             ):
-                result = run_trace(f"block-{block_size}", trace, executor, allocator, on_finish=bar.update)
+                result = run_trace(f"block-{block_size}", trace, executor, on_finish=bar.update)
+            if engine is not None:
+                engine.shutdown()
             block_run.block_sizes.append(block_size)
             block_run.results.append(result)
         runs.append(block_run)

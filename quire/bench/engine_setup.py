@@ -1,9 +1,9 @@
-"""The real engine for trace benchmarks: loaded once, its KV cache rebuilt per block size.
+"""The real engine for trace benchmarks, built through ``EngineArgs`` like any user would.
 
-``quire bench memory`` and ``quire bench block-size`` serve several traces with one loaded
-model. Loading takes tens of seconds, so instead of a new ``LLMEngine`` per block size the
-engine's KV tensor and model runner (the only pieces that depend on the block size) are
-rebuilt; the scheduler is replaced per run by ``trace_runner.EngineExecutor``.
+``quire bench memory`` and ``quire bench block-size`` need one engine per allocator or block
+size. Each is a fresh ``LLMEngine`` (the default model loads in seconds), so every setting the
+engine derives from its arguments (the ``max_model_len`` cap, the host pool, tensor
+parallelism) applies to the layout under test, and nothing is swapped in from outside.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 from quire.config import EngineArgs
 
-__all__ = ["load_engine", "set_kv_layout", "warm_up"]
+__all__ = ["load_engine", "load_tokenizer", "warm_up"]
 
 
 def load_engine(
@@ -24,8 +24,9 @@ def load_engine(
     max_num_batched_tokens: int | None = None,
     dtype: str = "auto",
     num_threads: int | None = None,
+    kv_allocator: str = "paged",
 ):
-    """An ``LLMEngine`` with exactly ``kv_slots // block_size`` KV blocks and prefix caching off."""
+    """An ``LLMEngine`` with exactly ``kv_slots // block_size`` KV blocks, ``kv_allocator``, prefix caching off."""
     from quire.engine.llm_engine import LLMEngine
 
     args = EngineArgs(
@@ -38,32 +39,23 @@ def load_engine(
         num_kv_blocks=max(1, kv_slots // block_size),
         enable_prefix_caching=False,
         num_threads=num_threads,
+        kv_allocator=kv_allocator,
     )
     return LLMEngine(args)
 
 
-def set_kv_layout(engine, block_size: int, kv_slots: int) -> None:
-    """Give ``engine`` a fresh KV tensor of ``kv_slots // block_size`` blocks of ``block_size`` and a runner for it."""
-    from quire.worker.cache_engine import CacheEngine
-    from quire.worker.model_runner import ModelRunner
+def load_tokenizer(model: str | None):
+    """The model's tokenizer alone (to build traces before any engine exists)."""
+    from quire.models.loader import load_tokenizer as load
+    from quire.models.loader import resolve_model_path
 
-    num_blocks = max(1, kv_slots // block_size)
-    if engine.runner.block_size == block_size and engine.cache.num_blocks == num_blocks:
-        return
-    engine.cache = None  # free the old tensor before allocating the new one
-    engine.cache = CacheEngine(engine.arch, num_blocks, block_size, engine.dtype, engine.device)
-    engine.runner = ModelRunner(engine.model, engine.cache, engine.runner.sampler, engine.device)
+    return load(resolve_model_path(model))
 
 
 def warm_up(engine, tokens: Sequence[int]) -> None:
     """One short request first, so the first timed step does not pay one-off costs (kernel load, allocations)."""
-    from quire.core.kv_cache_manager import KVCacheManager
-    from quire.core.scheduler import Scheduler
     from quire.sampling_params import SamplingParams
 
-    kv_cache = KVCacheManager(engine.cache.num_blocks, engine.cache.block_size)  # matches the current KV tensor
-    engine.scheduler = Scheduler(engine.scheduler.config, kv_cache)
-    engine.kv_cache = kv_cache
-    engine.add_request(f"warm-up-{id(engine.runner)}", list(tokens[:32]), SamplingParams(max_tokens=4, ignore_eos=True))
+    engine.add_request("warm-up", list(tokens[:32]), SamplingParams(max_tokens=4, ignore_eos=True))
     while engine.has_unfinished_requests():
         engine.step()

@@ -52,14 +52,3 @@ def gemm_peak_gflops(dtype: torch.dtype) -> float:
             product()
             best = min(best, time.perf_counter() - start)
     return 2 * GEMM_SIZE**3 / best / 1e9
-
-
-def linear_traffic(model: torch.nn.Module, rows: int) -> tuple[int, int]:
-    """(weight bytes read, multiply-add FLOPs) of every linear layer (LM head included) for ``rows`` rows."""
-    from quire.models.linear import Linear
-
-    layers = [m for m in model.modules() if isinstance(m, Linear)]
-    return (
-        sum(layer.weight_bytes_read(rows) for layer in layers),
-        sum(2 * rows * layer.in_features * layer.out_features for layer in layers),
-    )

@@ -4,7 +4,8 @@
 
 One trace per dataset is served by the same scheduler under five KV allocators with the same
 KV budget: Quire's paged allocator, Orca (Max / Pow2 / Oracle) contiguous reservations placed
-first-fit, and FasterTransformer-like static batching (``quire.bench.allocators``). For each,
+first-fit, and FasterTransformer-like static batching (``quire.core.reservation_allocator``),
+chosen like any engine setting (``EngineArgs.kv_allocator``). For each,
 the time-averaged share of KV slots holding token states, reserved for future tokens, lost to
 internal and to external fragmentation, or free; the time-averaged number of requests per
 step; throughput and mean normalized latency (s per output token).
@@ -21,21 +22,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from tqdm import tqdm
 
-from quire.bench.allocators import ContiguousAllocator, PagedAllocator, Policy, StaticBatchAllocator
 from quire.bench.datasets import TraceRequest, corpus_tokens, make_trace, word_token_stream
 from quire.bench.report import LoadMeter, Output, load_now, print_table, pyplot
 from quire.bench.step_model import PRESETS, StepTimeModel, fit
 from quire.bench.trace_runner import EngineExecutor, SimulatedExecutor, TraceRunResult, run_trace
-from quire.config import SchedulerConfig
+from quire.config import KV_ALLOCATORS, SchedulerConfig
+from quire.core.allocator_registry import build_kv_allocator
+from quire.core.reservation_allocator import static_batch_size
 
-__all__ = ["ALLOCATORS", "MemoryRun", "add_cli_args", "make_allocator", "run"]
+__all__ = ["ALLOCATORS", "MemoryRun", "add_cli_args", "run"]
 
 ALLOCATORS = {
     "paged": "Quire (paged)",
@@ -44,6 +45,7 @@ ALLOCATORS = {
     "orca-oracle": "Orca (Oracle)",
     "static": "Static (FT-like)",
 }
+assert tuple(ALLOCATORS) == KV_ALLOCATORS, "every engine allocator has a label here"
 PAPER_RATES = {"sharegpt": 2.0, "alpaca": 30.0}
 # The paper's figures for OPT-13B on ShareGPT (Fig. 2: share of KV memory holding token states;
 # Fig. 13a: average batched requests at 2 req/s). Alpaca's bars are not transcribed here.
@@ -72,30 +74,16 @@ class MemoryRun:
     results: list[TraceRunResult] = field(default_factory=list)
 
 
-def make_allocator(kind: str, kv_slots: int, block_size: int, unit: int, max_model_len: int):
-    """A fresh allocator of ``kind`` over ``kv_slots`` token slots (contiguous ones in units of ``unit`` tokens)."""
-    if kind == "paged":
-        return PagedAllocator(kv_slots // block_size, block_size)
-    units = kv_slots // unit
-    if kind == "static":
-        return StaticBatchAllocator(units, unit, max_model_len)
-    policy = {"orca-max": Policy.MAX, "orca-pow2": Policy.POW2, "orca-oracle": Policy.ORACLE}[kind]
-    return ContiguousAllocator(units, unit, policy, max_model_len)
-
-
 def serve_trace(
     kind: str,
     trace: Sequence[TraceRequest],
-    allocator,
-    executor_for: Callable[[Any], Any],
+    executor,
+    static: int | None,
     progress: bool,
     label: str,
 ) -> TraceRunResult:
-    executor = executor_for(allocator)
-    static = allocator.batch_size if isinstance(allocator, StaticBatchAllocator) else None
     with tqdm(total=len(trace), desc=label, unit="req", disable=None if progress else True, leave=False) as bar:
-        result = run_trace(kind, trace, executor, allocator, static_batch=static, on_finish=bar.update)
-    return result
+        return run_trace(kind, trace, executor, static_batch=static, on_finish=bar.update)
 
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
@@ -162,35 +150,37 @@ def run(args: argparse.Namespace) -> int:
     machine = load_now()
     meter = LoadMeter()
     config = SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, args.max_model_len)
-    engine = None
     if args.simulate:
         step_model = load_step_model(args.step_model)
         tokens = word_token_stream()
         unit = 1  # the paper's baselines reserve token-granular contiguous chunks
 
-        def executor_for(allocator):
-            return SimulatedExecutor(allocator, config, step_model)
+        def executor_for(kind: str):
+            block = args.block_size if kind == "paged" else unit
+            allocator = build_kv_allocator(kind, kv_slots // block, block, args.max_model_len)
+            return SimulatedExecutor(allocator, config, step_model), None
 
     else:
-        from quire.bench.engine_setup import load_engine, warm_up
+        from quire.bench.engine_setup import load_engine, load_tokenizer, warm_up
 
-        out.console.print("loading the model ...")
-        engine = load_engine(
-            args.model,
-            kv_slots,
-            args.block_size,
-            args.max_model_len,
-            args.max_num_seqs,
-            args.max_num_batched_tokens,
-            args.dtype,
-        )
-        tokens = corpus_tokens(engine.tokenizer)
+        tokens = corpus_tokens(load_tokenizer(args.model))
         unit = args.block_size  # a reservation is a run of consecutive blocks of the real KV tensor
         step_model = None
-        warm_up(engine, tokens)
 
-        def executor_for(allocator):
-            return EngineExecutor(engine, allocator)
+        def executor_for(kind: str):
+            out.console.print(f"loading the model ({kind}) ...")
+            engine = load_engine(
+                args.model,
+                kv_slots,
+                args.block_size,
+                args.max_model_len,
+                args.max_num_seqs,
+                args.max_num_batched_tokens,
+                args.dtype,
+                kv_allocator=kind,
+            )
+            warm_up(engine, tokens)
+            return EngineExecutor(engine), engine
 
     runs = []
     for dataset in datasets:
@@ -202,10 +192,13 @@ def run(args: argparse.Namespace) -> int:
         trace = make_trace(dataset, args.num_requests, tokens, rate, args.seed, max_total_len=args.max_model_len)
         memory_run = MemoryRun(dataset, rate, len(trace))
         for kind in kinds:
-            allocator = make_allocator(kind, kv_slots, args.block_size, unit, args.max_model_len)
+            executor, engine = executor_for(kind)
+            static = static_batch_size(kv_slots // unit, unit, args.max_model_len) if kind == "static" else None
             with meter.measure():
-                result = serve_trace(kind, trace, allocator, executor_for, progress, f"{dataset} {kind}")
+                result = serve_trace(kind, trace, executor, static, progress, f"{dataset} {kind}")
             memory_run.results.append(result)
+            if engine is not None:
+                engine.shutdown()
         runs.append(memory_run)
 
     print_results(runs, out, args.simulate)

@@ -15,10 +15,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
-from rich.table import Table
+if TYPE_CHECKING:  # rich is the optional `quire[bench]` extra: imported where a table is drawn
+    from rich.console import Console
 
 __all__ = ["LoadMeter", "Output", "load_now", "print_table"]
 
@@ -27,6 +27,9 @@ def print_table(
     title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], console: Console | None = None
 ) -> None:
     """One rich table; floats are printed with 3 significant decimals unless already strings."""
+    from rich.console import Console
+    from rich.table import Table
+
     table = Table(title=title, title_justify="left")
     for i, column in enumerate(columns):
         table.add_column(column, justify="left" if i == 0 else "right")
@@ -78,6 +81,8 @@ class Output:
     """A results directory: ``NAME.json`` and ``NAME*.png`` files, paths printed as they are written."""
 
     def __init__(self, results_dir: str | Path, console: Console | None = None) -> None:
+        from rich.console import Console
+
         self.dir = Path(results_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         # A pipe or a log file gets wide tables instead of columns cut to 80 characters.

@@ -80,7 +80,6 @@ def beam_search_savings(llm, dataset: str, width: int, num_requests: int, max_to
     from quire import BeamSearchParams
 
     engine = llm.engine
-    kv = engine.kv_cache
     prompts = make_prompts(dataset, num_requests, seed=seed, max_output_len=max_tokens_cap)
     for i, p in enumerate(prompts):
         engine.add_request(
@@ -89,9 +88,11 @@ def beam_search_savings(llm, dataset: str, width: int, num_requests: int, max_to
     used = unshared = 0
     while engine.has_unfinished_requests():
         engine.step()
-        tables = [kv.block_table(s.seq_id) for r in engine.requests.values() for s in r.unfinished_seqs]
-        used += kv.pool.num_used
-        unshared += sum(len(t) for t in tables)
+        stats = engine.stats()
+        used += stats["num_kv_blocks"] - stats["num_free_kv_blocks"]
+        # kv_usage counts every live beam's table in full (a shared block once per beam holding it).
+        usage = engine.kv_usage()
+        unshared += (usage.capacity - usage.free) // stats["block_size"]
     return 1 - used / unshared if unshared else 0.0
 
 

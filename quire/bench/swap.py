@@ -2,10 +2,12 @@
 
 Swap: the real ``KVCacheManager.swap_out`` + ``swap_in`` bookkeeping and the real ``CacheEngine``
 copies (device -> host -> device, one indexed copy over all layers each way) for a sequence of
-``context`` tokens. Recompute: the real engine prefilling those ``context`` tokens again in one
-step (what a recomputed request costs when it is readmitted). Both are timed for every block
-size and context length; the crossover is the shortest context at which recompute costs more
-than swapping, which ``preemption_mode="auto"`` uses (``SchedulerConfig.swap_min_tokens``).
+``context`` tokens, on a cache of the engine's shape (``LLMEngine.model_info``) built for the
+measurement, so the engine's own cache is never touched. Recompute: the real engine prefilling
+those ``context`` tokens again in one step (what a recomputed request costs when it is
+readmitted). Both are timed for every block size and context length; the crossover is the
+shortest context at which recompute costs more than swapping, which ``preemption_mode="auto"``
+uses (``SchedulerConfig.swap_min_tokens``).
 
     quire bench swap [--block-sizes 1 2 4 ...] [--contexts 16 32 ...] [--results-dir DIR]
 """
@@ -82,7 +84,11 @@ def measure(
     repeats: int = 5,
     dtype: str = "float32",
 ) -> list[SwapPoint]:
+    import torch
+
     from quire import LLM
+    from quire.core.kv_cache_manager import KVCacheManager
+    from quire.worker.cache_engine import CacheEngine
 
     points = []
     corpus = list(range(1000, 1000 + max(contexts)))
@@ -98,11 +104,16 @@ def measure(
             max_num_batched_tokens=longest,
             enable_prefix_caching=False,
         )
-        engine = llm.engine
-        engine.cache.kv.zero_()  # back every page, so first-touch costs are not timed
-        engine.cache.host_kv.zero_()
+        info = llm.engine.model_info()
+        # The same shape as the engine's pools; back_pages writes the device pool, so first-touch
+        # costs are not timed, and the host pool is written here for the same reason.
+        cache = CacheEngine(
+            info.arch, num_blocks, block_size, info.dtype, torch.device("cpu"), info.num_local_kv_heads, num_blocks
+        )
+        cache.host_kv.zero_()
+        kv = KVCacheManager(num_blocks, block_size, num_host_blocks=num_blocks)
         for context in contexts:
-            swap_out_ms, swap_in_ms = _time_swap(engine.kv_cache, engine.cache, context, repeats)
+            swap_out_ms, swap_in_ms = _time_swap(kv, cache, context, repeats)
             recompute = None
             if block_size == RECOMPUTE_BLOCK_SIZE or context in RECOMPUTE_CONTEXTS_ALL_BLOCK_SIZES:
                 recompute = _time_recompute(llm, corpus[:context], max(1, repeats // 2))

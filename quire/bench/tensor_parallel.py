@@ -41,27 +41,26 @@ def run_size(size: int, threads: int, num_requests: int, max_output: int, dtype:
         prompts = [{"prompt_token_ids": list(r.prompt_token_ids)} for r in requests]
         params = [SamplingParams(temperature=0, max_tokens=r.output_len, ignore_eos=True) for r in requests]
         llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
-        group = llm.engine.group
-        before = (dict(vars(group.stats)), llm.stats()["num_steps"])
+        engine = llm.engine
+        before = (engine.comm_stats(), llm.stats()["num_steps"])
         load = os.getloadavg()
         start = time.perf_counter()
         outputs = llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - start
         steps = llm.stats()["num_steps"] - before[1]
-        comm = {k: (v - before[0][k]) for k, v in vars(group.stats).items()}
+        comm = {k: (v - before[0][k]) for k, v in engine.comm_stats().items()}
         generated = sum(len(o.outputs[0].token_ids) for o in outputs)
         # Single stream: decode steps of one request, prefill excluded.
-        engine = llm.engine
         engine.add_request("single", prompts[0], SamplingParams(temperature=0, max_tokens=33, ignore_eos=True))
         engine.step()
-        after_prefill = dict(vars(group.stats))
+        after_prefill = engine.comm_stats()
         t = time.perf_counter()
         decode_steps = 0
         while engine.has_unfinished_requests():
             engine.step()
             decode_steps += 1
         decode_ms = (time.perf_counter() - t) / decode_steps * 1e3
-        single = dict(vars(group.stats))
+        single = engine.comm_stats()
         return {
             "tensor_parallel_size": size,
             "threads_per_rank": threads or max(1, (os.cpu_count() or 1) // size),

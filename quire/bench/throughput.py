@@ -54,7 +54,7 @@ from typing import Any
 
 import torch
 
-from quire.bench.machine import gemm_peak_gflops, linear_traffic, read_bandwidth_gbs
+from quire.bench.machine import gemm_peak_gflops, read_bandwidth_gbs
 from quire.bench.workload import (
     BenchRequest,
     WorkloadSummary,
@@ -299,7 +299,6 @@ def run_quire(
 ) -> RunResult:
     """All requests in one ``generate`` call (continuous batching), then the single stream."""
     from quire import LLM, SamplingParams
-    from quire.worker.cache_engine import kv_bytes_per_block
 
     result = RunResult(engine="quire", dtype=dtype)
     start = time.perf_counter()
@@ -325,7 +324,7 @@ def run_quire(
 
     block_size = after["block_size"]
     # The engine's own figure for one block across all layers, K and V.
-    per_block = kv_bytes_per_block(llm.engine.arch, block_size, _TORCH_DTYPES[dtype])
+    per_block = llm.engine.kv_bytes_per_block
     all_resident = sum(math.ceil((r.prompt_len + r.output_len) / block_size) for r in requests)
     result.details = {
         "block_size": block_size,
@@ -339,7 +338,7 @@ def run_quire(
         "num_steps": after["num_steps"] - before["num_steps"],
         "num_preemptions": after["num_preemptions"] - before["num_preemptions"],
         "prompt_tokens_computed": after["num_prompt_tokens_computed"] - before["num_prompt_tokens_computed"],
-        "attention_kernel": bool(getattr(llm.engine.attention, "use_kernel", False)),
+        "attention_kernel": llm.engine.model_info().attention_kernel,
     }
 
     def one_request(n: int) -> int:
@@ -366,8 +365,8 @@ def run_quire(
     with Timer(f"{result.engine} batched decode", cfg.wait_idle_s) as timer:
         batched = measure_single_stream(batch_of, 32, BATCHED_DECODE_TOKENS, 2)
     result.contention["batched_decode"] = timer.load
-    weight_bytes, _ = linear_traffic(llm.engine.model, 1)
-    _, step_flops = linear_traffic(llm.engine.model, BATCHED_DECODE_SEQS)
+    weight_bytes, _ = llm.engine.linear_traffic(1)
+    _, step_flops = llm.engine.linear_traffic(BATCHED_DECODE_SEQS)
     result.details["weight_bytes_per_token"] = weight_bytes
     result.details["batched_decode_step_ms"] = batched.ms_per_token
     result.details["batched_decode_gflops"] = step_flops / (batched.ms_per_token * 1e-3) / 1e9

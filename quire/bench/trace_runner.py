@@ -5,12 +5,13 @@ The same loop drives two executors:
 * ``SimulatedExecutor``: Quire's ``Scheduler`` with the allocator, no model; each step's
   duration comes from a ``StepTimeModel`` and every scheduled sequence that samples gets one
   token (outputs are exactly the trace's lengths, as with ``ignore_eos``).
-* ``EngineExecutor``: the real ``LLMEngine`` and model, its scheduler rebuilt around the
-  allocator; each step's duration is its wall time.
+* ``EngineExecutor``: a real ``LLMEngine`` built with the allocator (``EngineArgs.kv_allocator``),
+  driven through its public API (``add_request``, ``step``, a step observer, ``kv_usage``); each
+  step's duration is its wall time.
 
 Time is a virtual clock advanced by step durations; when nothing is running it jumps to the
 next arrival (identical to waiting in real time, without the wait). After every step the
-allocator's ``snapshot`` splits the KV slots into token states / reservation / internal /
+allocator's ``usage`` splits the KV slots into token states / reservation / internal /
 external fragmentation / free; shares and the batch size are averaged weighted by step time,
 over the measurement window: from the start until every request has arrived *and* been
 admitted, or until the first request finishes if that is later (an all-at-once trace that fits
@@ -34,16 +35,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from quire.bench.allocators import ContiguousAllocator, MemorySnapshot, PagedAllocator, StaticBatchAllocator
 from quire.bench.datasets import TraceRequest
 from quire.bench.step_model import StepSample, StepTimeModel
 from quire.config import SchedulerConfig
+from quire.core.kv_allocator import KVAllocator, KVUsage
 from quire.core.request import Request
 from quire.core.request import Sequence as Seq
+from quire.core.reservation_allocator import StaticBatchAllocator
 from quire.core.scheduler import Scheduler, SchedulerOutput
 from quire.sampling_params import SamplingParams
-
-Allocator = PagedAllocator | ContiguousAllocator
 
 __all__ = ["EngineExecutor", "MemoryShares", "SimulatedExecutor", "TraceRunResult", "run_trace"]
 
@@ -52,33 +52,44 @@ __all__ = ["EngineExecutor", "MemoryShares", "SimulatedExecutor", "TraceRunResul
 class StepOutcome:
     output: SchedulerOutput
     seconds: float
-    finished: list[Request]
+    finished: list[str]  # request ids
     batched_tokens: int
     attended_tokens: int
 
 
 class Executor(Protocol):
-    scheduler: Scheduler
+    def add(self, request_id: str, request: TraceRequest) -> None: ...
 
-    def add(self, request_id: str, request: TraceRequest) -> Request: ...
+    def step(self) -> StepOutcome: ...
 
-    def step(self, idle_contexts: Sequence[int] = ()) -> StepOutcome: ...
+    def has_unfinished_requests(self) -> bool: ...
+
+    def num_waiting_requests(self) -> int: ...
+
+    def kv_usage(self, next_request: tuple[int, int] | None) -> KVUsage: ...
+
+    def num_preemptions(self) -> int: ...
 
 
 def _shape(out: SchedulerOutput) -> tuple[int, int]:
-    """(batched tokens, attended K/V positions) of a step, read before its tokens are marked computed."""
-    return out.num_batched_tokens, sum(c.start + c.num_new_tokens for c in out.scheduled)
+    """(batched tokens, attended K/V positions) of a step, read after its tokens were marked computed."""
+    return out.num_batched_tokens, sum(c.seq.num_computed_tokens for c in out.scheduled)
 
 
 class SimulatedExecutor:
-    """The scheduler and allocator without a model: steps take ``step_model`` seconds."""
+    """Quire's scheduler over ``allocator``, without a model: steps take ``step_model`` seconds.
 
-    def __init__(self, allocator: Allocator, config: SchedulerConfig, step_model: StepTimeModel) -> None:
+    Static batching's finished members still cost a decode row each step (the batch computes
+    padding for them), which ``step_model`` is told.
+    """
+
+    def __init__(self, allocator: KVAllocator, config: SchedulerConfig, step_model: StepTimeModel) -> None:
+        self.allocator = allocator
         self.scheduler = Scheduler(config, allocator)
         self.step_model = step_model
         self._next_id = 0
 
-    def add(self, request_id: str, request: TraceRequest) -> Request:
+    def add(self, request_id: str, request: TraceRequest) -> None:
         prompt = list(request.prompt_token_ids)
         seq = Seq(seq_id=self._next_id, index=0, token_ids=list(prompt), num_prompt_tokens=len(prompt))
         req = Request(
@@ -93,14 +104,12 @@ class SimulatedExecutor:
         )
         self._next_id += 1
         self.scheduler.add_request(req)
-        return req
 
-    def step(self, idle_contexts: Sequence[int] = ()) -> StepOutcome:
+    def step(self) -> StepOutcome:
+        idle = self.allocator.held_lengths() if isinstance(self.allocator, StaticBatchAllocator) else []
         out = self.scheduler.schedule()
         if out.is_empty:
             raise RuntimeError("the scheduler scheduled nothing although requests are unfinished")
-        tokens, attended = _shape(out)
-        seconds = self.step_model.seconds(tokens + len(idle_contexts), attended + sum(idle_contexts))
         done: dict[str, Request] = {}
         for chunk in out.scheduled:
             samples = chunk.samples
@@ -111,50 +120,67 @@ class SimulatedExecutor:
                 if seq.num_output_tokens >= chunk.request.params.max_tokens:
                     seq.finish_reason = "length"
                     done[chunk.request.request_id] = chunk.request
+        tokens, attended = _shape(out)
+        seconds = self.step_model.seconds(tokens + len(idle), attended + sum(idle))
         for request in done.values():
             self.scheduler.finish_request(request)
-        return StepOutcome(out, seconds, list(done.values()), tokens, attended)
+        return StepOutcome(out, seconds, list(done), tokens, attended)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def num_waiting_requests(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def kv_usage(self, next_request: tuple[int, int] | None) -> KVUsage:
+        return self.scheduler.kv_usage(next_request)
+
+    def num_preemptions(self) -> int:
+        return self.scheduler.num_preemptions
 
 
 class EngineExecutor:
-    """The real engine and model, with ``allocator`` as the KV manager of a fresh scheduler.
+    """A real ``LLMEngine`` (built with the allocator under test), driven through its public API.
 
-    The engine keeps its model, KV tensor and model runner; only the scheduler (and the
-    engine's handle on the KV manager) is replaced, so consecutive runs reuse one loaded model.
+    Each step's schedule comes from a step observer; its duration is the wall time of ``step``.
+    Requests are greedy with ``ignore_eos`` so outputs have exactly the trace's lengths.
     """
 
-    def __init__(self, engine, allocator: Allocator) -> None:
+    def __init__(self, engine) -> None:
         self.engine = engine
-        self.scheduler = Scheduler(engine.scheduler.config, allocator)
-        engine.scheduler = self.scheduler
-        engine.kv_cache = allocator
-        self._last: tuple[SchedulerOutput, int, int] | None = None
-        self._requests: dict[str, Request] = {}
-        schedule = self.scheduler.schedule
+        self._last: SchedulerOutput | None = None
+        self._preemptions_before = engine.stats()["num_preemptions"]
+        engine.add_step_observer(self._record)
 
-        def recording_schedule() -> SchedulerOutput:
-            out = schedule()
-            self._last = (out, *_shape(out))
-            return out
+    def _record(self, record) -> None:
+        self._last = record.scheduler_output
 
-        self.scheduler.schedule = recording_schedule  # type: ignore[method-assign]
-
-    def add(self, request_id: str, request: TraceRequest) -> Request:
+    def add(self, request_id: str, request: TraceRequest) -> None:
         params = SamplingParams(max_tokens=request.output_len, ignore_eos=True, temperature=0.0)
-        req = self.engine.add_request(request_id, list(request.prompt_token_ids), params)
-        self._requests[request_id] = req
-        return req
+        self.engine.add_request(request_id, list(request.prompt_token_ids), params)
 
-    def step(self, idle_contexts: Sequence[int] = ()) -> StepOutcome:
+    def step(self) -> StepOutcome:
+        self._last = None
         start = time.perf_counter()
         outputs = self.engine.step()
         seconds = time.perf_counter() - start
-        assert self._last is not None
-        out, tokens, attended = self._last
-        if out.is_empty:
+        out = self._last
+        if out is None or out.is_empty:
             raise RuntimeError("the scheduler scheduled nothing although requests are unfinished")
-        finished = [self._requests.pop(o.request_id) for o in outputs if o.finished]
-        return StepOutcome(out, seconds, finished, tokens, attended)
+        tokens, attended = _shape(out)
+        return StepOutcome(out, seconds, [o.request_id for o in outputs if o.finished], tokens, attended)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def num_waiting_requests(self) -> int:
+        return self.engine.num_waiting_requests()
+
+    def kv_usage(self, next_request: tuple[int, int] | None) -> KVUsage:
+        return self.engine.kv_usage(next_request)
+
+    def num_preemptions(self) -> int:
+        return self.engine.stats()["num_preemptions"] - self._preemptions_before
 
 
 @dataclass(frozen=True)
@@ -185,20 +211,14 @@ class TraceRunResult:
     steps: list[StepSample] = field(default_factory=list, repr=False)
 
 
-def _live_computed(scheduler: Scheduler) -> dict[int, int]:
-    return {s.seq_id: s.num_computed_tokens for r in scheduler.running for s in r.seqs if not s.is_finished}
-
-
 def run_trace(
     name: str,
     trace: Sequence[TraceRequest],
     executor: Executor,
-    allocator: Allocator,
     static_batch: int | None = None,
     on_finish: Callable[[int], None] | None = None,
 ) -> TraceRunResult:
     """Serve ``trace`` (sorted by arrival) to completion; ``on_finish(n)`` is told of completions (progress)."""
-    scheduler = executor.scheduler
     pending = deque(enumerate(trace))
     outside: deque[tuple[int, TraceRequest]] = deque()  # arrived, held back by static batching
     lengths: dict[str, TraceRequest] = {}
@@ -210,48 +230,43 @@ def run_trace(
     latencies: list[float] = []
     steps: list[StepSample] = []
     output_tokens = 0
+    capacity = 0
 
     def release(index: int, request: TraceRequest) -> None:
         request_id = f"{name}-{index}"
         lengths[request_id] = request
-        req = executor.add(request_id, request)
-        allocator.expect(req.seqs[0].seq_id, request.prompt_len, request.output_len)
+        executor.add(request_id, request)
 
-    while pending or outside or scheduler.has_unfinished_requests():
+    while pending or outside or executor.has_unfinished_requests():
         while pending and pending[0][1].arrival_time <= clock:
             index, request = pending.popleft()
             if static_batch is None:
                 release(index, request)
             else:
                 outside.append((index, request))
-        if static_batch is not None and not scheduler.has_unfinished_requests():
+        if static_batch is not None and not executor.has_unfinished_requests():
             for _ in range(min(static_batch, len(outside))):
                 release(*outside.popleft())
-        if not scheduler.has_unfinished_requests():
+        if not executor.has_unfinished_requests():
             clock = pending[0][1].arrival_time
             continue
-        idle: list[int] = []
-        if static_batch is not None and isinstance(allocator, StaticBatchAllocator):
-            idle = allocator.held_lengths()
-        outcome = executor.step(idle)
+        outcome = executor.step()
         steps.append(StepSample(outcome.batched_tokens, outcome.attended_tokens, outcome.seconds))
         if clock < window_end:
-            head = scheduler.waiting[0] if scheduler.waiting else None
-            nxt = lengths[head.request_id] if head is not None else (outside[0][1] if outside else None)
-            snap: MemorySnapshot = allocator.snapshot(
-                _live_computed(scheduler), (nxt.prompt_len, nxt.output_len) if nxt is not None else None
-            )
+            held = outside[0][1] if outside else None  # the next one in, when nothing waits inside
+            snap = executor.kv_usage((held.prompt_len, held.output_len) if held is not None else None)
+            capacity = snap.capacity
             dt = outcome.seconds
             weight += dt
             for key in sums:
                 sums[key] += dt * getattr(snap, key) / snap.capacity
             batch_sum += dt * len({c.request.request_id for c in outcome.output.scheduled})
         clock += outcome.seconds
-        admitted_all = admitted_all or not (pending or outside or scheduler.waiting)
+        admitted_all = admitted_all or not (pending or outside or executor.num_waiting_requests())
         if math.isinf(window_end) and admitted_all and (outcome.finished or latencies):
             window_end = clock
-        for req in outcome.finished:
-            request = lengths.pop(req.request_id)
+        for request_id in outcome.finished:
+            request = lengths.pop(request_id)
             latencies.append((clock - request.arrival_time) / request.output_len)
             output_tokens += request.output_len
         if on_finish is not None and outcome.finished:
@@ -269,7 +284,7 @@ def run_trace(
         output_throughput=output_tokens / clock if clock else 0.0,
         mean_normalized_latency=sum(latencies) / len(latencies),
         num_steps=len(steps),
-        num_preemptions=scheduler.num_preemptions,
-        kv_slots=allocator.capacity,
+        num_preemptions=executor.num_preemptions(),
+        kv_slots=capacity,
         steps=steps,
     )

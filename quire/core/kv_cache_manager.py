@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from quire.core.block_pool import BlockHash, BlockPool, hash_block
+from quire.core.kv_allocator import KVUsage, LiveSequences
 
 
 def cdiv(a: int, b: int) -> int:
@@ -10,7 +11,7 @@ def cdiv(a: int, b: int) -> int:
 
 
 class KVCacheManager:
-    """Maps each sequence to its list of physical blocks.
+    """Maps each sequence to its list of physical blocks (the engine's ``KVAllocator``, "paged").
 
     Token ``i`` of a sequence lives in slot ``i % block_size`` of block ``table[i // block_size]``.
     Blocks are allocated only when a step is about to write into them, so memory is wasted
@@ -49,6 +50,25 @@ class KVCacheManager:
 
     def block_table(self, seq_id: int) -> list[int]:
         return self.block_tables.get(seq_id, [])
+
+    def expect(self, seq_id: int, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Nothing to prepare: blocks are allocated only when a step writes into them."""
+
+    def usage(self, live: LiveSequences, next_request: tuple[int, int] | None) -> KVUsage:
+        """Slots of the sequences' blocks split by progress; never external fragmentation (any free block fits).
+
+        Blocks shared by several sequences are counted once per sequence, so this is meant for
+        unshared workloads (the memory benchmark); ``next_request`` does not matter here.
+        """
+        tokens = reserved = internal = 0
+        for seq_id, table in self.block_tables.items():
+            slots = len(table) * self.block_size
+            done, final = live.get(seq_id, (0, 0))
+            will_fill = min(max(final, done), slots)
+            tokens += done
+            reserved += max(0, will_fill - done)
+            internal += slots - max(will_fill, done)
+        return KVUsage(self.pool.num_blocks * self.block_size, tokens, reserved, internal, 0)
 
     def num_blocks_needed(self, seq_id: int, start: int, num_new_tokens: int) -> int:
         """Blocks a write of tokens [start, start + num_new_tokens) would take from the pool."""

@@ -7,7 +7,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from quire.config import SchedulerConfig
-from quire.core.kv_cache_manager import KVCacheManager, cdiv
+from quire.core.kv_allocator import KVAllocator, KVUsage
+from quire.core.kv_cache_manager import cdiv
 from quire.core.request import Request, RequestStatus, Sequence
 
 
@@ -96,7 +97,7 @@ class Scheduler:
     prefix, so only the rest is computed.
     """
 
-    def __init__(self, config: SchedulerConfig, kv_cache: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVAllocator) -> None:
         self.config = config
         self.kv_cache = kv_cache
         self.waiting: deque[Request] = deque()
@@ -117,6 +118,8 @@ class Scheduler:
         request.status = RequestStatus.WAITING
         request.queued_at_step = self.num_steps
         self.waiting.append(request)
+        for seq in request.seqs:
+            self.kv_cache.expect(seq.seq_id, seq.num_prompt_tokens, self._max_tokens(request))
 
     def finish_request(self, request: Request) -> None:
         """Drop a finished or aborted request from whichever queue holds it and free its blocks (both pools)."""
@@ -129,6 +132,29 @@ class Scheduler:
         request.status = RequestStatus.FINISHED
         for seq in request.seqs:
             self.kv_cache.free(seq.seq_id)
+
+    def _max_tokens(self, request: Request) -> int:
+        """The most tokens ``request`` may generate: its ``max_tokens``, or what ``max_model_len`` leaves."""
+        room = self.config.max_model_len - request.num_prompt_tokens
+        max_tokens = request.params.max_tokens
+        return room if max_tokens is None else min(max_tokens, room)
+
+    def kv_usage(self, next_request: tuple[int, int] | None = None) -> KVUsage:
+        """The allocator's slot breakdown for the running sequences, now.
+
+        The request admitted next is the head of the waiting queue, else ``next_request``
+        ((prompt length, max tokens) of one not submitted yet, e.g. held back by a static batch).
+        """
+        live = {
+            s.seq_id: (s.num_computed_tokens, r.num_prompt_tokens + self._max_tokens(r) - 1)
+            for r in self.running
+            for s in r.seqs
+            if not s.is_finished
+        }
+        if self.waiting:
+            head = self.waiting[0]
+            next_request = (head.num_prompt_tokens, self._max_tokens(head))
+        return self.kv_cache.usage(live, next_request)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)

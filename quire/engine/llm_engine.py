@@ -14,6 +14,8 @@ import torch
 
 from quire.attention.torch_backend import TorchAttentionBackend
 from quire.config import EngineArgs, EngineConfig
+from quire.core.allocator_registry import build_kv_allocator
+from quire.core.kv_allocator import KVUsage
 from quire.core.kv_cache_manager import KVCacheManager
 from quire.core.request import Request, Sequence
 from quire.core.scheduler import Scheduler
@@ -27,6 +29,8 @@ from quire.distributed.launch import (
 )
 from quire.distributed.partition import head_shard
 from quire.engine.detokenizer import Detokenizer
+from quire.engine.model_info import ModelInfo
+from quire.engine.step_record import StepObserver, StepRecord
 from quire.models.loader import (
     available_memory_bytes,
     load_model_files,
@@ -152,7 +156,15 @@ class LLMEngine:
             del loaded
             backing.result()
 
-        self.kv_cache = KVCacheManager(num_blocks, block_size, config.cache.enable_prefix_caching, num_host_blocks)
+        self.kv_cache = build_kv_allocator(
+            config.cache.kv_allocator,
+            num_blocks,
+            block_size,
+            max_model_len,
+            config.cache.enable_prefix_caching,
+            num_host_blocks,
+        )
+        self._step_observers: list[StepObserver] = []
         scheduler_config = dataclasses.replace(config.scheduler, max_model_len=max_model_len)
         self.scheduler = Scheduler(scheduler_config, self.kv_cache)
         generator = torch.Generator().manual_seed(config.model.seed)
@@ -280,6 +292,8 @@ class LLMEngine:
 
     def _check_group_fits(self, prompt_len: int, group_size: int, max_tokens: int | None, name: str) -> None:
         """A group must fit in the whole pool even unshared (as after a recompute), or it could never finish."""
+        if not isinstance(self.kv_cache, KVCacheManager):
+            raise ValueError(f"{name}={group_size} needs shared KV blocks: kv_allocator must be 'paged'.")
         block_size = self.kv_cache.block_size
         longest = min(prompt_len + (max_tokens or self.max_model_len), self.max_model_len)
         needed = group_size * -(-longest // block_size)
@@ -346,13 +360,17 @@ class LLMEngine:
 
     def step(self) -> list[RequestOutput]:
         """Run one iteration; return the outputs of requests that produced tokens or finished."""
+        started = time.perf_counter()
         sched = self.scheduler.schedule()
+        scheduled = time.perf_counter()
         if sched.is_empty:
+            self._notify_step_observers(sched, None, started, scheduled, scheduled)
             return []
         scheduled_at = time.time()
         for entry in sched.scheduled:  # queue time, for the server's metrics
             entry.request.metrics.setdefault("first_scheduled_time", scheduled_at)
         result = self._execute(sched)
+        executed = time.perf_counter()
         stats = self.stats_counters
         stats.num_steps += 1
         for entry in sched.scheduled:
@@ -421,6 +439,7 @@ class LLMEngine:
                         self.kv_cache.free(seq.seq_id)
             if request.beam is None or request.is_finished:
                 outputs.append(self._make_output(request))
+        self._notify_step_observers(sched, result, started, scheduled, executed)
         return outputs
 
     def _execute(self, sched) -> RunnerOutput:
@@ -637,21 +656,15 @@ class LLMEngine:
     # -- introspection ------------------------------------------------------------------
 
     def stats(self) -> dict[str, int]:
-        pool = self.kv_cache.pool
         scheduler = self.scheduler
         return {
-            "num_kv_blocks": pool.num_blocks,
-            "num_free_kv_blocks": pool.num_free,
-            "peak_used_kv_blocks": pool.peak_used,
-            "block_size": self.kv_cache.block_size,
+            **self._kv_pool_stats(),
             "num_preemptions": scheduler.num_preemptions,
             "num_preemptions_swap": scheduler.num_preemptions_by_mode["swap"],
             "num_preemptions_recompute": scheduler.num_preemptions_by_mode["recompute"],
             "num_swapped": len(scheduler.swapped),
             "num_swapped_out_blocks": scheduler.num_swapped_out_blocks,
             "num_swapped_in_blocks": scheduler.num_swapped_in_blocks,
-            "num_host_blocks": self.kv_cache.num_host_blocks,
-            "num_free_host_blocks": self.kv_cache.num_free_host_blocks,
             "num_prompt_tokens_computed": self.stats_counters.num_prompt_tokens_computed,
             "num_generated_tokens": self.stats_counters.num_generated_tokens,
             "num_steps": self.stats_counters.num_steps,
@@ -659,13 +672,74 @@ class LLMEngine:
             "num_waiting": len(self.scheduler.waiting),
             "num_prefix_cache_queries": self.scheduler.num_prefix_cache_queries,
             "num_prefix_cache_hits": self.scheduler.num_prefix_cache_hits,
-            "num_cached_kv_blocks": len(pool.cached),
         }
 
     def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix block (blocks in use stay in use). Returns True."""
-        self.kv_cache.reset_prefix_cache()
+        if isinstance(self.kv_cache, KVCacheManager):  # other allocators have no prefix cache
+            self.kv_cache.reset_prefix_cache()
         return True
+
+    # -- observation (public, read-only: benchmarks use these instead of the components) --
+
+    def add_step_observer(self, fn: StepObserver) -> None:
+        """Call ``fn(record)`` with a ``StepRecord`` after every step, in the order observers were added."""
+        self._step_observers.append(fn)
+
+    def _notify_step_observers(self, sched, result, started: float, scheduled: float, executed: float) -> None:
+        if not self._step_observers:
+            return
+        end = time.perf_counter()
+        record = StepRecord(sched, result, scheduled - started, executed - scheduled, end - executed)
+        for fn in self._step_observers:
+            fn(record)
+
+    def kv_usage(self, next_request: tuple[int, int] | None = None) -> KVUsage:
+        """Where every KV token slot is now (token states, reservations, fragmentation, free).
+
+        ``next_request``: (prompt length, max tokens) of a request not yet submitted, counted as
+        the next to be admitted when nothing is waiting (for external fragmentation).
+        """
+        return self.scheduler.kv_usage(next_request)
+
+    @property
+    def kv_bytes_per_block(self) -> int:
+        """Bytes one KV block takes on this rank, K and V of every layer."""
+        return kv_bytes_per_block(self.arch, self.cache.block_size, self.dtype, self.num_local_kv_heads)
+
+    def model_info(self) -> ModelInfo:
+        """The model's architecture, dtype and attention path, for tools that size or label things."""
+        kernel = bool(getattr(self.attention, "use_kernel", False))
+        return ModelInfo(self.arch, self.dtype, self.num_local_kv_heads, kernel)
+
+    def linear_traffic(self, rows: int) -> tuple[int, int]:
+        """(weight bytes read, multiply-add FLOPs) of every linear layer (LM head included) for a ``rows``-row step."""
+        from quire.models.linear import Linear
+
+        layers = [m for m in self.model.modules() if isinstance(m, Linear)]
+        return (
+            sum(layer.weight_bytes_read(rows) for layer in layers),
+            sum(2 * rows * layer.in_features * layer.out_features for layer in layers),
+        )
+
+    def comm_stats(self) -> dict[str, int]:
+        """Tensor-parallel traffic so far (bytes and calls per collective); zeros with one rank."""
+        return dict(vars(self.group.stats))
+
+    def _kv_pool_stats(self) -> dict[str, int]:
+        """The KV pools' figures for ``stats``; a reservation allocator has one pool, no cache, no peak record."""
+        kv = self.kv_cache
+        num_blocks, free = self.cache.num_blocks, kv.num_free_blocks
+        paged = isinstance(kv, KVCacheManager)
+        return {
+            "num_kv_blocks": num_blocks,
+            "num_free_kv_blocks": free,
+            "peak_used_kv_blocks": kv.pool.peak_used if paged else num_blocks - free,
+            "block_size": kv.block_size,
+            "num_host_blocks": kv.num_host_blocks if paged else 0,
+            "num_free_host_blocks": kv.num_free_host_blocks if paged else 0,
+            "num_cached_kv_blocks": len(kv.pool.cached) if paged else 0,
+        }
 
 
 @dataclass
