@@ -56,7 +56,7 @@ def measure(batch_size: int, context_len: int, dtype: str, min_time: float) -> K
     from quire.bench.attention_kernel import make_case, time_call
     from quire.kernels import cpu_kernel
 
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    torch_dtype = getattr(torch, dtype)
     case = make_case(f"b{batch_size} ctx{context_len}", [1] * batch_size, [context_len] * batch_size, torch_dtype)
     # The same K/V, laid out contiguously per sequence as a non-paged system keeps it.
     tables = case.block_tables.long()

@@ -62,6 +62,7 @@ from quire.bench.workload import (
     single_stream_prompt,
     summarize,
 )
+from quire.config import CPU_DTYPES
 
 BATCHED_DECODE_SEQS = 64
 BATCHED_DECODE_TOKENS = 33
@@ -69,7 +70,7 @@ QUICK_NUM_REQUESTS = 16
 WARMUP_REQUESTS = 4
 WARMUP_TOKENS = 8
 
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_TORCH_DTYPES = {name: getattr(torch, name) for name in CPU_DTYPES if name != "auto"}
 
 
 def say(*parts: object) -> None:

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from quire.attention.torch_backend import TorchAttentionBackend
-from quire.config import EngineArgs
+from quire.config import CPU_DTYPES, EngineArgs
 from quire.distributed.comm import TPGroup
 from quire.distributed.launch import COLLECTIVE_TIMEOUT, Rendezvous
 from quire.distributed.partition import head_shard
@@ -27,7 +27,8 @@ from quire.worker.step_inputs import StepInputs
 
 logger = logging.getLogger(__name__)
 
-TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+# The engine dtypes by name, in the order their index travels to the workers.
+TORCH_DTYPES = {name: getattr(torch, name) for name in CPU_DTYPES if name != "auto"}
 
 
 def threads_per_rank(args: EngineArgs) -> int:
