@@ -71,6 +71,14 @@ class SchedulerOutput:
         return not self.scheduled and not self.has_block_ops
 
 
+def _stamp_first_scheduled(out: SchedulerOutput) -> None:
+    """When each request was first scheduled: its queue time, for the server's metrics."""
+    if out.scheduled:
+        scheduled_at = time.time()
+        for chunk in out.scheduled:
+            chunk.request.metrics.setdefault("first_scheduled_time", scheduled_at)
+
+
 class Scheduler:
     """Waiting, running and swapped queues, filled each step up to a token budget.
 
@@ -240,10 +248,7 @@ class Scheduler:
             self.running.append(request)
             self._allocate(chunks, out)
             budget -= sum(c.num_new_tokens for c in chunks)
-        if out.scheduled:  # queue time, for the server's metrics
-            scheduled_at = time.time()
-            for chunk in out.scheduled:
-                chunk.request.metrics.setdefault("first_scheduled_time", scheduled_at)
+        _stamp_first_scheduled(out)
         return out
 
     def mark_computed(self, out: SchedulerOutput) -> None:
