@@ -11,7 +11,6 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from quire.core.request import Sequence
 from quire.engine.detokenizer import Detokenizer
 
 pytestmark = pytest.mark.slow  # loads transformers and the real tokenizer
@@ -33,19 +32,19 @@ def encode(tok, text: str) -> list[int]:
 def stream(
     tok, prompt_ids: list[int], output_ids: list[int], skip_special_tokens: bool = True, literal_fffd: bool = False
 ) -> list[str]:
-    """Run the detokenizer the way the engine does; returns seq.output_text after every token."""
-    seq = Sequence(seq_id=0, index=0, token_ids=list(prompt_ids), num_prompt_tokens=len(prompt_ids))
+    """Run the detokenizer the way the engine does; returns the decoded text after every token."""
+    token_ids = list(prompt_ids)
     detok = Detokenizer(tok)
-    detok.start(seq)
+    state = detok.start(len(prompt_ids))
     texts = []
     for i, token in enumerate(output_ids):
-        before = seq.output_text
-        seq.token_ids.append(token)
-        new = detok.update(seq, skip_special_tokens, final=i == len(output_ids) - 1)
-        assert seq.output_text == before + new, "update must return exactly what it appended"
+        before = state.text
+        token_ids.append(token)
+        new = detok.update(state, token_ids, skip_special_tokens, final=i == len(output_ids) - 1)
+        assert state.text == before + new, "update must return exactly what it appended"
         if not literal_fffd:
             assert REPLACEMENT not in new, f"emitted U+FFFD after token {token}"
-        texts.append(seq.output_text)
+        texts.append(state.text)
     return texts
 
 
@@ -154,15 +153,15 @@ def test_update_upto_leaves_later_tokens_for_later(real_tokenizer):
     tok = real_tokenizer
     prompt = encode(tok, PROMPT)
     output_ids = encode(tok, " stop here please")
-    seq = Sequence(seq_id=0, index=0, token_ids=prompt + output_ids, num_prompt_tokens=len(prompt))
+    token_ids = prompt + output_ids
     detok = Detokenizer(tok)
-    detok.start(seq)
-    text = detok.update(seq, True, upto=len(seq.token_ids) - 1)
+    state = detok.start(len(prompt))
+    text = detok.update(state, token_ids, True, upto=len(token_ids) - 1)
     assert text == tok.decode(output_ids[:-1])
-    assert seq.output_text == text
-    assert detok.update(seq, True, upto=len(seq.token_ids) - 1) == ""
-    assert detok.update(seq, True) == tok.decode(output_ids)[len(text) :]
-    assert seq.output_text == tok.decode(output_ids)
+    assert state.text == text
+    assert detok.update(state, token_ids, True, upto=len(token_ids) - 1) == ""
+    assert detok.update(state, token_ids, True) == tok.decode(output_ids)[len(text) :]
+    assert state.text == tok.decode(output_ids)
 
 
 # Random text: any Unicode except surrogates (not encodable) and U+FFFD itself (a text that *ends* in

@@ -211,3 +211,13 @@ class KVAllocator(Protocol):
             The breakdown, for ``LLMEngine.kv_usage`` and the memory benchmark.
         """
         ...
+
+    def stats(self) -> dict[str, int]:
+        """Pool figures for ``LLMEngine.stats`` (and the Prometheus gauges built on them).
+
+        Returns:
+            ``num_kv_blocks``, ``num_free_kv_blocks``, ``peak_used_kv_blocks``, ``block_size``,
+            ``num_host_blocks``, ``num_free_host_blocks``, ``num_cached_kv_blocks`` (0 where the
+            policy has no such pool or cache).
+        """
+        ...

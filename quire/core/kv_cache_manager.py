@@ -254,3 +254,15 @@ class KVCacheManager:
     def reset_prefix_cache(self) -> None:
         self.pool.reset_cache()
         self._hashes.clear()
+
+    def stats(self) -> dict[str, int]:
+        """Pool sizes, occupancy and prefix-cache contents (a part of ``LLMEngine.stats``)."""
+        return {
+            "num_kv_blocks": self.pool.num_blocks,
+            "num_free_kv_blocks": self.pool.num_free,
+            "peak_used_kv_blocks": self.pool.peak_used,
+            "block_size": self.block_size,
+            "num_host_blocks": self.num_host_blocks,
+            "num_free_host_blocks": self.num_free_host_blocks,
+            "num_cached_kv_blocks": len(self.pool.cached),
+        }

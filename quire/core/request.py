@@ -1,4 +1,9 @@
-"""A request and its sequences, as the scheduler and the engine see them (no tensors here)."""
+"""A request and its sequences as the scheduler sees them: scheduling state only, no tensors.
+
+What a sequence's output looks like to the user (its text, the detokenizer's place in it, its
+logprobs, the stop string or token that ended it) is the engine's output processor's business,
+kept there per sequence.
+"""
 
 from __future__ import annotations
 
@@ -34,14 +39,8 @@ class Sequence:
     token_ids: list[int]
     num_prompt_tokens: int
     num_computed_tokens: int = 0
-    cumulative_logprob: float = 0.0
-    logprobs: list[PositionLogprobs] | None = None
-    output_text: str = ""
+    cumulative_logprob: float = 0.0  # ranks the sequences of a group (best_of, beam search)
     finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    # Incremental detokenizer state: offsets into token_ids.
-    prefix_offset: int = 0
-    read_offset: int = 0
 
     @property
     def output_token_ids(self) -> list[int]:
@@ -121,3 +120,10 @@ class Request:
         if self.beam is not None:
             return self.beam.done
         return all(s.is_finished for s in self.seqs)
+
+    def abort(self) -> None:
+        """End every sequence still running (and the beam search): the request is finished from now on."""
+        for seq in self.unfinished_seqs:
+            seq.finish_reason = "abort"
+        if self.beam is not None:
+            self.beam.abort()

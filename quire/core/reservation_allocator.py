@@ -110,6 +110,19 @@ class ReservationAllocator:
     def num_free_blocks(self) -> int:
         return self.space.num_free
 
+    def stats(self) -> dict[str, int]:
+        """One pool, no host pool and no prefix cache; the peak is not tracked, so it is the current use."""
+        used = self.space.size - self.space.num_free
+        return {
+            "num_kv_blocks": self.space.size,
+            "num_free_kv_blocks": self.space.num_free,
+            "peak_used_kv_blocks": used,
+            "block_size": self._block_size,
+            "num_host_blocks": 0,
+            "num_free_host_blocks": 0,
+            "num_cached_kv_blocks": 0,
+        }
+
     def expect(self, seq_id: int, num_prompt_tokens: int, max_tokens: int) -> None:
         """Record the lengths the reservation is sized from."""
         self._seqs[seq_id] = _Seq(num_prompt_tokens, max_tokens)

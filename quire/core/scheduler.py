@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -71,6 +72,14 @@ class SchedulerOutput:
         return not self.scheduled and not self.has_block_ops
 
 
+def _stamp_first_scheduled(out: SchedulerOutput) -> None:
+    """When each request was first scheduled: its queue time, for the server's metrics."""
+    if out.scheduled:
+        scheduled_at = time.time()
+        for chunk in out.scheduled:
+            chunk.request.metrics.setdefault("first_scheduled_time", scheduled_at)
+
+
 class Scheduler:
     """Waiting, running and swapped queues, filled each step up to a token budget.
 
@@ -111,6 +120,8 @@ class Scheduler:
         # Prefix cache, in tokens: looked up at admission, and found cached (hence not computed).
         self.num_prefix_cache_queries = 0
         self.num_prefix_cache_hits = 0
+        # Tokens computed that did not sample a new one: prompts, and recomputes after preemption.
+        self.num_prompt_tokens_computed = 0
 
     # -- queue management -------------------------------------------------------------
 
@@ -155,6 +166,14 @@ class Scheduler:
             head = self.waiting[0]
             next_request = (head.num_prompt_tokens, self._max_tokens(head))
         return self.kv_cache.usage(live, next_request)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """``child`` (a new sequence of ``parent``'s request) shares ``parent``'s blocks: reference counts, no copy."""
+        self.kv_cache.fork(parent.seq_id, child.seq_id)
+
+    def free_seq(self, seq: Sequence) -> None:
+        """Give back the blocks of a sequence that will not run again while its request goes on."""
+        self.kv_cache.free(seq.seq_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running or self.swapped)
@@ -255,7 +274,15 @@ class Scheduler:
             self.running.append(request)
             self._allocate(chunks, out)
             budget -= sum(c.num_new_tokens for c in chunks)
+        _stamp_first_scheduled(out)
         return out
+
+    def mark_computed(self, out: SchedulerOutput) -> None:
+        """The step ``out`` describes has run: the K/V of its scheduled tokens are in the cache now."""
+        for chunk in out.scheduled:
+            if chunk.seq.num_computed_tokens < chunk.seq.num_prompt_tokens or not chunk.samples:
+                self.num_prompt_tokens_computed += chunk.num_new_tokens
+            chunk.seq.num_computed_tokens += chunk.num_new_tokens
 
     def _promote_aged(self) -> None:
         limit = self.config.priority_aging_steps
@@ -383,3 +410,21 @@ class Scheduler:
         if len(seqs) > 1:  # a forked group: recompute would lose its shared blocks
             return True
         return bool(seqs) and seqs[0].num_computed_tokens >= self.config.swap_min_tokens
+
+    # -- introspection ----------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """Queue lengths and the counters this scheduler keeps (a part of ``LLMEngine.stats``)."""
+        return {
+            "num_preemptions": self.num_preemptions,
+            "num_preemptions_swap": self.num_preemptions_by_mode["swap"],
+            "num_preemptions_recompute": self.num_preemptions_by_mode["recompute"],
+            "num_swapped": len(self.swapped),
+            "num_swapped_out_blocks": self.num_swapped_out_blocks,
+            "num_swapped_in_blocks": self.num_swapped_in_blocks,
+            "num_prompt_tokens_computed": self.num_prompt_tokens_computed,
+            "num_running": len(self.running),
+            "num_waiting": len(self.waiting),
+            "num_prefix_cache_queries": self.num_prefix_cache_queries,
+            "num_prefix_cache_hits": self.num_prefix_cache_hits,
+        }

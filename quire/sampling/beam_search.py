@@ -75,6 +75,10 @@ class BeamSearch:
     def width(self) -> int:
         return self.params.beam_width
 
+    def abort(self) -> None:
+        """End the search early (the request was aborted): ``finished`` keeps what it has."""
+        self.done = True
+
     @property
     def num_candidates(self) -> int:
         """Top tokens each live beam has to provide per step."""

@@ -1,0 +1,185 @@
+"""A step's results applied to the requests: new tokens, forks, beams, stops, text, outputs.
+
+The model runner hands back one sampled token per sampling row; everything per request happens
+here, on the driver, in Python: appending the tokens, forking a parallel-sampling group when its
+prompt samples, advancing beam searches, stop checks with incremental detokenizing, and the
+``RequestOutput`` of every request the step touched. Finished requests leave the scheduler here.
+
+The scheduler is passed to each call rather than held: its blocks back every fork and free, and
+the engine's current scheduler is the one to use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+
+from quire.core.request import Request, Sequence
+from quire.core.scheduler import ScheduledSeq, Scheduler
+from quire.engine.detokenizer import Detokenizer
+from quire.engine.logprobs import LogprobsBuilder, SampledRows
+from quire.engine.request_output import OutputBuilder, SeqOutput
+from quire.engine.stop_checker import StopChecker
+from quire.outputs import RequestOutput
+from quire.worker.model_runner import RunnerOutput
+
+
+class OutputProcessor:
+    """Owns the live requests and each sequence's output state (text, detokenizer place, logprobs)."""
+
+    def __init__(self, tokenizer, max_model_len: int, seq_ids: Iterator[int]) -> None:
+        self.requests: dict[str, Request] = {}
+        self._seq_ids = seq_ids  # shared with the input processor: ids are engine-wide
+        self._outputs: dict[Sequence, SeqOutput] = {}  # beam-search sequences have none
+        self._detokenizer = Detokenizer(tokenizer)
+        self._stops = StopChecker(self._detokenizer, max_model_len)
+        self._logprobs = LogprobsBuilder(tokenizer)
+        self._builder = OutputBuilder(tokenizer)
+        self.num_generated_tokens = 0
+
+    def add_request(self, request: Request) -> None:
+        """Track a new request (one prompt sequence); its text starts after the prompt."""
+        self.requests[request.request_id] = request
+        if request.beam is None:  # beams are decoded once, when the search ends
+            wants_logprobs = request.params.logprobs is not None
+            for seq in request.seqs:
+                decode = self._detokenizer.start(seq.num_prompt_tokens)
+                self._outputs[seq] = SeqOutput(decode, [] if wants_logprobs else None)
+
+    def abort(self, request_id: str, scheduler: Scheduler) -> RequestOutput | None:
+        """End a live request wherever it is; returns its final output (None if the id is not live)."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        request.abort()
+        scheduler.finish_request(request)
+        return self._final_output(request)
+
+    def update(self, result: RunnerOutput, scheduler: Scheduler) -> list[RequestOutput]:
+        """Apply one executed step; returns the outputs of requests that produced tokens or finished.
+
+        A beam-search request reports only when its search ends.
+        """
+        for entry, scored in result.prompt_logprobs:
+            self._logprobs.append_prompt(entry.request, scored)
+        touched = self._apply_samples(result, scheduler) if result.samples is not None else []
+        outputs = []
+        for request in touched:
+            if request.is_finished:
+                self.requests.pop(request.request_id)
+                request.finished_time = time.time()
+                scheduler.finish_request(request)
+                outputs.append(self._final_output(request))
+                continue
+            if len(request.seqs) > 1:
+                for seq in request.seqs:  # a finished member of a group gives its blocks back at once
+                    if seq.is_finished:
+                        scheduler.free_seq(seq)
+            if request.beam is None:
+                outputs.append(self._builder.build(request, self._outputs))
+        return outputs
+
+    def stats(self) -> dict[str, int]:
+        return {"num_generated_tokens": self.num_generated_tokens}
+
+    # -- one step's samples -------------------------------------------------------------
+
+    def _apply_samples(self, result: RunnerOutput, scheduler: Scheduler) -> list[Request]:
+        """Append every sampled token; returns the requests that sampled, in order."""
+        assert result.samples is not None
+        now = time.time()
+        rows = SampledRows.of(result.samples)
+        touched: dict[str, Request] = {}
+        beam_rows: dict[str, list[tuple[Sequence, int]]] = {}
+        for entry, row, count in _row_groups(result.sampled_seqs):
+            request = entry.request
+            if request.first_token_time is None:
+                request.first_token_time = now
+            touched[request.request_id] = request
+            if request.beam is not None:
+                beam_rows.setdefault(request.request_id, []).append((entry.seq, row))
+            else:
+                self._append_samples(request, entry.seq, rows, row, count, scheduler)
+        for request_id, beams in beam_rows.items():
+            self._beam_step(touched[request_id], beams, rows, scheduler)
+        return list(touched.values())
+
+    def _append_samples(
+        self, request: Request, seq: Sequence, rows: SampledRows, row: int, count: int, scheduler: Scheduler
+    ) -> None:
+        """Give ``seq`` the token of ``row``; a prompt sampled ``count`` > 1 times first forks into that many."""
+        # Fork before appending: the children copy the parent's state without the new token.
+        children = [seq] + [self._fork(seq, index, scheduler) for index in range(1, count)]
+        request.seqs += children[1:]
+        for child_row, child in enumerate(children, start=row):
+            child.token_ids.append(rows.token_ids[child_row])
+            child.cumulative_logprob += rows.logprobs[child_row]
+            out = self._outputs[child]
+            if out.logprobs is not None:
+                out.logprobs.append(self._logprobs.sampled(rows, child_row, request.params.logprobs))
+            self.num_generated_tokens += 1
+            self._stops.check(request, child, out)
+
+    def _beam_step(
+        self, request: Request, rows: list[tuple[Sequence, int]], samples: SampledRows, scheduler: Scheduler
+    ) -> None:
+        """Pick the next beams of ``request`` from its live beams' top candidates; fork and free blocks to match.
+
+        A parent kept by several new beams is forked (its blocks shared, copied on write when the
+        beams diverge inside a block); a parent kept by none releases its blocks at once.
+        """
+        beam = request.beam
+        assert beam is not None and samples.top_ids is not None and samples.top_lps is not None
+        parents = [seq for seq, _ in rows]
+        assert parents == request.unfinished_seqs, "all live beams of a request sample in the same step"
+        survivors = beam.step(
+            [(seq.output_token_ids, seq.cumulative_logprob, samples.top_ids[r], samples.top_lps[r]) for seq, r in rows]
+        )
+        used: set[int] = set()
+        new_beams: list[Sequence] = []
+        for candidate in survivors:
+            parent = parents[candidate.parent]
+            if candidate.parent in used:
+                new_beams.append(self._fork(parent, len(new_beams), scheduler))
+            else:
+                used.add(candidate.parent)
+                new_beams.append(parent)
+        for i, (seq, candidate) in enumerate(zip(new_beams, survivors, strict=True)):
+            seq.index = i
+            seq.token_ids.append(candidate.token_id)
+            seq.cumulative_logprob = candidate.cum_logprob
+        self.num_generated_tokens += len(new_beams)
+        for i, parent in enumerate(parents):
+            if i not in used:
+                scheduler.free_seq(parent)
+        request.seqs = new_beams
+
+    # -- sequences ----------------------------------------------------------------------
+
+    def _fork(self, parent: Sequence, index: int, scheduler: Scheduler) -> Sequence:
+        """A new sequence sharing ``parent``'s tokens, state, output so far and KV blocks."""
+        child = dataclasses.replace(parent, seq_id=next(self._seq_ids), index=index, token_ids=list(parent.token_ids))
+        scheduler.fork(parent, child)
+        if parent in self._outputs:
+            self._outputs[child] = self._outputs[parent].fork()
+        return child
+
+    def _final_output(self, request: Request) -> RequestOutput:
+        """The output of a request that has left the scheduler; its sequences' output state goes with it."""
+        output = self._builder.build(request, self._outputs)
+        for seq in request.seqs:
+            self._outputs.pop(seq, None)
+        return output
+
+
+def _row_groups(sampled: list[ScheduledSeq]) -> Iterator[tuple[ScheduledSeq, int, int]]:
+    """(entry, first row, row count) per sampling entry: a forking prompt has one row per child, consecutive."""
+    row = 0
+    while row < len(sampled):
+        entry = sampled[row]
+        count = 1
+        while row + count < len(sampled) and sampled[row + count] is entry:
+            count += 1
+        yield entry, row, count
+        row += count
