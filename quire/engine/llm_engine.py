@@ -15,13 +15,12 @@ import time
 import weakref
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from types import MappingProxyType
 
 import torch
 
 from quire.attention.torch_backend import TorchAttentionBackend
-from quire.config import EngineArgs
+from quire.config import EngineArgs, resolve_dtype
 from quire.core.allocator_registry import build_kv_allocator
 from quire.core.kv_allocator import KVUsage
 from quire.core.kv_cache_manager import KVCacheManager
@@ -40,6 +39,7 @@ from quire.engine.input_processor import InputProcessor, Prompt
 from quire.engine.kv_sizing import num_host_blocks, num_kv_blocks
 from quire.engine.model_info import ModelInfo
 from quire.engine.output_processor import OutputProcessor
+from quire.engine.ranks import Ranks
 from quire.engine.step_record import StepObserver, StepRecord
 from quire.models.loader import (
     LoadedModel,
@@ -53,26 +53,9 @@ from quire.sampling.sampler import Sampler
 from quire.sampling_params import BeamSearchParams, SamplingParams
 from quire.worker.cache_engine import CacheEngine, kv_bytes_per_block
 from quire.worker.model_runner import ModelRunner, RunnerOutput
-from quire.worker.step_inputs import send_stop
 from quire.worker.tp_worker import TORCH_DTYPES, run_worker, threads_per_rank, worker_main
 
 logger = logging.getLogger(__name__)
-
-# "auto" must be the fastest dtype *at equal fidelity*. bfloat16 is ~1.5x faster here but not at
-# equal fidelity: on the fidelity prompts its greedy text leaves float32's (and transformers') in
-# 3 of 9 prompts within 32 tokens, and its rounding makes outputs depend on the batch (3 of 9
-# differ alone vs batched). float32 matches the reference and is batch-invariant, so it is the
-# default; bfloat16 is opt-in. See docs/benchmarks.md.
-AUTO_DTYPE = "float32"
-
-
-def resolve_dtype(dtype: str) -> str:
-    if dtype == "auto":
-        return AUTO_DTYPE
-    if dtype == "float16":
-        raise ValueError("dtype 'float16' is not supported on CPU; use 'float32' or 'bfloat16'.")
-    return dtype
-
 
 class LLMEngine:
     """Owns the model, the KV cache, the scheduler and every live request."""
@@ -92,7 +75,7 @@ class LLMEngine:
             raise SystemExit(0)
         if rendezvous is not None and rendezvous.spawn_workers:
             self.workers = WorkerProcesses(worker_main, args, rendezvous)
-        self._ranks = _Ranks(self.group, self.workers, torch.get_num_threads())
+        self._ranks = Ranks(self.group, self.workers, torch.get_num_threads())
         self._finalizer = weakref.finalize(self, self._ranks.stop)
         try:
             self._build(args, path, rendezvous)
@@ -352,36 +335,8 @@ class LLMEngine:
 
     def linear_traffic(self, rows: int) -> tuple[int, int]:
         """(weight bytes read, multiply-add FLOPs) of every linear layer (LM head included) for a ``rows``-row step."""
-        from quire.models.linear import Linear
-
-        layers = [m for m in self.model.modules() if isinstance(m, Linear)]
-        return (
-            sum(layer.weight_bytes_read(rows) for layer in layers),
-            sum(2 * rows * layer.in_features * layer.out_features for layer in layers),
-        )
+        return self.model.linear_traffic(rows)
 
     def comm_stats(self) -> dict[str, int]:
         """Tensor-parallel traffic so far (bytes and calls per collective); zeros with one rank."""
         return dict(vars(self.group.stats))
-
-
-@dataclass
-class _Ranks:
-    """What stopping the tensor-parallel ranks needs, kept apart from the engine so a finalizer can hold it."""
-
-    group: TPGroup
-    workers: WorkerProcesses | None
-    threads: int  # torch threads before the engine shared the cores among ranks
-    broken: bool = False  # a collective failed: the group cannot carry a stop message
-
-    def stop(self) -> None:
-        """Tell the workers to leave their loop, wait for the spawned ones, give the threads back."""
-        if self.group.size > 1 and not self.broken:
-            try:
-                send_stop(self.group)
-            except Exception as exc:  # a dead group: the workers have exited or will on their own
-                logger.debug("could not send stop to the workers: %s", exc)
-        if self.workers is not None:
-            self.workers.stop()
-        if self.group.size > 1:
-            torch.set_num_threads(self.threads)

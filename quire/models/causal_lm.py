@@ -37,6 +37,14 @@ class CausalLM(nn.Module):
         """float32 logits of ``hidden``'s rows over the whole vocabulary (None on non-driver ranks)."""
         return self.lm_head.compute_logits(hidden)
 
+    def linear_traffic(self, rows: int) -> tuple[int, int]:
+        """(weight bytes read, multiply-add FLOPs) of every linear layer (LM head included) for a ``rows``-row step."""
+        layers = [m for m in self.modules() if isinstance(m, Linear)]
+        return (
+            sum(layer.weight_bytes_read(rows) for layer in layers),
+            sum(2 * rows * layer.in_features * layer.out_features for layer in layers),
+        )
+
     def prepare(self) -> CausalLM:
         """Set up the linear layers' fast paths; call after the weights are loaded and cast.
 
