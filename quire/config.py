@@ -22,6 +22,9 @@ DEFAULT_MAX_NUM_BATCHED_TOKENS = 512
 # contiguous-reservation baselines, which the memory benchmark serves traces with.
 KV_ALLOCATORS = ("paged", "orca-max", "orca-pow2", "orca-oracle", "static")
 DEFAULT_KV_ALLOCATOR = "paged"
+# Attention backends: the CPU kernel (``TorchAttentionBackend``) or the Triton kernels
+# (``TritonAttentionBackend``; on a CPU device only under ``TRITON_INTERPRET=1``, for tests).
+ATTENTION_BACKENDS = ("auto", "cpu", "triton")
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,12 @@ class EngineArgs:
         "for benchmarks (no prefix cache, swap, n > 1 or beams)",
         choices=KV_ALLOCATORS,
     )
+    attention_backend: str = _arg(
+        "auto",
+        "attention kernels: auto picks triton on a GPU and cpu otherwise; triton on a CPU device runs "
+        "only under TRITON_INTERPRET=1 (Triton's interpreter, for testing the GPU path)",
+        choices=ATTENTION_BACKENDS,
+    )
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -164,6 +173,8 @@ class EngineArgs:
         positive_int("priority_aging_steps", self.priority_aging_steps)
         if self.kv_allocator not in KV_ALLOCATORS:
             raise ValueError(f"kv_allocator must be one of {KV_ALLOCATORS}, got {self.kv_allocator!r}.")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}.")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}.")
 

@@ -19,7 +19,7 @@ from types import MappingProxyType
 
 import torch
 
-from quire.attention.torch_backend import TorchAttentionBackend
+from quire.attention.selector import build_attention_backend
 from quire.config import EngineArgs, resolve_dtype
 from quire.core.allocator_registry import build_kv_allocator
 from quire.core.kv_allocator import KVUsage
@@ -144,7 +144,7 @@ class LLMEngine:
         with ThreadPoolExecutor(1, thread_name_prefix="quire-kv-pages") as pool:
             backing = pool.submit(self.cache.back_pages)
             self.tokenizer = load_tokenizer(path)
-            self.attention = TorchAttentionBackend()
+            self.attention = build_attention_backend(self.args.attention_backend, self.device)
             self.model = build_model(loaded, self.attention, self.dtype, self.max_model_len, self.device, self.group)
             backing.result()
 

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from quire.attention.torch_backend import TorchAttentionBackend
+from quire.attention.selector import build_attention_backend
 from quire.config import CPU_DTYPES, EngineArgs
 from quire.distributed.comm import TPGroup
 from quire.distributed.launch import COLLECTIVE_TIMEOUT, Rendezvous
@@ -48,7 +48,8 @@ def run_worker(args: EngineArgs, rendezvous: Rendezvous) -> None:
     num_blocks, block_size, max_model_len, dtype_code, num_host_blocks = header
     dtype = list(TORCH_DTYPES.values())[dtype_code]
     device = torch.device("cpu")
-    model = build_model(loaded, TorchAttentionBackend(), dtype, max_model_len, device, group)
+    attention = build_attention_backend(args.attention_backend, device)
+    model = build_model(loaded, attention, dtype, max_model_len, device, group)
     del loaded
     config = model.config
     heads = len(head_shard(config.num_heads, config.num_kv_heads, group.size, group.rank).kv_heads)
