@@ -161,6 +161,30 @@ def test_kernel(tmp_path):
     assert (tmp_path / "kernel_fig18a.png").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the Triton run is the real one, not the interpreter")
+def test_kernel_on_the_triton_backend_under_the_interpreter(tmp_path):
+    """The Fig. 18a command for a GPU, run here in Triton's interpreter: it computes what SDPA does.
+
+    A subprocess, because the interpreter must be on before triton is first imported.
+    """
+    import os
+    import subprocess
+    import sys
+
+    args = ["bench", "kernel", "--backend", "triton", "--batch-sizes", "2", "--context-lens", "40"]
+    args += ["--min-time", "0.01", "--results-dir", str(tmp_path), "--no-progress"]
+    script = "import sys; from quire.entrypoints.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    refused = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True)
+    assert refused.returncode != 0 and "TRITON_INTERPRET=1" in refused.stderr
+    env["TRITON_INTERPRET"] = "1"
+    subprocess.run([sys.executable, "-c", script, *args], env=env, check=True, capture_output=True, timeout=300)
+    report = _json(tmp_path, "kernel")
+    assert report["paged_impl"].startswith("Triton kernel on cpu")
+    assert [(p["batch_size"], p["context_len"]) for p in report["points"]] == [(2, 40)]
+    assert report["points"][0]["max_abs_diff"] < 1e-4  # the Triton kernel and contiguous SDPA agree
+
+
 def test_throughput(tiny_model, tmp_path):
     code = cli_main(
         [

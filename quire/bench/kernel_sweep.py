@@ -12,6 +12,11 @@ which swamps medians of sub-millisecond calls; the medians are reported too. A t
 "in-order", runs the same paged kernel with each sequence's blocks adjacent and in order: against
 it, the shuffled run isolates the cost of the indirection itself (SDPA is a different kernel).
 Heads and head_dim are the default model's (9 query / 3 KV heads, 64).
+
+``--backend triton`` times the Triton decode kernel instead, on CUDA when there is a GPU (the
+figure the paper's comparison needs); without one it runs in Triton's interpreter
+(``TRITON_INTERPRET=1``), which checks the command and the kernel's results but times nothing
+meaningful.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from quire.bench.report import LoadMeter, Output, load_now, print_table, pyplot
 __all__ = ["KernelPoint", "add_cli_args", "measure", "run"]
 
 _DTYPES = ("float32", "bfloat16")
+BACKENDS = ("cpu", "triton")
 
 
 @dataclass(frozen=True)
@@ -48,53 +54,79 @@ class KernelPoint:
         return 100 * (self.paged_ms / self.in_order_ms - 1)
 
 
-def measure(batch_size: int, context_len: int, dtype: str, min_time: float) -> KernelPoint:
+def _triton_device():
+    """Where the Triton kernels run: the GPU, or the CPU under the interpreter (refused without it)."""
+    import os
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--backend triton without a GPU needs TRITON_INTERPRET=1 (Triton's interpreter)")
+    return torch.device("cpu")
+
+
+def _paged_call(backend: str, args: tuple, out):
+    """One paged-attention call on ``args`` (a ``make_case`` argument tuple) by ``backend``."""
+    from quire.attention.reference import paged_attention_reference
+    from quire.kernels import cpu_kernel
+
+    if backend == "triton":
+        from quire.kernels import triton_attention
+
+        return lambda: triton_attention.paged_decode(*args, out=out)
+    if cpu_kernel.is_available():
+        return lambda: cpu_kernel.paged_attention(*args, out=out)
+    return lambda: paged_attention_reference(*args)
+
+
+def _synchronized(call, device):
+    """``call`` followed by a device sync, so a timer around it measures the kernel, not the launch."""
+    import torch
+
+    if device.type != "cuda":
+        return call
+
+    def run():
+        result = call()
+        torch.cuda.synchronize()
+        return result
+
+    return run
+
+
+def measure(batch_size: int, context_len: int, dtype: str, min_time: float, backend: str = "cpu") -> KernelPoint:
     import torch
     import torch.nn.functional as F
 
-    from quire.attention.reference import paged_attention_reference
     from quire.bench.attention_kernel import make_case, time_call
-    from quire.kernels import cpu_kernel
 
     torch_dtype = getattr(torch, dtype)
+    device = _triton_device() if backend == "triton" else torch.device("cpu")
     case = make_case(f"b{batch_size} ctx{context_len}", [1] * batch_size, [context_len] * batch_size, torch_dtype)
+    on_device = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in case.args)
     # The same K/V, laid out contiguously per sequence as a non-paged system keeps it.
-    tables = case.block_tables.long()
-    k = case.key_cache[tables].flatten(1, 2)[:, :context_len].transpose(1, 2).contiguous()
-    v = case.value_cache[tables].flatten(1, 2)[:, :context_len].transpose(1, 2).contiguous()
-    q = case.query.unsqueeze(2)  # [batch, heads, 1, head_dim]
+    tables = on_device[3].long()
+    k = on_device[1][tables].flatten(1, 2)[:, :context_len].transpose(1, 2).contiguous()
+    v = on_device[2][tables].flatten(1, 2)[:, :context_len].transpose(1, 2).contiguous()
+    q = on_device[0].unsqueeze(2)  # [batch, heads, 1, head_dim]
 
-    def contiguous():
+    def contiguous_call():
         return F.scaled_dot_product_attention(q, k, v, scale=case.scale, enable_gqa=True).squeeze(2)
 
-    if cpu_kernel.is_available():
-        out = torch.empty_like(case.query)
-
-        def paged():
-            return cpu_kernel.paged_attention(*case.args, out=out)
-    else:
-
-        def paged():
-            return paged_attention_reference(*case.args)
-
+    contiguous = _synchronized(contiguous_call, device)
+    paged = _synchronized(_paged_call(backend, on_device, torch.empty_like(on_device[0])), device)
     # The same K/V with sequence s's blocks at s * n .. s * n + n - 1, in order.
-    ordered_tables = torch.arange(tables.numel(), dtype=torch.int32).view_as(case.block_tables)
+    ordered_tables = torch.arange(tables.numel(), dtype=torch.int32, device=device).view_as(on_device[3])
     ordered_args = (
-        case.query,
-        case.key_cache[tables.flatten()],
-        case.value_cache[tables.flatten()],
+        on_device[0],
+        on_device[1][tables.flatten()],
+        on_device[2][tables.flatten()],
         ordered_tables,
-        *case.args[4:],
+        *on_device[4:],
     )
-    if cpu_kernel.is_available():
-        ordered_out = torch.empty_like(case.query)
-
-        def in_order():
-            return cpu_kernel.paged_attention(*ordered_args, out=ordered_out)
-    else:
-
-        def in_order():
-            return paged_attention_reference(*ordered_args)
+    in_order = _synchronized(_paged_call(backend, ordered_args, torch.empty_like(on_device[0])), device)
 
     paged_median, paged_best = time_call(paged, min_time)
     contiguous_median, contiguous_best = time_call(contiguous, min_time)
@@ -111,6 +143,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-sizes", default="1,8,32,64")
     parser.add_argument("--context-lens", default="64,128,256,512,1024,2048")
     parser.add_argument("--dtype", default="float32", choices=_DTYPES)
+    parser.add_argument(
+        "--backend", default="cpu", choices=BACKENDS, help="paged kernel: the compiled CPU one, or Triton's"
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--min-time", type=float, default=0.2, help="seconds per measurement")
     parser.add_argument("--results-dir", default="bench-results")
@@ -138,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
     with tqdm(grid, desc="kernel", unit="case", leave=False, disable=True if args.no_progress else None) as bar:
         for batch_size, context_len in bar:
             with meter.measure():
-                points.append(measure(batch_size, context_len, args.dtype, args.min_time))
+                points.append(measure(batch_size, context_len, args.dtype, args.min_time, args.backend))
     rows = [
         [
             p.batch_size,
@@ -154,7 +189,10 @@ def run(args: argparse.Namespace) -> int:
         ]
         for p in points
     ]
-    impl = "compiled kernel" if kernel else "pure-PyTorch reference (kernel unavailable)"
+    if args.backend == "triton":
+        impl = f"Triton kernel on {_triton_device()}"
+    else:
+        impl = "compiled kernel" if kernel else "pure-PyTorch reference (kernel unavailable)"
     print_table(
         f"Decode attention, paged ({impl}) vs contiguous SDPA, {args.dtype}, {args.threads} threads",
         [
