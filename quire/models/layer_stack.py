@@ -46,9 +46,7 @@ class LayerStack:
                 return None
             if (attn.num_heads, attn.num_kv_heads, attn.scale) != (first.num_heads, first.num_kv_heads, first.scale):
                 return None
-            if layer.input_layernorm.eps != layer.post_attention_layernorm.eps:
-                return None
-            if layer.input_layernorm.eps != layers[0].input_layernorm.eps:
+            if {layer.input_layernorm.eps, layer.post_attention_layernorm.eps} != {layers[0].input_layernorm.eps}:
                 return None
             if any(lin.bias is not None or not lin.block_rows for lin in _linears(layer)):
                 return None

@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -1525,11 +1526,13 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_
   const int64_t M = x.size(0);
   const bool widen = x.scalar_type() == at::kBFloat16;
   at::Tensor out = at::empty({M, N}, x.options());
-  std::vector<float> x_wide(widen ? M * K : 0), out_wide(widen ? M * N : 0);
-  if (widen) convert_rows(x.data_ptr<bf16>(), x_wide.data(), M * K);
-  const float* xp = widen ? x_wide.data() : x.data_ptr<float>();
+  // Uninitialised (every element is written before it is read): a std::vector would zero the LM
+  // head's 49152 floats a row on every decode step for nothing.
+  std::unique_ptr<float[]> x_wide(widen ? new float[M * K] : nullptr), out_wide(widen ? new float[M * N] : nullptr);
+  if (widen) convert_rows(x.data_ptr<bf16>(), x_wide.get(), M * K);
+  const float* xp = widen ? x_wide.get() : x.data_ptr<float>();
   const uint8_t* wp = packed.data_ptr<uint8_t>();
-  float* op = widen ? out_wide.data() : out.data_ptr<float>();
+  float* op = widen ? out_wide.get() : out.data_ptr<float>();
 #if QUIRE_AVX512
   const bool panel = M > kPanelMinRows;
 #elif QUIRE_VEC
@@ -1571,7 +1574,7 @@ at::Tensor quant_linear(const at::Tensor& x_in, const at::Tensor& packed, int64_
 #else
   quant_linear_scalar(xp, M, K, sx.data(), wp, kind, N, op);
 #endif
-  if (widen) convert_rows(out_wide.data(), out.data_ptr<bf16>(), M * N);
+  if (widen) convert_rows(out_wide.get(), out.data_ptr<bf16>(), M * N);
   return out;
 }
 
