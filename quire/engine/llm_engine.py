@@ -51,6 +51,8 @@ from quire.models.registry import build_model
 from quire.outputs import RequestOutput
 from quire.sampling.sampler import Sampler
 from quire.sampling_params import BeamSearchParams, SamplingParams
+from quire.structured.compiler import StructuredOutputCompiler
+from quire.structured.state import GrammarStates
 from quire.worker.cache_engine import CacheEngine, kv_bytes_per_block
 from quire.worker.model_runner import ModelRunner, RunnerOutput
 from quire.worker.tp_worker import TORCH_DTYPES, run_worker, threads_per_rank, worker_main
@@ -162,10 +164,13 @@ class LLMEngine:
         scheduler_config = dataclasses.replace(self.config.scheduler, max_model_len=self.max_model_len)
         self.scheduler = Scheduler(scheduler_config, self.kv_cache)
         sampler = Sampler(torch.Generator().manual_seed(self.config.model.seed), self.model.ops.kernels)
-        self.runner = ModelRunner(self.model, self.cache, sampler, self.device, self.group)
+        # Structured outputs: the output processor keeps each constrained sequence's matcher, the
+        # runner reads them for the step's masks, the input processor compiles the constraints.
+        grammars = GrammarStates(self.arch.vocab_size)
+        self.runner = ModelRunner(self.model, self.cache, sampler, self.device, self.group, grammars)
         self.eos_token_id = self._eos_token_id()
         seq_ids = itertools.count()  # one numbering for prompt sequences and forks
-        self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len, seq_ids)
+        self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len, seq_ids, grammars)
         self.input_processor = InputProcessor(
             self.tokenizer,
             self.arch.vocab_size,
@@ -173,6 +178,7 @@ class LLMEngine:
             self.eos_token_id,
             seq_ids,
             self.output_processor.requests,
+            StructuredOutputCompiler(self.tokenizer, self.arch.vocab_size, self.eos_token_id),
         )
         self.num_steps = 0  # steps that ran the model
         self._observers: list[StepObserver] = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from quire.core.request import Request, Sequence
 from quire.core.scheduler import ScheduledSeq, Scheduler
@@ -24,11 +25,16 @@ from quire.engine.stop_checker import StopChecker
 from quire.outputs import RequestOutput
 from quire.worker.model_runner import RunnerOutput
 
+if TYPE_CHECKING:
+    from quire.structured.state import GrammarStates
+
 
 class OutputProcessor:
     """Owns the live requests and each sequence's output state (text, detokenizer place, logprobs)."""
 
-    def __init__(self, tokenizer, max_model_len: int, seq_ids: Iterator[int]) -> None:
+    def __init__(
+        self, tokenizer, max_model_len: int, seq_ids: Iterator[int], grammars: GrammarStates | None = None
+    ) -> None:
         self.requests: dict[str, Request] = {}
         self._seq_ids = seq_ids  # shared with the input processor: ids are engine-wide
         self._outputs: dict[Sequence, SeqOutput] = {}  # beam-search sequences have none
@@ -37,6 +43,7 @@ class OutputProcessor:
         self._logprobs = LogprobsBuilder(tokenizer)
         self._builder = OutputBuilder(tokenizer)
         self.num_generated_tokens = 0
+        self._grammars = grammars  # constrained sequences' matchers: added, forked, advanced and dropped here
 
     def add_request(self, request: Request) -> None:
         """Track a new request (one prompt sequence); its text starts after the prompt."""
@@ -46,6 +53,8 @@ class OutputProcessor:
             for seq in request.seqs:
                 decode = self._detokenizer.start(seq.num_prompt_tokens)
                 self._outputs[seq] = SeqOutput(decode, [] if wants_logprobs else None)
+                if request.grammar is not None and self._grammars is not None:
+                    self._grammars.add(seq, request.grammar)
 
     def abort(self, request_id: str, scheduler: Scheduler) -> RequestOutput | None:
         """End a live request wherever it is; returns its final output (None if the id is not live)."""
@@ -76,6 +85,7 @@ class OutputProcessor:
                 for seq in request.seqs:  # a finished member of a group gives its blocks back at once
                     if seq.is_finished:
                         scheduler.free_seq(seq)
+                        self._drop_grammar(seq)
             if request.beam is None:
                 outputs.append(self._builder.build(request, self._outputs))
         return outputs
@@ -113,6 +123,8 @@ class OutputProcessor:
         children = [seq] + [self._fork(seq, index, scheduler) for index in range(1, count)]
         request.seqs += children[1:]
         for child_row, child in enumerate(children, start=row):
+            if not self._advance_grammar(request, child, rows.token_ids[child_row]):
+                continue
             child.token_ids.append(rows.token_ids[child_row])
             child.cumulative_logprob += rows.logprobs[child_row]
             out = self._outputs[child]
@@ -120,6 +132,21 @@ class OutputProcessor:
                 out.logprobs.append(self._logprobs.sampled(rows, child_row, request.params.logprobs))
             self.num_generated_tokens += 1
             self._stops.check(request, child, out)
+
+    def _advance_grammar(self, request: Request, seq: Sequence, token: int) -> bool:
+        """Feed ``token`` to ``seq``'s grammar, if it has one. A refused token (possible only when
+        another rule, such as ``min_tokens`` or ``bad_words``, banned every token the grammar allowed)
+        is not appended: the sequence ends before it. Returns whether the token is to be appended."""
+        if self._grammars is None or seq not in self._grammars or self._grammars.accept(seq, token):
+            return True
+        out = self._outputs[seq]
+        self._detokenizer.update(out.decode, seq.token_ids, request.params.skip_special_tokens, final=True)
+        seq.finish_reason = "stop"
+        return False
+
+    def _drop_grammar(self, seq: Sequence) -> None:
+        if self._grammars is not None:
+            self._grammars.drop(seq)
 
     def _beam_step(
         self, request: Request, rows: list[tuple[Sequence, int]], samples: SampledRows, scheduler: Scheduler
@@ -161,6 +188,8 @@ class OutputProcessor:
         """A new sequence sharing ``parent``'s tokens, state, output so far and KV blocks."""
         child = dataclasses.replace(parent, seq_id=next(self._seq_ids), index=index, token_ids=list(parent.token_ids))
         scheduler.fork(parent, child)
+        if self._grammars is not None:
+            self._grammars.fork(parent, child)
         if parent in self._outputs:
             self._outputs[child] = self._outputs[parent].fork()
         return child
@@ -170,6 +199,7 @@ class OutputProcessor:
         output = self._builder.build(request, self._outputs)
         for seq in request.seqs:
             self._outputs.pop(seq, None)
+            self._drop_grammar(seq)
         return output
 
 

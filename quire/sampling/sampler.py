@@ -1,6 +1,7 @@
 """Logits to tokens for every sequence of a step at once.
 
-Order of operations (vLLM's): penalties → min_tokens ban → greedy argmax, or temperature →
+Order of operations: penalties → logit_bias → bans (min_tokens, bad_words) → the allowed-token
+mask (structured outputs, allowed_token_ids) → greedy argmax, or temperature →
 top-k / top-p / min-p → sample. Reported logprobs are those of the raw model distribution.
 Sampling uses the exponential-race trick (argmax of p / E with E ~ Exp(1)), so a seeded
 request draws its noise from its own generator and gets the same tokens in any batch.
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from quire.sampling import token_bitmask
 
 
 @dataclass
@@ -28,8 +31,13 @@ class SamplingBatch:
     repetition_penalty: torch.Tensor | None = None
     output_tokens: torch.Tensor | None = None  # [B, L] long, padded with vocab_size
     prompt_tokens: torch.Tensor | None = None  # [B, P] long, padded with vocab_size
-    banned_rows: torch.Tensor | None = None  # [N] rows and [N] token ids to forbid (min_tokens)
+    banned_rows: torch.Tensor | None = None  # [N] rows and [N] token ids to forbid (min_tokens, bad_words)
     banned_tokens: torch.Tensor | None = None
+    bias_rows: torch.Tensor | None = None  # [N] rows, token ids and values added to the logits (logit_bias)
+    bias_tokens: torch.Tensor | None = None
+    bias_values: torch.Tensor | None = None
+    masked_rows: torch.Tensor | None = None  # [R] rows limited to the tokens of their packed mask
+    token_bitmask: torch.Tensor | None = None  # [R, words] int32 (quire.sampling.token_bitmask)
 
     @property
     def all_greedy(self) -> bool:
@@ -53,8 +61,12 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         raw_logits = logits
         logits = self._apply_penalties(logits, batch)
+        if batch.bias_rows is not None:
+            logits = logits.index_put((batch.bias_rows, batch.bias_tokens), batch.bias_values, accumulate=True)
         if batch.banned_rows is not None:
             logits = logits.index_put((batch.banned_rows, batch.banned_tokens), torch.tensor(float("-inf")))
+        if batch.masked_rows is not None:
+            logits = _apply_token_bitmask(logits, batch.masked_rows, batch.token_bitmask)
 
         log_normalizer = None  # logsumexp of the raw logits, when the fused op computed it
         if logits is raw_logits and self._fused(raw_logits):
@@ -116,6 +128,13 @@ class Sampler:
             if gen is not None:
                 noise[row].exponential_(generator=gen)
         return (probs / noise).argmax(dim=-1)
+
+
+def _apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """-inf outside each masked row's allowed tokens; other rows untouched (and not copied per row)."""
+    allowed = token_bitmask.unpack(bitmask, logits.shape[1])
+    masked = logits.index_select(0, rows).masked_fill(~allowed, float("-inf"))
+    return logits.index_copy(0, rows, masked)
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,10 @@ MAX_LOGPROBS = 20
 _MIN_LOGPROB = -9999.0
 
 
+# How the engine's ValueErrors start when they are about one field of the request.
+_ENGINE_FIELD = re.compile(r"(n|best_of|beam_width)=|(logit_bias|allowed_token_ids|structured_outputs)\b")
+
+
 def random_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -84,8 +88,6 @@ class OpenAIServing:
                 f"priority={request.priority} needs --scheduling-policy priority, which is not enabled.",
                 param="priority",
             )
-        if request.logit_bias:
-            raise APIError("logit_bias is not supported.", param="logit_bias")
         if request.stream_options is not None and not request.stream:
             raise APIError("stream_options is only allowed when stream is true.", param="stream_options")
 
@@ -134,6 +136,9 @@ class OpenAIServing:
             "include_stop_str_in_output": request.include_stop_str_in_output,
             "skip_special_tokens": request.skip_special_tokens,
             "spaces_between_special_tokens": request.spaces_between_special_tokens,
+            "logit_bias": request.logit_bias,
+            "allowed_token_ids": request.allowed_token_ids,
+            "bad_words": request.bad_words,
         }
         values.update(overrides)
         try:
@@ -190,9 +195,11 @@ class OpenAIServing:
             for rid in added:  # all or none: the streams never started, so abort them here
                 self.engine.cancel(rid)
             if isinstance(exc, ValueError):
-                # The engine names a group size it cannot run as "n=", "best_of=" or "beam_width=".
-                match = re.match(r"(n|best_of|beam_width)=", str(exc))
-                param = {"beam_width": "n"}.get(match.group(1), match.group(1)) if match else field
+                # The engine names a group size it cannot run as "n=", "best_of=" or "beam_width=", and a
+                # token-control field by its name.
+                match = _ENGINE_FIELD.match(str(exc))
+                name = (match.group(1) or match.group(2)) if match else None
+                param = {"beam_width": "n"}.get(name, name) if name else field
                 raise APIError(str(exc), param=param) from exc
             raise
         return streams
