@@ -91,7 +91,8 @@ class OutputProcessor:
         return outputs
 
     def stats(self) -> dict[str, int]:
-        return {"num_generated_tokens": self.num_generated_tokens}
+        guided = len(self._grammars) if self._grammars is not None else 0
+        return {"num_generated_tokens": self.num_generated_tokens, "num_guided_seqs": guided}
 
     # -- one step's samples -------------------------------------------------------------
 

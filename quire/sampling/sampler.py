@@ -12,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-
-from quire.sampling import token_bitmask
+import xgrammar as xgr
 
 
 @dataclass
@@ -36,8 +35,8 @@ class SamplingBatch:
     bias_rows: torch.Tensor | None = None  # [N] rows, token ids and values added to the logits (logit_bias)
     bias_tokens: torch.Tensor | None = None
     bias_values: torch.Tensor | None = None
-    masked_rows: torch.Tensor | None = None  # [R] rows limited to the tokens of their packed mask
-    token_bitmask: torch.Tensor | None = None  # [R, words] int32 (quire.sampling.token_bitmask)
+    masked_rows: list[int] | None = None  # rows limited to the tokens their row of token_bitmask allows
+    token_bitmask: torch.Tensor | None = None  # [B, words] int32 (quire.sampling.token_bitmask)
 
     @property
     def all_greedy(self) -> bool:
@@ -66,7 +65,10 @@ class Sampler:
         if batch.banned_rows is not None:
             logits = logits.index_put((batch.banned_rows, batch.banned_tokens), torch.tensor(float("-inf")))
         if batch.masked_rows is not None:
-            logits = _apply_token_bitmask(logits, batch.masked_rows, batch.token_bitmask)
+            if logits is raw_logits:
+                logits = logits.clone()
+            # xgrammar's CPU kernel: -inf outside the allowed tokens of the listed rows only.
+            xgr.apply_token_bitmask_inplace(logits, batch.token_bitmask, indices=batch.masked_rows)
 
         log_normalizer = None  # logsumexp of the raw logits, when the fused op computed it
         if logits is raw_logits and self._fused(raw_logits):
@@ -128,13 +130,6 @@ class Sampler:
             if gen is not None:
                 noise[row].exponential_(generator=gen)
         return (probs / noise).argmax(dim=-1)
-
-
-def _apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """-inf outside each masked row's allowed tokens; other rows untouched (and not copied per row)."""
-    allowed = token_bitmask.unpack(bitmask, logits.shape[1])
-    masked = logits.index_select(0, rows).masked_fill(~allowed, float("-inf"))
-    return logits.index_copy(0, rows, masked)
 
 
 def _top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Packed token masks: bit ``j`` of int32 word ``i`` allows token ``32 * i + j``.
 
 The layout grammar engines fill (xgrammar's and llguidance's), so a grammar's mask and a request's
-``allowed_token_ids`` combine with one AND, and the sampler unpacks one tensor for every masked row.
+``allowed_token_ids`` combine with one AND, and the sampler applies one tensor to every masked row.
 """
 
 from __future__ import annotations
@@ -26,9 +26,3 @@ def pack(token_ids: list[int], vocab_size: int) -> torch.Tensor:
     allowed[torch.tensor(token_ids, dtype=torch.long)] = True
     words = (allowed.view(-1, 32).to(torch.int64) << _BITS.to(torch.int64)).sum(dim=1)
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
-
-
-def unpack(bitmask: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """[rows, words] int32 → [rows, vocab_size] bool (True: allowed)."""
-    bits = (bitmask.unsqueeze(-1) >> _BITS) & 1
-    return bits.view(bitmask.shape[0], -1)[:, :vocab_size].bool()

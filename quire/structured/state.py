@@ -44,7 +44,7 @@ class GrammarStates:
     def drop(self, seq: Sequence) -> None:
         self._matchers.pop(seq, None)
 
-    def fill(self, seqs: list[Sequence], bitmask: torch.Tensor) -> None:
-        """Row ``i`` of ``bitmask`` ([len(seqs), words] int32) becomes the tokens ``seqs[i]``'s grammar allows next."""
-        for row, seq in enumerate(seqs):
+    def fill(self, seqs: list[Sequence], rows: list[int], bitmask: torch.Tensor) -> None:
+        """Row ``rows[i]`` of ``bitmask`` ([batch, words] int32): the tokens ``seqs[i]``'s grammar allows next."""
+        for seq, row in zip(seqs, rows, strict=True):
             self._matchers[seq].fill_next_token_bitmask(bitmask, row)

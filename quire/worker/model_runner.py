@@ -196,18 +196,15 @@ class ModelRunner:
         rows = [row for row, e in enumerate(entries) if guided[row] or e.request.params.allowed_token_ids]
         if not rows:
             return
-        bitmask = token_bitmask.all_allowed(len(rows), self.vocab_size)
-        guided_rows = [i for i, row in enumerate(rows) if guided[row]]
-        if guided_rows:
-            assert grammars is not None
-            filled = token_bitmask.all_allowed(len(guided_rows), self.vocab_size)
-            grammars.fill([entries[rows[i]].seq for i in guided_rows], filled)
-            bitmask[guided_rows] = filled
-        for i, row in enumerate(rows):
+        bitmask = token_bitmask.all_allowed(len(entries), self.vocab_size)
+        if grammars is not None and any(guided):
+            guided_rows = [row for row in rows if guided[row]]
+            grammars.fill([entries[row].seq for row in guided_rows], guided_rows, bitmask)
+        for row in rows:
             allowed = entries[row].request.params.allowed_token_ids
             if allowed:
-                bitmask[i] &= token_bitmask.pack(allowed, self.vocab_size)
-        batch.masked_rows = torch.tensor(rows, dtype=torch.long)
+                bitmask[row] &= token_bitmask.pack(allowed, self.vocab_size)
+        batch.masked_rows = rows
         batch.token_bitmask = bitmask
 
     def _prompt_logprobs(self, entry: ScheduledSeq, first: int, logits: torch.Tensor, offset: int) -> PromptLogprobs:
