@@ -48,8 +48,28 @@ class StreamOptions(OpenAIBaseModel):
     continuous_usage_stats: bool | None = False  # vLLM: usage on every chunk
 
 
+class JsonSchemaFormat(OpenAIBaseModel):
+    """OpenAI's ``response_format.json_schema``; the schema is always enforced (``strict`` or not)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str
+    description: str | None = None
+    json_schema: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingExtras(OpenAIBaseModel):
-    """Fields vLLM accepts in the body beyond OpenAI's (same names and defaults)."""
+    """Fields vLLM accepts in the body beyond OpenAI's (same names and defaults).
+
+    Structured outputs come as OpenAI's ``response_format``, vLLM's ``structured_outputs`` object
+    (``{"json": ...}``, ``{"regex": ...}``, ...) or its older ``guided_*`` fields; at most one of them.
+    """
 
     top_k: int | None = None
     min_p: float | None = None
@@ -65,6 +85,12 @@ class SamplingExtras(OpenAIBaseModel):
     spaces_between_special_tokens: bool = True
     allowed_token_ids: list[int] | None = None
     bad_words: list[str] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict | None = None
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(SamplingExtras):

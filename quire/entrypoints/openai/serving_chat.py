@@ -19,6 +19,7 @@ from quire.entrypoints.openai.serving_engine import (
     last_output,
     random_id,
     stream_chunks,
+    structured_outputs_field,
     until_disconnected,
     usage,
 )
@@ -75,7 +76,8 @@ class OpenAIServingChat(OpenAIServing):
         )
         request_id = random_id("chatcmpl")
         beam = self.beam_search_params(request, params)
-        streams = await self.add_all(request_id, [prompt], params, request.priority, "messages", beam)
+        renames = {"structured_outputs": structured_outputs_field(request)}
+        streams = await self.add_all(request_id, [prompt], params, request.priority, "messages", beam, renames)
         created = int(time.time())
         if request.stream:
             k = request.top_logprobs or 0

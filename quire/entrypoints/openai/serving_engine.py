@@ -17,7 +17,7 @@ from fastapi import Request
 from quire.engine.async_engine import AsyncLLMEngine
 from quire.entrypoints.openai.protocol import APIError, ChatCompletionRequest, CompletionRequest, StreamOptions
 from quire.outputs import PositionLogprobs, RequestOutput
-from quire.sampling_params import BeamSearchParams, SamplingParams
+from quire.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 
 T = TypeVar("T")
 
@@ -76,9 +76,11 @@ class OpenAIServing:
 
     def check_unsupported(self, request: CompletionRequest | ChatCompletionRequest) -> None:
         if request.use_beam_search:
-            for name in ("stop", "logprobs", "echo", "seed"):
+            for name in ("stop", "logprobs", "echo", "seed", "logit_bias", "allowed_token_ids", "bad_words"):
                 if getattr(request, name, None) not in (None, False):
                     raise APIError(f"{name} is not supported with use_beam_search.", param=name)
+            for name, _ in structured_output_sources(request):
+                raise APIError(f"{name} is not supported with use_beam_search.", param=name)
         elif request.stream and request.best_of is not None and request.best_of > request.n:
             raise APIError(
                 "best_of > n is not supported with stream: the best are known only at the end.", param="best_of"
@@ -139,6 +141,7 @@ class OpenAIServing:
             "logit_bias": request.logit_bias,
             "allowed_token_ids": request.allowed_token_ids,
             "bad_words": request.bad_words,
+            "structured_outputs": structured_outputs(request),
         }
         values.update(overrides)
         try:
@@ -176,10 +179,12 @@ class OpenAIServing:
         priority: int,
         field: str,
         beam: BeamSearchParams | None = None,
+        renames: dict[str, str] | None = None,
     ) -> list[AsyncIterator[RequestOutput]]:
         """Add every prompt (all or none); returns one output stream per prompt.
 
         With ``beam``, each prompt runs a beam search and its stream yields the ``params.n`` best beams.
+        ``renames`` maps engine field names to the request's (for the ``param`` of an error).
         """
         arrival = time.time()
         streams, added = [], []
@@ -199,10 +204,59 @@ class OpenAIServing:
                 # token-control field by its name.
                 match = _ENGINE_FIELD.match(str(exc))
                 name = (match.group(1) or match.group(2)) if match else None
-                param = {"beam_width": "n"}.get(name, name) if name else field
+                param = ({"beam_width": "n"} | (renames or {})).get(name, name) if name else field
                 raise APIError(str(exc), param=param) from exc
             raise
         return streams
+
+
+# vLLM's older per-kind fields → the StructuredOutputsParams field each sets.
+_GUIDED_FIELDS = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
+
+
+def structured_output_sources(request) -> list[tuple[str, dict]]:
+    """Each structured-output field the request sets: (its name, the StructuredOutputsParams fields it means)."""
+    sources: list[tuple[str, dict]] = []
+    response_format = request.response_format
+    if response_format is not None and response_format.type == "json_object":
+        sources.append(("response_format", {"json_object": True}))
+    elif response_format is not None and response_format.type == "json_schema":
+        spec = response_format.json_schema
+        if spec is None or spec.json_schema is None:
+            raise APIError("response_format json_schema needs json_schema.schema.", param="response_format")
+        sources.append(("response_format", {"json": spec.json_schema}))
+    for name, key in _GUIDED_FIELDS.items():
+        if getattr(request, name) is not None:
+            sources.append((name, {key: getattr(request, name)}))
+    if request.structured_outputs is not None:
+        sources.append(("structured_outputs", dict(request.structured_outputs)))
+    return sources
+
+
+def structured_outputs(request) -> StructuredOutputsParams | None:
+    """The request's one structured-output constraint (None without one); a 400 naming the field when wrong."""
+    sources = structured_output_sources(request)
+    if not sources:
+        return None
+    if len(sources) > 1:
+        names = ", ".join(name for name, _ in sources)
+        raise APIError(f"set at most one of the structured-output fields, got {names}.", param=sources[1][0])
+    name, fields = sources[0]
+    try:
+        return StructuredOutputsParams(**fields)
+    except (ValueError, TypeError) as exc:
+        raise APIError(str(exc), param=name) from exc
+
+
+def structured_outputs_field(request) -> str:
+    """The name of the request's structured-output field, for errors the engine reports later."""
+    sources = structured_output_sources(request)
+    return sources[0][0] if sources else "structured_outputs"
 
 
 class LogprobsBuilder(Protocol):
