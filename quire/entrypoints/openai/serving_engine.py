@@ -265,6 +265,16 @@ class LogprobsBuilder(Protocol):
     def build(self, token_ids: list[int], positions: list[PositionLogprobs | None]) -> dict: ...
 
 
+class ChoiceText(Protocol):
+    """A choice's text as chunk fields when it is not sent as it comes (chat tool calls): one per choice."""
+
+    def delta(self, new_text: str, finished: bool) -> dict | None:
+        """The chunk's fields for ``new_text``; None to send nothing for it now."""
+        ...
+
+    def finish_reason(self, reason: str | None) -> str | None: ...
+
+
 @dataclass(frozen=True)
 class StreamFormat:
     """How one endpoint spells its stream chunks; everything else is ``stream_chunks``."""
@@ -272,6 +282,7 @@ class StreamFormat:
     object: str  # every chunk's "object"
     text: Callable[[str], dict]  # a choice's new text as the chunk's fields: {"text": ...} or {"delta": ...}
     opening: dict | None = None  # the fields of a chunk sent once per choice before any text (chat: the role)
+    choice_text: Callable[[], ChoiceText] | None = None  # replaces ``text`` when set: a new one per choice
 
 
 @dataclass
@@ -279,6 +290,7 @@ class _StreamedChoice:
     """What one streamed choice has sent so far."""
 
     logprobs: LogprobsBuilder | None
+    text: ChoiceText | None = None
     sent_text: int = 0
     sent_tokens: int = 0
     started: bool = False
@@ -327,7 +339,10 @@ async def stream_chunks(
                 generated[index] = len(out.token_ids)
                 state = choices.get(index)
                 if state is None:
-                    state = choices[index] = _StreamedChoice(logprobs(prompt) if logprobs is not None else None)
+                    state = choices[index] = _StreamedChoice(
+                        logprobs(prompt) if logprobs is not None else None,
+                        fmt.choice_text() if fmt.choice_text is not None else None,
+                    )
                     if fmt.opening is not None:
                         yield sse(chunk([{"index": index, **fmt.opening}], continuous))
                 if state.done:
@@ -342,6 +357,11 @@ async def stream_chunks(
                     if state.logprobs is not None:
                         token_ids = output.prompt_token_ids + token_ids
                         positions = list(output.prompt_logprobs or []) + positions
+                fields = fmt.text(delta) if state.text is None else state.text.delta(delta, finished)
+                if fields is None:  # held back by the choice's text (a tool call being written)
+                    state.sent_text = len(text)
+                    delta = ""
+                    fields = fmt.text("")
                 if not (delta or finished or (token_ids and state.logprobs is not None)):
                     continue  # nothing to say yet (a stop string may still be completing)
                 choice_logprobs = state.logprobs.build(token_ids, positions) if state.logprobs is not None else None
@@ -351,9 +371,11 @@ async def stream_chunks(
                 state.done = finished
                 choice = {
                     "index": index,
-                    **fmt.text(delta),
+                    **fields,
                     "logprobs": choice_logprobs,
-                    "finish_reason": finish_reason(out.finish_reason),
+                    "finish_reason": finish_reason(
+                        out.finish_reason if state.text is None else state.text.finish_reason(out.finish_reason)
+                    ),
                     "stop_reason": out.stop_reason,
                 }
                 yield sse(chunk([choice], continuous))
