@@ -216,6 +216,7 @@ class BeamSearchParams:
     temperature: float = 0.0
     length_penalty: float = 1.0
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None  # every beam follows the constraint
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, message: str) -> None:
@@ -226,6 +227,10 @@ class BeamSearchParams:
         check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
         check(self.temperature >= 0.0, "temperature", "must be >= 0")
         check(isinstance(self.length_penalty, int | float), "length_penalty", "must be a number")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(
+                f"structured_outputs must be a StructuredOutputsParams, got {type(self.structured_outputs).__name__}."
+            )
 
 
 def _token_id(value: Any) -> int | None:

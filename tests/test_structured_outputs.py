@@ -247,3 +247,18 @@ def test_grammar_state_survives_preemption(mode, unpressured, tokenizer):
     assert got == unpressured
     assert pressured.stats()[f"num_preemptions_{mode}"] > 0, pressured.stats()
     assert_clean(pressured)
+
+
+def test_beam_search_beams_follow_the_grammar(llm_fp32, tokenizer):
+    from quire import BeamSearchParams
+
+    schema = SCHEMAS[1][1]
+    params = BeamSearchParams(beam_width=3, max_tokens=30, structured_outputs=guided(json=schema))
+    outputs = llm_fp32.beam_search([{"prompt": chat_prompt(tokenizer, "Answer in JSON: a colour.")}], params)
+    sequences = outputs[0].sequences
+    assert len(sequences) == 3
+    assert len({tuple(seq.tokens) for seq in sequences}) == 3
+    for seq in sequences:
+        assert seq.finish_reason == "stop", seq
+        jsonschema.validate(json.loads(seq.output_text), schema)
+    assert_clean(llm_fp32)

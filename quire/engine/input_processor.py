@@ -173,7 +173,11 @@ def _as_sampling_params(params: SamplingParams | BeamSearchParams) -> tuple[Samp
     """Beam search runs as greedy sampling that returns each beam's ``2 * beam_width`` best candidates."""
     if isinstance(params, BeamSearchParams):
         sampling = SamplingParams(
-            temperature=0.0, max_tokens=params.max_tokens, ignore_eos=params.ignore_eos, logprobs=2 * params.beam_width
+            temperature=0.0,
+            max_tokens=params.max_tokens,
+            ignore_eos=params.ignore_eos,
+            logprobs=2 * params.beam_width,
+            structured_outputs=params.structured_outputs,
         )
         return sampling, params
     if not isinstance(params, SamplingParams):

@@ -53,8 +53,9 @@ class OutputProcessor:
             for seq in request.seqs:
                 decode = self._detokenizer.start(seq.num_prompt_tokens)
                 self._outputs[seq] = SeqOutput(decode, [] if wants_logprobs else None)
-                if request.grammar is not None and self._grammars is not None:
-                    self._grammars.add(seq, request.grammar)
+        if request.grammar is not None and self._grammars is not None:
+            for seq in request.seqs:
+                self._grammars.add(seq, request.grammar)
 
     def abort(self, request_id: str, scheduler: Scheduler) -> RequestOutput | None:
         """End a live request wherever it is; returns its final output (None if the id is not live)."""
@@ -162,7 +163,7 @@ class OutputProcessor:
         parents = [seq for seq, _ in rows]
         assert parents == request.unfinished_seqs, "all live beams of a request sample in the same step"
         survivors = beam.step(
-            [(seq.output_token_ids, seq.cumulative_logprob, samples.top_ids[r], samples.top_lps[r]) for seq, r in rows]
+            [(seq.output_token_ids, seq.cumulative_logprob, *self._beam_candidates(seq, samples, r)) for seq, r in rows]
         )
         used: set[int] = set()
         new_beams: list[Sequence] = []
@@ -177,11 +178,24 @@ class OutputProcessor:
             seq.index = i
             seq.token_ids.append(candidate.token_id)
             seq.cumulative_logprob = candidate.cum_logprob
+            if self._grammars is not None and seq in self._grammars:
+                accepted = self._grammars.accept(seq, candidate.token_id)
+                assert accepted, "beam candidates come from the grammar's allowed tokens"
         self.num_generated_tokens += len(new_beams)
         for i, parent in enumerate(parents):
             if i not in used:
                 scheduler.free_seq(parent)
+                self._drop_grammar(parent)
         request.seqs = new_beams
+
+    def _beam_candidates(self, seq: Sequence, samples: SampledRows, row: int) -> tuple[list[int], list[float]]:
+        """A beam's candidate tokens and logprobs; a constrained beam's exclude what its grammar forbids (-inf)."""
+        assert samples.top_ids is not None and samples.top_lps is not None
+        ids, lps = samples.top_ids[row], samples.top_lps[row]
+        if self._grammars is None or seq not in self._grammars:
+            return ids, lps
+        kept = [(t, lp) for t, lp in zip(ids, lps, strict=True) if lp != float("-inf")]
+        return [t for t, _ in kept], [lp for _, lp in kept]
 
     # -- sequences ----------------------------------------------------------------------
 

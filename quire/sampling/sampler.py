@@ -37,6 +37,8 @@ class SamplingBatch:
     bias_values: torch.Tensor | None = None
     masked_rows: list[int] | None = None  # rows limited to the tokens their row of token_bitmask allows
     token_bitmask: torch.Tensor | None = None  # [B, words] int32 (quire.sampling.token_bitmask)
+    # Masked rows whose top candidates must be allowed tokens (beam search: candidates become beams).
+    masked_top_rows: list[int] | None = None
 
     @property
     def all_greedy(self) -> bool:
@@ -92,7 +94,14 @@ class Sampler:
         out = SamplerOutput(token_ids=tokens, logprobs=chosen)
         out.ranks = (raw_logprobs > chosen.unsqueeze(1)).sum(dim=1) + 1
         if batch.num_logprobs > 0:
-            out.top_logprobs, out.top_token_ids = raw_logprobs.topk(batch.num_logprobs, dim=-1)
+            candidates = raw_logprobs
+            if batch.masked_top_rows:
+                rows = torch.tensor(batch.masked_top_rows, dtype=torch.long)
+                forbidden = torch.isneginf(logits.index_select(0, rows))
+                candidates = raw_logprobs.index_copy(
+                    0, rows, raw_logprobs.index_select(0, rows).masked_fill(forbidden, float("-inf"))
+                )
+            out.top_logprobs, out.top_token_ids = candidates.topk(batch.num_logprobs, dim=-1)
         return out
 
     def _fused(self, logits: torch.Tensor) -> bool:

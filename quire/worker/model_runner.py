@@ -206,6 +206,8 @@ class ModelRunner:
                 bitmask[row] &= token_bitmask.pack(allowed, self.vocab_size)
         batch.masked_rows = rows
         batch.token_bitmask = bitmask
+        beams = [row for row in rows if entries[row].request.beam is not None]
+        batch.masked_top_rows = beams or None
 
     def _prompt_logprobs(self, entry: ScheduledSeq, first: int, logits: torch.Tensor, offset: int) -> PromptLogprobs:
         last = min(entry.start + entry.num_new_tokens, entry.seq.num_prompt_tokens - 1)
