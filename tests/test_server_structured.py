@@ -389,3 +389,29 @@ def test_bad_tool_requests_are_400_naming_the_field(server, body, param):
     assert response.status_code == 400, response.text
     assert response.json()["error"]["param"] == param, response.json()
     assert_idle(server)
+
+
+def test_auto_streams_content_before_a_call_and_none_parses_nothing(client):
+    call = r'<tool_call>\{"name": "get_time", "arguments": \{"timezone": "UTC"\}\}</tool_call>'
+    kwargs = {
+        "model": MODEL,
+        "messages": ASK_WEATHER,
+        "tools": TOOLS,
+        "max_tokens": 60,
+        "temperature": 0,
+        "extra_body": {"guided_regex": r"Let me check the [a-z]{3,8}\. " + call},
+    }
+    whole = client.chat.completions.create(tool_choice="auto", **kwargs).choices[0]
+    assert whole.finish_reason == "tool_calls"
+    assert re.fullmatch(r"Let me check the [a-z]{3,8}\.", whole.message.content), whole.message.content
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in whole.message.tool_calls] == [
+        ("get_time", {"timezone": "UTC"})
+    ]
+    chunks = list(client.chat.completions.create(tool_choice="auto", stream=True, **kwargs))
+    calls, content, reason = streamed_calls(chunks)
+    assert reason == "tool_calls" and content.strip() == whole.message.content
+    assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == [("get_time", {"timezone": "UTC"})]
+    assert "<" not in content  # no piece of the call's tag leaked into the streamed text
+    plain = client.chat.completions.create(tool_choice="none", **kwargs).choices[0]
+    assert plain.finish_reason == "stop" and not plain.message.tool_calls
+    assert plain.message.content.endswith("</tool_call>")
