@@ -15,6 +15,8 @@ import xgrammar as xgr
 
 from quire.sampling_params import StructuredOutputsParams
 
+_CACHE_LIMIT_BYTES = 64 << 20
+
 
 class StructuredOutputCompiler:
     """Compiles constraints for one tokenizer; a constraint that does not compile is a ``ValueError``."""
@@ -47,8 +49,9 @@ class StructuredOutputCompiler:
             info = xgr.TokenizerInfo.from_huggingface(
                 self._tokenizer, vocab_size=self._vocab_size, stop_token_ids=stops
             )
-            # One thread: the engine's step owns the cores; compiles are milliseconds.
-            self._compiler = xgr.GrammarCompiler(info, max_threads=1)
+            # One thread: the engine's step owns the cores; compiles are milliseconds. The cache of
+            # compiled grammars is bounded, so a server fed ever-new schemas does not grow without end.
+            self._compiler = xgr.GrammarCompiler(info, max_threads=1, cache_limit_bytes=_CACHE_LIMIT_BYTES)
         return self._compiler
 
 
