@@ -20,7 +20,7 @@ SCHEMAS = [
         {
             "type": "object",
             "properties": {
-                "name": {"type": "string", "maxLength": 24},
+                "name": {"type": "string", "pattern": "^[A-Za-z ]{1,16}$"},
                 "age": {"type": "integer", "minimum": 0, "maximum": 120},
             },
             "required": ["name", "age"],
@@ -57,12 +57,12 @@ SCHEMAS = [
         {
             "type": "object",
             "properties": {
-                "title": {"type": "string", "pattern": "^[A-Za-z ,'-]{1,30}$"},
+                "title": {"type": "string", "pattern": "^[A-Za-z ,'-]{1,20}$"},
                 "author": {
                     "type": "object",
                     "properties": {
-                        "first": {"type": "string", "pattern": "^[A-Za-z.'-]{1,15}$"},
-                        "last": {"type": "string", "pattern": "^[A-Za-z.'-]{1,15}$"},
+                        "first": {"type": "string", "pattern": "^[A-Za-z.'-]{1,10}$"},
+                        "last": {"type": "string", "pattern": "^[A-Za-z.'-]{1,10}$"},
                     },
                     "required": ["first", "last"],
                     "additionalProperties": False,
@@ -108,7 +108,7 @@ def test_fifty_seeded_sampled_requests_validate_against_their_schemas(llm_fp32, 
             prompts.append(chat_prompt(tokenizer, f"Answer in JSON: {what}."))
             params.append(
                 SamplingParams(
-                    temperature=1.0, seed=100 * i + s, max_tokens=100, structured_outputs=guided(json=schema)
+                    temperature=1.0, seed=100 * i + s, max_tokens=80, structured_outputs=guided(json=schema)
                 )
             )
             schemas.append(schema)
