@@ -8,6 +8,7 @@ request draws its noise from its own generator and gets the same tokens in any b
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,15 @@ class SamplingBatch:
     def all_greedy(self) -> bool:
         return bool((self.temperature == 0).all())
 
+    def to(self, device: torch.device) -> SamplingBatch:
+        """The same batch with its tensors on ``device`` (the logits'); the generators stay where they are."""
+        moved = {
+            f.name: value.to(device, non_blocking=True)
+            for f in dataclasses.fields(self)
+            if isinstance(value := getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **moved)
+
 
 @dataclass
 class SamplerOutput:
@@ -54,7 +64,7 @@ class Sampler:
         raw_logits = logits
         logits = self._apply_penalties(logits, batch)
         if batch.banned_rows is not None:
-            logits = logits.index_put((batch.banned_rows, batch.banned_tokens), torch.tensor(float("-inf")))
+            logits = logits.index_put((batch.banned_rows, batch.banned_tokens), logits.new_tensor(float("-inf")))
 
         log_normalizer = None  # logsumexp of the raw logits, when the fused op computed it
         if logits is raw_logits and self._fused(raw_logits):
@@ -89,12 +99,12 @@ class Sampler:
         if batch.output_tokens is None:
             return logits
         rows, vocab = logits.shape
-        counts = torch.zeros(rows, vocab + 1, dtype=logits.dtype)
+        counts = torch.zeros(rows, vocab + 1, dtype=logits.dtype, device=logits.device)
         counts.scatter_add_(1, batch.output_tokens, torch.ones_like(batch.output_tokens, dtype=logits.dtype))
         counts = counts[:, :vocab]
         seen = counts > 0
         if batch.prompt_tokens is not None:
-            in_prompt = torch.zeros(rows, vocab + 1, dtype=torch.bool)
+            in_prompt = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=logits.device)
             in_prompt.scatter_(1, batch.prompt_tokens, True)
             seen = seen | in_prompt[:, :vocab]
         rep = batch.repetition_penalty.unsqueeze(1)
@@ -113,8 +123,12 @@ class Sampler:
             probs = torch.where(keep, probs, torch.zeros_like(probs))
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for row, gen in enumerate(batch.generators):
-            if gen is not None:
+            if gen is None:
+                continue
+            if gen.device == noise.device:
                 noise[row].exponential_(generator=gen)
+            else:  # a request's generator lives on the host: its draws are the same on every device
+                noise[row].copy_(torch.empty(noise.shape[1], dtype=noise.dtype).exponential_(generator=gen))
         return (probs / noise).argmax(dim=-1)
 
 

@@ -17,6 +17,7 @@ from quire.distributed.comm import TPGroup
 from quire.models.causal_lm import CausalLM
 from quire.sampling.sampler import Sampler, SamplerOutput, SamplingBatch
 from quire.worker.cache_engine import CacheEngine
+from quire.worker.cuda_graphs import DecodeGraphs
 from quire.worker.step_inputs import StepInputs
 
 
@@ -49,13 +50,13 @@ class ModelRunner:
         model: CausalLM,
         cache: CacheEngine,
         sampler: Sampler | None,
-        device: torch.device,
         group: TPGroup | None = None,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
         self.sampler = sampler  # None on tensor-parallel workers: they never sample
-        self.device = device
+        self.graphs = graphs  # decode steps replayed from CUDA graphs (None: every step eager)
         self.group = group or TPGroup()
         self.block_size = cache.block_size
         self.vocab_size = model.config.vocab_size
@@ -94,7 +95,7 @@ class ModelRunner:
             return RunnerOutput(sampled_seqs=[], samples=None)
         samples = None
         if sampled:
-            samples = self.sampler(logits[: len(sample_rows)], self._sampling_batch(sampled))
+            samples = self.sampler(logits[: len(sample_rows)], self._sampling_batch(sampled).to(logits.device))
         out = RunnerOutput(sampled_seqs=sampled, samples=samples)
         for entry, first, offset in prompt_rows:
             out.prompt_logprobs.append((entry, self._prompt_logprobs(entry, first, logits, offset)))
@@ -109,11 +110,14 @@ class ModelRunner:
         self.cache.apply_block_ops(inputs.block_ops)
         if not len(inputs.input_ids):  # a step that only swapped a group out
             return None
-        input_ids, positions, metadata = inputs.batch(self.block_size, self.device)
-        hidden = self.model(input_ids, positions, self.cache.layers, metadata)
-        if not len(inputs.logit_rows):
+        input_ids, positions, metadata, logit_rows = inputs.batch(self.block_size, self.cache.platform)
+        if self.graphs is not None and self.graphs.fits(input_ids.shape[0], metadata):
+            hidden = self.graphs.forward(input_ids, positions, metadata)
+        else:
+            hidden = self.model(input_ids, positions, self.cache.layers, metadata)
+        if not len(logit_rows):
             return None
-        return self.model.compute_logits(hidden.index_select(0, inputs.logit_rows.long().to(self.device)))
+        return self.model.compute_logits(hidden.index_select(0, logit_rows))
 
     @staticmethod
     def _step_inputs(sched: SchedulerOutput, logit_rows: list[int]) -> StepInputs:
@@ -176,7 +180,7 @@ class ModelRunner:
         last = min(entry.start + entry.num_new_tokens, entry.seq.num_prompt_tokens - 1)
         n = last - first
         logprobs = torch.log_softmax(logits[offset : offset + n], dim=-1)
-        targets = torch.tensor(entry.seq.token_ids[first + 1 : last + 1], dtype=torch.long)
+        targets = torch.tensor(entry.seq.token_ids[first + 1 : last + 1], dtype=torch.long, device=logits.device)
         chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
         k = entry.request.params.prompt_logprobs
         top = logprobs.topk(k, dim=-1) if k else None
