@@ -59,6 +59,7 @@ TASKS: tuple[tuple[str, str, str], ...] = (
     ("open-ended", "open-ended", "Write a short story about a lighthouse keeper who finds a message in a bottle."),
 )
 WARMUP_TOKENS = 8
+KV_GB = 0.25  # per engine: thousands of tokens of the default model, plenty for one stream
 
 
 @dataclass
@@ -115,8 +116,10 @@ def run(
     from quire import LLM, SamplingParams
     from quire.models.loader import chat_prompt_token_ids
 
-    plain = LLM(model, dtype=dtype, num_threads=threads, seed=0)
-    spec = LLM(model, dtype=dtype, num_threads=threads, seed=0, speculative_config=asdict(speculative))
+    # One request at a time needs a small pool; two engines with default pools would take GBs.
+    small = {"dtype": dtype, "num_threads": threads, "seed": 0, "kv_cache_memory_gb": KV_GB, "swap_space": 0}
+    plain = LLM(model, **small)
+    spec = LLM(model, **small, speculative_config=asdict(speculative))
     tokenizer = plain.get_tokenizer()
     engines = {"plain": plain, "spec": spec}
 
