@@ -135,7 +135,10 @@ def run(
     results: list[TaskResult] = []
     say(HEADER)
     for name, kind, message in TASKS:
-        prompt = chat_prompt_token_ids(tokenizer, [{"role": "user", "content": message}], True, None)
+        if tokenizer.chat_template is not None:
+            prompt = chat_prompt_token_ids(tokenizer, [{"role": "user", "content": message}], True, None)
+        else:  # a base model: the message as plain text
+            prompt = tokenizer.encode(message)
         for which in engines:  # warm-up, and no prefix-cache advantage for either engine later
             generate(which, prompt, WARMUP_TOKENS)
         reference, _, _ = generate("plain", prompt, output_len)
