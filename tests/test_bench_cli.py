@@ -233,7 +233,7 @@ def test_throughput_speculative(tiny_model, tmp_path):
     assert report["tasks"], "no task produced two tokens"
     for task in report["tasks"]:
         assert task["identical"]
-        assert len(task["plain_full_s"]) == len(task["spec_full_s"]) == 2
+        assert len(task["plain_decode_s"]) == len(task["spec_decode_s"]) == 2
         assert {"plain_ms_per_token", "spec_ms_per_token", "speedup", "acceptance_rate"} <= task.keys()
         assert task["accepted_tokens"] <= task["draft_tokens"]
 

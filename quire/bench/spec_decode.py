@@ -6,10 +6,11 @@
 One request at a time is where speculation pays: a CPU decode step reads every weight once
 whatever the number of tokens it verifies. Two engines are loaded side by side, plain and
 speculative, and every task is timed on both, alternating which goes first, so a slow phase of
-a shared machine hits both. ms/token is ``(time(N tokens) - time(1 token)) / (N - 1)`` with
-medians over the repeats (prefill and per-call costs cancel); N is what greedy decoding
-produced up to ``--single-output-len`` (EOS ends it), the same for both engines since greedy
-output is unchanged by speculation, which is checked on every run.
+a shared machine hits both. ms/token is a run's decode time, from its first token to its last
+(the request's own ``first_token_time`` and ``finished_time``, so prefill is left out without
+subtracting a second run), over its N - 1 decoded tokens, median over the repeats; N is what
+greedy decoding produced up to ``--single-output-len`` (EOS ends it), the same for both engines
+since greedy output is unchanged by speculation, which is checked on every run.
 
 Tasks: repetitive ones (edit or summarise a given text, continue code in the style of the code
 given), where prompt lookup finds most tokens, and an open-ended one, where it finds few.
@@ -18,7 +19,6 @@ given), where prompt lookup finds most tokens, and an open-ended one, where it f
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -68,19 +68,15 @@ class TaskResult:
     kind: str
     prompt_tokens: int
     output_tokens: int
-    plain_one_s: list[float] = field(default_factory=list)
-    plain_full_s: list[float] = field(default_factory=list)
-    spec_one_s: list[float] = field(default_factory=list)
-    spec_full_s: list[float] = field(default_factory=list)
+    plain_decode_s: list[float] = field(default_factory=list)  # first token to last, every repeat
+    spec_decode_s: list[float] = field(default_factory=list)
     draft_tokens: int = 0
     accepted_tokens: int = 0
     drafts: int = 0
     identical: bool = True
 
     def ms_per_token(self, which: str) -> float:
-        full = statistics.median(getattr(self, f"{which}_full_s"))
-        one = statistics.median(getattr(self, f"{which}_one_s"))
-        return (full - one) / (self.output_tokens - 1) * 1e3
+        return statistics.median(getattr(self, f"{which}_decode_s")) / (self.output_tokens - 1) * 1e3
 
     @property
     def acceptance_rate(self) -> float | None:
@@ -126,11 +122,10 @@ def run(
     def generate(which: str, prompt: list[int], n: int) -> tuple[list[int], float, dict[str, int]]:
         llm = engines[which]
         before = llm.stats()
-        start = time.perf_counter()
         out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=n), use_tqdm=False)
-        elapsed = time.perf_counter() - start
         after = llm.stats()
-        return list(out[0].outputs[0].token_ids), elapsed, {k: after[k] - before.get(k, 0) for k in after}
+        decode_s = out[0].metrics["finished_time"] - out[0].metrics["first_token_time"]
+        return list(out[0].outputs[0].token_ids), decode_s, {k: after[k] - before.get(k, 0) for k in after}
 
     results: list[TaskResult] = []
     say(HEADER)
@@ -149,15 +144,13 @@ def run(
         for r in range(repeats):
             order = ("plain", "spec") if r % 2 == 0 else ("spec", "plain")
             for which in order:
-                for n in (1, task.output_tokens):
-                    tokens, seconds, delta = generate(which, prompt, n)
-                    getattr(task, f"{which}_{'one' if n == 1 else 'full'}_s").append(seconds)
-                    if n > 1:
-                        task.identical &= tokens == reference
-                        if which == "spec":
-                            task.draft_tokens += delta.get("num_draft_tokens", 0)
-                            task.accepted_tokens += delta.get("num_accepted_tokens", 0)
-                            task.drafts += delta.get("num_spec_drafts", 0)
+                tokens, seconds, delta = generate(which, prompt, task.output_tokens)
+                getattr(task, f"{which}_decode_s").append(seconds)
+                task.identical &= tokens == reference
+                if which == "spec":
+                    task.draft_tokens += delta.get("num_draft_tokens", 0)
+                    task.accepted_tokens += delta.get("num_accepted_tokens", 0)
+                    task.drafts += delta.get("num_spec_drafts", 0)
         results.append(task)
         say(_row(task))
     return {"speculative": asdict(speculative), "dtype": dtype, "threads": threads, "repeats": repeats,
