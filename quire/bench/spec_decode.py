@@ -6,9 +6,10 @@
 One request at a time is where speculation pays: a CPU decode step reads every weight once
 whatever the number of tokens it verifies. Two engines are loaded side by side, plain and
 speculative, and every task is timed on both, alternating which goes first, so a slow phase of
-a shared machine hits both. ms/token is a run's decode time, from its first token to its last
-(the request's own ``first_token_time`` and ``finished_time``, so prefill is left out without
-subtracting a second run), over its N - 1 decoded tokens, median over the repeats; N is what
+a shared machine hits both. ms/token is a run's decode time, from the end of the step that
+sampled its first token to the end of its last step (``time.perf_counter`` in a step observer, so
+prefill is left out without subtracting a second run), over its N - 1 decoded tokens, median over
+the repeats; N is what
 greedy decoding produced up to ``--single-output-len`` (EOS ends it), the same for both engines
 since greedy output is unchanged by speculation, which is checked on every run.
 
@@ -19,6 +20,7 @@ given), where prompt lookup finds most tokens, and an open-ended one, where it f
 from __future__ import annotations
 
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -121,10 +123,18 @@ def run(
 
     def generate(which: str, prompt: list[int], n: int) -> tuple[list[int], float, dict[str, int]]:
         llm = engines[which]
+        step_ends: list[float] = []
+        observer = lambda record: step_ends.append(time.perf_counter())  # noqa: E731
         before = llm.stats()
-        out = llm.generate([{"prompt_token_ids": prompt}], SamplingParams(temperature=0, max_tokens=n), use_tqdm=False)
+        llm.engine.add_step_observer(observer)
+        try:
+            params = SamplingParams(temperature=0, max_tokens=n)
+            out = llm.generate([{"prompt_token_ids": prompt}], params, use_tqdm=False)
+        finally:
+            llm.engine.remove_step_observer(observer)
         after = llm.stats()
-        decode_s = out[0].metrics["finished_time"] - out[0].metrics["first_token_time"]
+        # One stream, a prompt within the token budget: the first step prefills and samples token 1.
+        decode_s = step_ends[-1] - step_ends[0]
         return list(out[0].outputs[0].token_ids), decode_s, {k: after[k] - before.get(k, 0) for k in after}
 
     results: list[TaskResult] = []
