@@ -7,7 +7,9 @@ the machine (``kv_cache_memory_gb``).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 # The dtypes a CPU runs; a CUDA device also runs float16 (``resolve_dtype`` refuses it on a CPU
 # with the reason rather than a bare "invalid choice").
@@ -70,11 +72,81 @@ class SchedulerConfig:
     priority_aging_steps: int = 1000
 
 
+# Speculative decoding: the proposer methods and their defaults (vLLM's names).
+SPEC_METHODS = ("ngram", "draft_model")
+DEFAULT_NUM_SPECULATIVE_TOKENS = 4
+DEFAULT_PROMPT_LOOKUP_MAX = 4
+DEFAULT_PROMPT_LOOKUP_MIN = 1
+_SPEC_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Which proposer drafts tokens for the target to verify, and how many per step.
+
+    ``ngram`` looks the sequence's last ``prompt_lookup_max`` .. ``prompt_lookup_min`` tokens up
+    earlier in the sequence and proposes what followed (prompt lookup); ``draft_model`` runs the
+    small model at ``model`` over its own KV cache, paged through the target's block tables.
+    """
+
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_max: int = DEFAULT_PROMPT_LOOKUP_MAX
+    prompt_lookup_min: int = DEFAULT_PROMPT_LOOKUP_MIN
+    model: str | None = None
+
+    @classmethod
+    def parse(cls, value: Any) -> SpeculativeConfig:
+        """From ``LLM(speculative_config=...)``'s dict or ``--speculative-config``'s JSON text.
+
+        The method defaults to ``draft_model`` when a ``model`` is given (vLLM's convention).
+        Raises ``ValueError`` naming the bad key.
+        """
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"speculative_config is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a dict (or JSON object), got {type(value).__name__}.")
+        unknown = sorted(set(value) - set(_SPEC_KEYS))
+        if unknown:
+            raise ValueError(f"speculative_config has unknown keys {unknown}; known: {list(_SPEC_KEYS)}.")
+        model = value.get("model")
+        method = value.get("method", "draft_model" if model is not None else None)
+        if method not in SPEC_METHODS:
+            raise ValueError(f"speculative_config.method must be one of {SPEC_METHODS}, got {method!r}.")
+        if method == "draft_model" and not (isinstance(model, str) and model):
+            raise ValueError("speculative_config.model (a path) is required for method 'draft_model'.")
+        if method == "ngram" and model is not None:
+            raise ValueError("speculative_config.model is only for method 'draft_model', not 'ngram'.")
+        config = cls(
+            method=method,
+            num_speculative_tokens=value.get("num_speculative_tokens", DEFAULT_NUM_SPECULATIVE_TOKENS),
+            prompt_lookup_max=value.get("prompt_lookup_max", DEFAULT_PROMPT_LOOKUP_MAX),
+            prompt_lookup_min=value.get("prompt_lookup_min", DEFAULT_PROMPT_LOOKUP_MIN),
+            model=model,
+        )
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            number = getattr(config, name)
+            if not (isinstance(number, int) and not isinstance(number, bool) and number >= 1):
+                raise ValueError(f"speculative_config.{name} must be a positive integer, got {number!r}.")
+        if config.prompt_lookup_min > config.prompt_lookup_max:
+            raise ValueError(
+                f"speculative_config.prompt_lookup_min ({config.prompt_lookup_min}) is larger than "
+                f"prompt_lookup_max ({config.prompt_lookup_max})."
+            )
+        return config
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
     scheduler: SchedulerConfig
+    speculative: SpeculativeConfig | None = None
 
 
 def _arg(default, help: str, **cli) -> object:  # noqa: A002 - argparse's name
@@ -154,6 +226,12 @@ class EngineArgs:
         "only under TRITON_INTERPRET=1 (Triton's interpreter, for testing the GPU path)",
         choices=ATTENTION_BACKENDS,
     )
+    speculative_config: dict | None = _arg(
+        None,
+        'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4} '
+        '(prompt lookup) or {"model": PATH, "num_speculative_tokens": 4} (a draft model); greedy output is unchanged',
+        type=SpeculativeConfig.parse,
+    )
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -199,6 +277,13 @@ class EngineArgs:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}.")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}.")
+        if self.speculative_config is not None:
+            SpeculativeConfig.parse(self.speculative_config)
+            if self.kv_allocator != "paged":
+                raise ValueError("speculative_config needs kv_allocator 'paged' (rejected drafts give blocks back).")
+            spec = SpeculativeConfig.parse(self.speculative_config)
+            if spec.method == "draft_model" and self.tensor_parallel_size > 1:
+                raise ValueError("speculative_config with a draft model runs with tensor_parallel_size 1 only.")
 
     def create_config(self, model_path: str, model_max_len: int, dtype: str) -> EngineConfig:
         """Resolve defaults that depend on the loaded model; ``dtype`` is already resolved."""
@@ -227,6 +312,9 @@ class EngineArgs:
                 policy=self.scheduling_policy,
                 preemption_mode=self.preemption_mode,
                 priority_aging_steps=self.priority_aging_steps,
+            ),
+            speculative=(
+                SpeculativeConfig.parse(self.speculative_config) if self.speculative_config is not None else None
             ),
         )
 

@@ -51,6 +51,7 @@ from quire.models.registry import build_model
 from quire.outputs import RequestOutput
 from quire.sampling.sampler import Sampler
 from quire.sampling_params import BeamSearchParams, SamplingParams
+from quire.spec_decode.builder import build_proposer
 from quire.worker.cache_engine import CacheEngine, kv_bytes_per_block
 from quire.worker.cuda_graphs import build_decode_graphs, uses_decode_graphs
 from quire.worker.model_runner import ModelRunner, RunnerOutput
@@ -180,7 +181,18 @@ class LLMEngine:
             host_blocks,
         )
         scheduler_config = dataclasses.replace(self.config.scheduler, max_model_len=self.max_model_len)
-        self.scheduler = Scheduler(scheduler_config, self.kv_cache)
+        self.proposer = build_proposer(
+            self.config.speculative,
+            self.attention,
+            self.dtype,
+            self.device,
+            self.max_model_len,
+            self.arch.vocab_size,
+            num_blocks,
+            cache.block_size,
+            host_blocks,
+        )
+        self.scheduler = Scheduler(scheduler_config, self.kv_cache, self.proposer)
         sampler = Sampler(torch.Generator(self.device).manual_seed(self.config.model.seed), self.model.ops.kernels)
         graphs = build_decode_graphs(self.args, self.platform, self.model, self.cache, num_blocks, self.max_model_len)
         self.runner = ModelRunner(self.model, self.cache, sampler, self.group, graphs)
@@ -252,6 +264,8 @@ class LLMEngine:
         """Run one iteration; return the outputs of requests that produced tokens or finished."""
         start = time.perf_counter()
         sched = self.scheduler.schedule()
+        if self.proposer is not None:
+            self.proposer.propose(sched)  # speculative decoding: drafts for the slots just reserved
         scheduled = time.perf_counter()
         if sched.is_empty:
             self._notify(StepRecord(sched, None, scheduled - start, 0.0, 0.0))

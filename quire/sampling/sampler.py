@@ -45,6 +45,24 @@ class SamplingBatch:
         }
         return dataclasses.replace(self, **moved)
 
+    def select(self, rows: list[int]) -> SamplingBatch:
+        """A batch of the given rows of this one (repeats allowed), e.g. one row per verified draft position.
+
+        Only for batches without penalties or banned tokens: those depend on the tokens before
+        each position, which repeating a row would not update.
+        """
+        if self.output_tokens is not None or self.banned_rows is not None:
+            raise NotImplementedError("selecting rows of a batch with penalties or banned tokens")
+        index = torch.tensor(rows, dtype=torch.long)
+        return SamplingBatch(
+            temperature=self.temperature[index],
+            top_p=self.top_p[index],
+            top_k=self.top_k[index],
+            min_p=self.min_p[index],
+            generators=[self.generators[r] for r in rows],
+            num_logprobs=self.num_logprobs,
+        )
+
 
 @dataclass
 class SamplerOutput:
@@ -77,7 +95,19 @@ class Sampler:
             sampled = self._sample(logits, batch)
             tokens = torch.where(batch.temperature == 0, greedy_tokens, sampled)
 
-        if batch.num_logprobs < 0:
+        return self.score(raw_logits, tokens, batch.num_logprobs, log_normalizer)
+
+    @staticmethod
+    def score(
+        raw_logits: torch.Tensor, tokens: torch.Tensor, num_logprobs: int, log_normalizer: torch.Tensor | None = None
+    ) -> SamplerOutput:
+        """``tokens`` (one per row, already chosen) with their logprobs under the raw model distribution.
+
+        ``num_logprobs`` is ``SamplingBatch.num_logprobs``: -1 computes only the chosen tokens'
+        logprobs, 0 adds their ranks, k > 0 also the top k. ``log_normalizer``: the rows'
+        logsumexp, when already known.
+        """
+        if num_logprobs < 0:
             # Only the sampled tokens' logprobs: skip materialising the [B, vocab] log-softmax.
             if log_normalizer is None:
                 log_normalizer = raw_logits.logsumexp(dim=-1)
@@ -87,8 +117,8 @@ class Sampler:
         chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
         out = SamplerOutput(token_ids=tokens, logprobs=chosen)
         out.ranks = (raw_logprobs > chosen.unsqueeze(1)).sum(dim=1) + 1
-        if batch.num_logprobs > 0:
-            out.top_logprobs, out.top_token_ids = raw_logprobs.topk(batch.num_logprobs, dim=-1)
+        if num_logprobs > 0:
+            out.top_logprobs, out.top_token_ids = raw_logprobs.topk(num_logprobs, dim=-1)
         return out
 
     def _fused(self, logits: torch.Tensor) -> bool:
@@ -113,7 +143,13 @@ class Sampler:
         logits = logits - batch.frequency_penalty.unsqueeze(1) * counts
         return logits - batch.presence_penalty.unsqueeze(1) * (counts > 0).to(logits.dtype)
 
-    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    @staticmethod
+    def probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """The distribution each row samples from: temperature, then top-k / top-p, then min-p.
+
+        Rows may not sum to 1 after min-p; both the exponential race and the rejection
+        sampler only need them proportional.
+        """
         temperature = torch.where(batch.temperature == 0, torch.ones_like(batch.temperature), batch.temperature)
         logits = logits / temperature.unsqueeze(1)
         logits = _top_k_top_p(logits, batch.top_k, batch.top_p)
@@ -121,6 +157,10 @@ class Sampler:
         if bool((batch.min_p > 0).any()):
             keep = probs >= batch.min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
             probs = torch.where(keep, probs, torch.zeros_like(probs))
+        return probs
+
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        probs = self.probs(logits, batch)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for row, gen in enumerate(batch.generators):
             if gen is None:

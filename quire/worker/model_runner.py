@@ -15,6 +15,7 @@ import torch
 from quire.core.scheduler import ScheduledSeq, SchedulerOutput
 from quire.distributed.comm import TPGroup
 from quire.models.causal_lm import CausalLM
+from quire.sampling.rejection_sampler import DraftVerifier, VerifiedDrafts
 from quire.sampling.sampler import Sampler, SamplerOutput, SamplingBatch
 from quire.worker.cache_engine import CacheEngine
 from quire.worker.cuda_graphs import DecodeGraphs
@@ -35,11 +36,14 @@ class PromptLogprobs:
 
 @dataclass
 class RunnerOutput:
-    """What one step produced: a sample for every entry of ``sampled_seqs``, in that order."""
+    """What one step produced: a sample for every entry of ``sampled_seqs``, in that order, and the
+    verification of the chunks in ``drafted`` (speculative decoding), in that order."""
 
     sampled_seqs: list[ScheduledSeq]
     samples: SamplerOutput | None
     prompt_logprobs: list[tuple[ScheduledSeq, PromptLogprobs]] = field(default_factory=list)
+    drafted: list[ScheduledSeq] = field(default_factory=list)
+    verified: VerifiedDrafts | None = None
 
 
 class ModelRunner:
@@ -57,6 +61,7 @@ class ModelRunner:
         self.cache = cache
         self.sampler = sampler  # None on tensor-parallel workers: they never sample
         self.graphs = graphs  # decode steps replayed from CUDA graphs (None: every step eager)
+        self.verifier = DraftVerifier(sampler) if sampler is not None else None
         self.group = group or TPGroup()
         self.block_size = cache.block_size
         self.vocab_size = model.config.vocab_size
@@ -72,8 +77,18 @@ class ModelRunner:
             end += e.num_new_tokens
             ends.append(end)
         # A parallel-sampling group forking at the end of its prompt samples its last row once per child.
-        sampled = [e for e in entries if e.samples for _ in range(e.num_samples)]
-        sample_rows = [ends[i] - 1 for i, e in enumerate(entries) if e.samples for _ in range(e.num_samples)]
+        # Chunks with drafts are verified apart: all k + 1 of their last rows (speculative decoding).
+        sampled: list[ScheduledSeq] = []
+        sample_rows: list[int] = []
+        drafted: list[ScheduledSeq] = []
+        draft_rows: list[int] = []
+        for e, end in zip(entries, ends, strict=True):
+            if e.num_draft_slots:
+                drafted.append(e)
+                draft_rows.extend(range(end - 1 - e.num_draft_slots, end))
+            elif e.samples:
+                sampled += [e] * e.num_samples
+                sample_rows += [end - 1] * e.num_samples
         prompt_rows: list[tuple[ScheduledSeq, int, int]] = []  # (entry, first position, row offset)
         extra_rows: list[int] = []
         for i, e in enumerate(entries):
@@ -87,7 +102,7 @@ class ModelRunner:
                 prompt_rows.append((e, first, len(sample_rows) + len(extra_rows)))
                 extra_rows.extend(range(row0, row0 + last - first))
 
-        inputs = self._step_inputs(sched, sample_rows + extra_rows)
+        inputs = self._step_inputs(sched, sample_rows + extra_rows + draft_rows)
         if self.group.size > 1:
             inputs.send(self.group)
         logits = self.run(inputs)
@@ -96,7 +111,11 @@ class ModelRunner:
         samples = None
         if sampled:
             samples = self.sampler(logits[: len(sample_rows)], self._sampling_batch(sampled).to(logits.device))
-        out = RunnerOutput(sampled_seqs=sampled, samples=samples)
+        out = RunnerOutput(sampled_seqs=sampled, samples=samples, drafted=drafted)
+        if drafted:
+            draft_logits = logits[len(sample_rows) + len(extra_rows) :]
+            drafts = [e.draft_token_ids for e in drafted]
+            out.verified = self.verifier(draft_logits, self._sampling_batch(drafted).to(logits.device), drafts)
         for entry, first, offset in prompt_rows:
             out.prompt_logprobs.append((entry, self._prompt_logprobs(entry, first, logits, offset)))
         return out
@@ -124,7 +143,7 @@ class ModelRunner:
         entries = sched.scheduled
         ids: list[int] = []
         for e in entries:
-            ids += e.seq.token_ids[e.start : e.start + e.num_new_tokens]
+            ids += e.input_token_ids
         query_lens = torch.tensor([e.num_new_tokens for e in entries], dtype=torch.int32)
         query_start_loc = torch.zeros(len(entries) + 1, dtype=torch.int32)
         torch.cumsum(query_lens, 0, out=query_start_loc[1:])
