@@ -73,7 +73,7 @@ class OutputProcessor:
         """
         for entry, scored in result.prompt_logprobs:
             self._logprobs.append_prompt(entry.request, scored)
-        touched = self._apply_samples(result, scheduler) if result.samples is not None else []
+        touched = self._apply_samples(result, scheduler)
         outputs = []
         for request in touched:
             if request.is_finished:
@@ -98,11 +98,14 @@ class OutputProcessor:
     # -- one step's samples -------------------------------------------------------------
 
     def _apply_samples(self, result: RunnerOutput, scheduler: Scheduler) -> list[Request]:
-        """Append every sampled token; returns the requests that sampled, in order."""
-        assert result.samples is not None
+        """Append every sampled (and verified draft) token; returns the requests that sampled, in order."""
         now = time.time()
-        rows = SampledRows.of(result.samples)
         touched: dict[str, Request] = {}
+        if result.verified is not None:
+            self._apply_verified(result, scheduler, touched, now)
+        if result.samples is None:
+            return list(touched.values())
+        rows = SampledRows.of(result.samples)
         beam_rows: dict[str, list[tuple[Sequence, int]]] = {}
         for entry, row, count in _row_groups(result.sampled_seqs):
             request = entry.request
@@ -125,15 +128,41 @@ class OutputProcessor:
         children = [seq] + [self._fork(seq, index, scheduler) for index in range(1, count)]
         request.seqs += children[1:]
         for child_row, child in enumerate(children, start=row):
-            if not self._advance_grammar(request, child, rows.token_ids[child_row]):
-                continue
-            child.token_ids.append(rows.token_ids[child_row])
-            child.cumulative_logprob += rows.logprobs[child_row]
-            out = self._outputs[child]
-            if out.logprobs is not None:
-                out.logprobs.append(self._logprobs.sampled(rows, child_row, request.params.logprobs))
-            self.num_generated_tokens += 1
-            self._stops.check(request, child, out)
+            self._append_token(request, child, rows, child_row)
+
+    def _append_token(self, request: Request, seq: Sequence, rows: SampledRows, row: int) -> None:
+        """Give ``seq`` the token of ``row`` with its logprobs, and check whether it ends the sequence."""
+        if not self._advance_grammar(request, seq, rows.token_ids[row]):
+            return
+        seq.token_ids.append(rows.token_ids[row])
+        seq.cumulative_logprob += rows.logprobs[row]
+        out = self._outputs[seq]
+        if out.logprobs is not None:
+            out.logprobs.append(self._logprobs.sampled(rows, row, request.params.logprobs))
+        self.num_generated_tokens += 1
+        self._stops.check(request, seq, out)
+
+    def _apply_verified(
+        self, result: RunnerOutput, scheduler: Scheduler, touched: dict[str, Request], now: float
+    ) -> None:
+        """Append each drafting sequence's accepted drafts and the target's next token, one by one.
+
+        Each token goes through the stop checks like a decoded one; a stop ends the sequence there
+        and the tokens after it are dropped. The scheduler then counts the accepted drafts as
+        computed and gives back the slots of the rest.
+        """
+        verified = result.verified
+        assert verified is not None
+        rows = SampledRows.of(verified.samples)
+        for entry, first, accepted in zip(result.drafted, verified.first_rows, verified.num_accepted, strict=True):
+            request, seq = entry.request, entry.seq
+            if request.first_token_time is None:
+                request.first_token_time = now
+            touched[request.request_id] = request
+            for row in range(first, first + accepted + 1):
+                if not seq.is_finished:
+                    self._append_token(request, seq, rows, row)
+            scheduler.accept_drafts(entry, accepted)
 
     def _advance_grammar(self, request: Request, seq: Sequence, token: int) -> bool:
         """Feed ``token`` to ``seq``'s grammar, if it has one. A refused token (possible only when
