@@ -52,6 +52,8 @@ from quire.outputs import RequestOutput
 from quire.sampling.sampler import Sampler
 from quire.sampling_params import BeamSearchParams, SamplingParams
 from quire.spec_decode.builder import build_proposer
+from quire.structured.compiler import StructuredOutputCompiler
+from quire.structured.state import GrammarStates
 from quire.worker.cache_engine import CacheEngine, kv_bytes_per_block
 from quire.worker.cuda_graphs import build_decode_graphs, uses_decode_graphs
 from quire.worker.model_runner import ModelRunner, RunnerOutput
@@ -195,10 +197,13 @@ class LLMEngine:
         self.scheduler = Scheduler(scheduler_config, self.kv_cache, self.proposer)
         sampler = Sampler(torch.Generator(self.device).manual_seed(self.config.model.seed), self.model.ops.kernels)
         graphs = build_decode_graphs(self.args, self.platform, self.model, self.cache, num_blocks, self.max_model_len)
-        self.runner = ModelRunner(self.model, self.cache, sampler, self.group, graphs)
+        # Structured outputs: the output processor keeps each constrained sequence's matcher, the
+        # runner reads them for the step's masks, the input processor compiles the constraints.
+        grammars = GrammarStates(self.arch.vocab_size)
+        self.runner = ModelRunner(self.model, self.cache, sampler, self.group, graphs, grammars)
         self.eos_token_id = self._eos_token_id()
         seq_ids = itertools.count()  # one numbering for prompt sequences and forks
-        self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len, seq_ids)
+        self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len, seq_ids, grammars)
         self.input_processor = InputProcessor(
             self.tokenizer,
             self.arch.vocab_size,
@@ -206,6 +211,7 @@ class LLMEngine:
             self.eos_token_id,
             seq_ids,
             self.output_processor.requests,
+            StructuredOutputCompiler(self.tokenizer, self.arch.vocab_size, self.eos_token_id),
         )
         self.num_steps = 0  # steps that ran the model
         self._observers: list[StepObserver] = []

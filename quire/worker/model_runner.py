@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from quire.core.scheduler import ScheduledSeq, SchedulerOutput
 from quire.distributed.comm import TPGroup
 from quire.models.causal_lm import CausalLM
+from quire.sampling import token_bitmask
 from quire.sampling.rejection_sampler import DraftVerifier, VerifiedDrafts
 from quire.sampling.sampler import Sampler, SamplerOutput, SamplingBatch
 from quire.worker.cache_engine import CacheEngine
 from quire.worker.cuda_graphs import DecodeGraphs
 from quire.worker.step_inputs import StepInputs
+
+if TYPE_CHECKING:
+    from quire.structured.state import GrammarStates
 
 
 @dataclass
@@ -56,8 +61,10 @@ class ModelRunner:
         sampler: Sampler | None,
         group: TPGroup | None = None,
         graphs: DecodeGraphs | None = None,
+        grammars: GrammarStates | None = None,
     ) -> None:
         self.model = model
+        self.grammars = grammars  # constrained sequences' matchers (driver only), read for the masks
         self.cache = cache
         self.sampler = sampler  # None on tensor-parallel workers: they never sample
         self.graphs = graphs  # decode steps replayed from CUDA graphs (None: every step eager)
@@ -190,10 +197,40 @@ class ModelRunner:
                     stops.append(e.request.eos_token_id)
                 banned_rows += [row] * len(stops)
                 banned_tokens += stops
+            if e.request.bad_words_token_ids:
+                bad = _bad_word_tokens(e.request.bad_words_token_ids, e.seq.output_token_ids)
+                banned_rows += [row] * len(bad)
+                banned_tokens += bad
         if banned_rows:
             batch.banned_rows = torch.tensor(banned_rows, dtype=torch.long)
             batch.banned_tokens = torch.tensor(banned_tokens, dtype=torch.long)
+        biased = [(row, p.logit_bias) for row, p in enumerate(params) if p.logit_bias]
+        if biased:
+            batch.bias_rows = torch.tensor([row for row, bias in biased for _ in bias], dtype=torch.long)
+            batch.bias_tokens = torch.tensor([t for _, bias in biased for t in bias], dtype=torch.long)
+            batch.bias_values = torch.tensor([v for _, bias in biased for v in bias.values()])
+        self._token_masks(entries, batch)
         return batch
+
+    def _token_masks(self, entries: list[ScheduledSeq], batch: SamplingBatch) -> None:
+        """The packed allowed-token mask of every row with a grammar or ``allowed_token_ids``; no mask otherwise."""
+        grammars = self.grammars
+        guided = [grammars is not None and e.seq in grammars for e in entries]
+        rows = [row for row, e in enumerate(entries) if guided[row] or e.request.params.allowed_token_ids]
+        if not rows:
+            return
+        bitmask = token_bitmask.all_allowed(len(entries), self.vocab_size)
+        if grammars is not None and any(guided):
+            guided_rows = [row for row in rows if guided[row]]
+            grammars.fill([entries[row].seq for row in guided_rows], guided_rows, bitmask)
+        for row in rows:
+            allowed = entries[row].request.params.allowed_token_ids
+            if allowed:
+                bitmask[row] &= token_bitmask.pack(allowed, self.vocab_size)
+        batch.masked_rows = rows
+        batch.token_bitmask = bitmask
+        beams = [row for row in rows if entries[row].request.beam is not None]
+        batch.masked_top_rows = beams or None
 
     def _prompt_logprobs(self, entry: ScheduledSeq, first: int, logits: torch.Tensor, offset: int) -> PromptLogprobs:
         last = min(entry.start + entry.num_new_tokens, entry.seq.num_prompt_tokens - 1)
@@ -221,6 +258,16 @@ def _row_generators(entries: list[ScheduledSeq]) -> list[torch.Generator | None]
         child = child + 1 if i > 0 and entries[i - 1] is e else 0
         generators.append(e.request.generator_for(e.seq.index + child))
     return generators
+
+
+def _bad_word_tokens(words: list[list[int]], output: list[int]) -> list[int]:
+    """vLLM's rule: a bad word's last token is banned when the output ends with the rest of the word."""
+    banned = []
+    for word in words:
+        prefix = word[:-1]
+        if not prefix or (len(output) >= len(prefix) and output[-len(prefix) :] == prefix):
+            banned.append(word[-1])
+    return banned
 
 
 def _pad(rows: list[list[int]], pad: int) -> torch.Tensor:
