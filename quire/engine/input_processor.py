@@ -18,7 +18,7 @@ from quire.core.kv_cache_manager import KVCacheManager
 from quire.core.request import Request, Sequence
 from quire.core.scheduler import Scheduler
 from quire.sampling.beam_search import BeamSearch
-from quire.sampling_params import BeamSearchParams, SamplingParams
+from quire.sampling_params import BeamSearchParams, SamplingParams, is_valid_unicode
 
 Prompt = str | list[int] | dict
 
@@ -108,6 +108,8 @@ class InputProcessor:
         if token_ids is None:
             if not isinstance(text, str):
                 raise ValueError("prompt must be a string.")
+            if not is_valid_unicode(text):
+                raise ValueError("prompt must be valid Unicode text (it has a lone surrogate).")
             token_ids = self.tokenizer.encode(text, add_special_tokens=True)
         token_ids = list(token_ids)
         if not token_ids:

@@ -9,7 +9,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from quire.entrypoints.openai.protocol import APIError, ChatCompletionRequest, ChatMessage
 from quire.entrypoints.openai.serving_engine import (
-    MAX_LOGPROBS,
     ChatLogprobs,
     EnginePrompt,
     OpenAIServing,
@@ -47,15 +46,12 @@ def apply_chat_template(
 
 class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
+        self.engine.check_admission()  # a refusal costs no templating or tokenizing
         model = self.model_name(request.model)
         self.check_unsupported(request)
         top_logprobs = request.top_logprobs
-        if top_logprobs is not None:
-            if not request.logprobs:
-                raise APIError("top_logprobs needs logprobs set to true.", param="top_logprobs")
-            if not 0 <= top_logprobs <= MAX_LOGPROBS:
-                message = f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {top_logprobs}."
-                raise APIError(message, param="top_logprobs")
+        if top_logprobs is not None and not request.logprobs:
+            raise APIError("top_logprobs needs logprobs set to true.", param="top_logprobs")
         max_field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         prompt = apply_chat_template(
@@ -75,7 +71,8 @@ class OpenAIServingChat(OpenAIServing):
         )
         request_id = random_id("chatcmpl")
         beam = self.beam_search_params(request, params)
-        streams = await self.add_all(request_id, [prompt], params, request.priority, "messages", beam)
+        timeout = self.timeout(request)
+        streams = await self.add_all(request_id, [prompt], params, request.priority, "messages", beam, timeout)
         created = int(time.time())
         if request.stream:
             k = request.top_logprobs or 0

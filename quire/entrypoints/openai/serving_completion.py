@@ -10,7 +10,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from quire.entrypoints.openai.protocol import APIError, CompletionRequest
 from quire.entrypoints.openai.serving_engine import (
-    MAX_LOGPROBS,
     CompletionLogprobs,
     EnginePrompt,
     OpenAIServing,
@@ -23,6 +22,7 @@ from quire.entrypoints.openai.serving_engine import (
     usage,
 )
 from quire.outputs import RequestOutput
+from quire.sampling_params import is_valid_unicode
 
 # Completion chunks carry plain text and have the same "object" as the full response.
 COMPLETION_STREAM = StreamFormat(object="text_completion", text=lambda delta: {"text": delta})
@@ -30,12 +30,11 @@ COMPLETION_STREAM = StreamFormat(object="text_completion", text=lambda delta: {"
 
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
+        self.engine.check_admission()  # a refusal costs no parsing or tokenizing
         model = self.model_name(request.model)
         self.check_unsupported(request)
         if request.suffix is not None:
             raise APIError("suffix is not supported.", param="suffix")
-        if request.logprobs is not None and request.logprobs > MAX_LOGPROBS:
-            raise APIError(f"logprobs must be <= {MAX_LOGPROBS}, got {request.logprobs}.", param="logprobs")
         prompts = self._prompts(request.prompt, request.echo)
         for prompt in prompts:
             self.check_prompt(prompt, request.max_tokens, "prompt")
@@ -47,7 +46,8 @@ class OpenAIServingCompletion(OpenAIServing):
         )
         request_id = random_id("cmpl")
         beam = self.beam_search_params(request, params)
-        streams = await self.add_all(request_id, prompts, params, request.priority, "prompt", beam)
+        timeout = self.timeout(request)
+        streams = await self.add_all(request_id, prompts, params, request.priority, "prompt", beam, timeout)
         created = int(time.time())
         if request.stream:
             body = stream_chunks(
@@ -74,6 +74,8 @@ class OpenAIServingCompletion(OpenAIServing):
         out = []
         for item in items:
             if isinstance(item, str):
+                if not is_valid_unicode(item):
+                    raise APIError("prompt must be valid Unicode text (it has a lone surrogate).", param="prompt")
                 out.append(EnginePrompt(item, tokenizer.encode(item, add_special_tokens=True)))
             else:
                 ids = list(item)
