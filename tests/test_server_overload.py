@@ -8,13 +8,23 @@ so the admission queue fills deterministically, whatever the machine's speed.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from server_utils import ServerThread, metric, wait_for
 
+import quire
 from quire import SamplingParams
 from quire.config import EngineArgs
 from quire.engine.admission import AdmissionControl, RequestRejected
@@ -279,3 +289,103 @@ def test_request_body_size_is_bounded(tiny_llama_dir, server):
     response = _post(f"{server.url}/v1/completions", {"prompt": "x", "model": "\ud800"})
     assert response.status_code == 404 and response.json()["error"]["param"] == "model"
     _assert_healthy_and_free(server)
+
+
+# -- graceful shutdown of `quire serve` ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quire_serve(model_dir: str, log_path, *flags: str):
+    """A real `quire serve` subprocess on 127.0.0.1; yields (process, url) once /health is 200."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = str(Path(quire.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    cmd = [
+        sys.executable, "-m", "quire.entrypoints.cli", "serve", model_dir, "--port", str(port), "--dtype", "float32",
+        "--served-model-name", MODEL, "--num-kv-blocks", "80", "--max-num-seqs", "1", "--uvicorn-log-level", "info",
+        *flags,
+    ]
+    with open(log_path, "w+") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            def up() -> bool:
+                if proc.poll() is not None:
+                    raise AssertionError(Path(log_path).read_text())
+                try:
+                    return httpx.get(f"{url}/health", timeout=1).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            assert wait_for(up, timeout=180, interval=0.3)
+            yield proc, url
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=30)
+
+
+def _stream_events(url: str, body: dict, started: threading.Event) -> list:
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        events = []
+        for line in response.iter_lines():
+            if line.startswith("data:"):
+                started.set()
+                payload = line[5:].strip()
+                events.append(payload if payload == "[DONE]" else json.loads(payload))
+        return events
+
+
+def _finish_reasons(events: list) -> list:
+    chunks = [e for e in events if isinstance(e, dict)]
+    return [c["finish_reason"] for e in chunks for c in e.get("choices", []) if c["finish_reason"]]
+
+
+def test_sigterm_drains_in_flight_streams_and_exits_0(tiny_llama_dir, tmp_path):
+    log = tmp_path / "serve.log"
+    with _quire_serve(tiny_llama_dir, log, "--shutdown-timeout", "120") as (proc, url):
+        started = threading.Event()
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            # One seat: the first runs, the others wait; all three are in flight when the signal comes.
+            streams = [
+                pool.submit(_stream_events, url, _body(f"drain {i}", 600, stream=True), started) for i in range(3)
+            ]
+            assert started.wait(60)
+            assert wait_for(lambda: metric(url, "quire:num_requests_waiting") == 2)
+            proc.send_signal(signal.SIGTERM)
+            refused = wait_for(lambda: httpx.post(f"{url}/v1/completions", json=_body("late", 2)).status_code == 503)
+            assert refused
+            late = httpx.post(f"{url}/v1/completions", json=_body("late", 2))
+            assert late.status_code == 503 and late.headers["retry-after"]
+            assert late.json()["error"]["code"] == "server_shutting_down"
+            assert httpx.get(f"{url}/health").status_code == 503
+            results = [f.result(timeout=180) for f in streams]
+        assert proc.wait(timeout=60) == 0, log.read_text()
+    for events in results:  # every in-flight stream finished in full
+        assert events[-1] == "[DONE]" and not any("error" in e for e in events if isinstance(e, dict))
+        assert _finish_reasons(events) == ["length"]
+    assert "draining" in log.read_text()
+
+
+def test_sigint_aborts_what_outlives_the_shutdown_timeout(tiny_llama_dir, tmp_path):
+    log = tmp_path / "serve.log"
+    with _quire_serve(tiny_llama_dir, log, "--shutdown-timeout", "0.5") as (proc, url):
+        started = threading.Event()
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            streams = [
+                pool.submit(_stream_events, url, _body(f"long {i}", 1000, stream=True), started) for i in range(2)
+            ]
+            assert started.wait(60)
+            assert wait_for(lambda: metric(url, "quire:num_requests_waiting") == 1)
+            proc.send_signal(signal.SIGINT)
+            results = [f.result(timeout=120) for f in streams]
+        assert proc.wait(timeout=60) == 0, log.read_text()
+    for events in results:
+        assert events[-1] == "[DONE]"
+    # The second waited behind the first (one seat) for far longer than 0.5 s: it was cut off.
+    errors = [e["error"] for events in results for e in events if isinstance(e, dict) and "error" in e]
+    assert errors and all("shut down" in e["message"] and e["type"] == "server_error" for e in errors), errors
+    assert "aborted" in log.read_text()
