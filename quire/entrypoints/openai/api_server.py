@@ -170,18 +170,45 @@ _GENERATE_ERRORS = {
     503: {"model": ErrorResponse, "description": "Overloaded or shutting down; retry after Retry-After seconds",
           "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}}},
 }
-_SSE = {"text/event-stream": {"schema": {"type": "string"}, "description": "with stream: true, SSE chunks"}}
+# With stream: true, server-sent events: each data is a JSON chunk (choices with a text or delta), an
+# in-band error ({"error": {...}}) if the request fails after it started, and finally "[DONE]".
+_SSE = {
+    "text/event-stream": {
+        "schema": {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]},
+    }
+}
 
 
-def _openapi(app: FastAPI) -> dict:
-    """FastAPI's schema, less its 422 responses: validation errors are answered 400 in OpenAI's format."""
+def _bound_token_ids(node, vocab_size: int) -> None:
+    """Give every integer in a token-id field's schema the vocabulary's range."""
+    if isinstance(node, dict):
+        if node.get("type") == "integer":
+            node.update(minimum=0, maximum=vocab_size - 1)
+        for child in node.values():
+            _bound_token_ids(child, vocab_size)
+    elif isinstance(node, list):
+        for child in node:
+            _bound_token_ids(child, vocab_size)
+
+
+def _openapi(app: FastAPI, served_model_names: list[str], vocab_size: int) -> dict:
+    """FastAPI's schema, made exact: no 422 responses (validation errors are answered 400 in OpenAI's
+    format), ``model`` is one of the served names (any other is a 404) and token ids are in the
+    model's vocabulary (others are a 400)."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
         for path in schema.get("paths", {}).values():
             for operation in path.values():
                 operation.get("responses", {}).pop("422", None)
+        components = schema.get("components", {}).get("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
-            schema.get("components", {}).get("schemas", {}).pop(name, None)
+            components.pop(name, None)
+        for component in components.values():
+            model = component.get("properties", {}).get("model")
+            if model is not None and "anyOf" in model:  # a request's optional model name
+                model["anyOf"] = [{"type": "string", "enum": list(served_model_names)}, {"type": "null"}]
+        for component, field in (("CompletionRequest", "prompt"), ("DetokenizeRequest", "tokens")):
+            _bound_token_ids(components.get(component, {}).get("properties", {}).get(field), vocab_size)
         app.openapi_schema = schema
     return app.openapi_schema
 
@@ -212,7 +239,7 @@ def build_app(
 
     app = FastAPI(title="Quire", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.engine = engine
-    app.openapi = lambda: _openapi(app)
+    app.openapi = lambda: _openapi(app, names, engine.vocab_size)
     completions = OpenAIServingCompletion(engine, names, priority_enabled, request_timeout)
     chat = OpenAIServingChat(engine, names, priority_enabled, request_timeout)
     created = int(time.time())
@@ -254,7 +281,11 @@ def build_app(
     async def _dead(request: Request, exc: EngineDeadError) -> JSONResponse:
         return error_response(error_body(str(exc), "server_error", None, None), 500)
 
-    @app.get("/health", responses={200: {"description": "Serving"}, 500: _ERRORS[500], 503: _GENERATE_ERRORS[503]})
+    @app.get(
+        "/health",
+        response_class=Response,
+        responses={200: {"description": "Serving (empty body)"}, 500: _ERRORS[500], 503: _GENERATE_ERRORS[503]},
+    )
     async def health() -> Response:
         await engine.check_health()
         if engine.draining:
@@ -263,7 +294,11 @@ def build_app(
 
     @app.get(
         "/metrics",
-        responses={200: {"content": {CONTENT_TYPE.split(";")[0]: {"schema": {"type": "string"}}}}, 404: _ERRORS[404]},
+        response_class=Response,
+        responses={
+            200: {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}},
+            404: _ERRORS[404],
+        },
     )
     async def metrics() -> Response:
         if engine.metrics is None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from quire.entrypoints.openai.limits import (
     MAX_LOGPROBS,
@@ -26,8 +26,25 @@ from quire.entrypoints.openai.limits import (
 
 
 class OpenAIBaseModel(BaseModel):
-    # NaN and infinities are not JSON numbers; Python's parser takes them, the models do not.
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    # NaN and infinities are not JSON numbers (Python's parser takes them); strict: no type coercion
+    # (false is not a temperature), so a request fits the schema exactly or is refused.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data: Any) -> Any:
+        return _integral_floats_as_ints(data)
+
+
+def _integral_floats_as_ints(value: Any) -> Any:
+    """JSON does not tell 1.0 from 1 (JSON Schema's "integer" takes both); strict pydantic does."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral_floats_as_ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral_floats_as_ints(v) for v in value]
+    return value
 
 
 # Bounded field types: the bounds appear in /openapi.json and a value past one is a 400 naming the field.
