@@ -59,6 +59,8 @@ logger = logging.getLogger(__name__)
 
 # Reachable without the API key (probes and scrapers).
 OPEN_PATHS = frozenset({"/health", "/metrics", "/ping", "/version"})
+# The endpoints that add requests to the engine (admission control guards them).
+GENERATE_PATHS = frozenset({"/v1/completions", "/v1/chat/completions"})
 # pydantic's tags for union members in an error location: not field names.
 _UNION_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none"})
 
@@ -128,6 +130,34 @@ class BodySizeLimit:
             return message
 
         await self.app(scope, counting_receive, send)
+
+
+class AdmissionGate:
+    """Plain ASGI: while admission control refuses new requests, a generation request is answered 503
+    before its body is read or parsed, so a refusal under a burst costs the server almost nothing.
+
+    Only a cheap pre-check (draining, or the queue full); the full check, with the prompt's tokens,
+    runs when the request is added to the engine.
+    """
+
+    def __init__(self, app, engine: AsyncLLMEngine) -> None:
+        self.app = app
+        self.engine = engine
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in GENERATE_PATHS:
+            try:
+                self.engine.check_admission()
+            except RequestRejected as exc:
+                await rejection_response(exc)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def rejection_response(exc: RequestRejected) -> JSONResponse:
+    code = "server_shutting_down" if exc.reason == "draining" else "server_overloaded"
+    body = error_body(str(exc), "server_error", None, code)
+    return error_response(body, 503, headers={"Retry-After": str(exc.retry_after)})
 
 
 def _param(loc: tuple) -> str | None:
@@ -250,9 +280,7 @@ def build_app(
 
     @app.exception_handler(RequestRejected)
     async def _rejected(request: Request, exc: RequestRejected) -> JSONResponse:
-        code = "server_shutting_down" if exc.reason == "draining" else "server_overloaded"
-        body = error_body(str(exc), "server_error", None, code)
-        return error_response(body, 503, headers={"Retry-After": str(exc.retry_after)})
+        return rejection_response(exc)
 
     @app.exception_handler(RequestTimeoutError)
     async def _timed_out(request: Request, exc: RequestTimeoutError) -> JSONResponse:
@@ -359,6 +387,7 @@ def build_app(
         return {"prompt": engine.tokenizer.decode(request.tokens)}
 
     app.add_middleware(BodySizeLimit, max_bytes=max_request_bytes)
+    app.add_middleware(AdmissionGate, engine=engine)
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)  # outermost: no key, nothing read
     return app

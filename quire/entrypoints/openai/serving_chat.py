@@ -46,7 +46,6 @@ def apply_chat_template(
 
 class OpenAIServingChat(OpenAIServing):
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
-        self.engine.check_admission()  # a refusal costs no templating or tokenizing
         model = self.model_name(request.model)
         self.check_unsupported(request)
         top_logprobs = request.top_logprobs

@@ -30,7 +30,6 @@ COMPLETION_STREAM = StreamFormat(object="text_completion", text=lambda delta: {"
 
 class OpenAIServingCompletion(OpenAIServing):
     async def create_completion(self, request: CompletionRequest, raw_request: Request) -> Response:
-        self.engine.check_admission()  # a refusal costs no parsing or tokenizing
         model = self.model_name(request.model)
         self.check_unsupported(request)
         if request.suffix is not None:
