@@ -248,6 +248,8 @@ _CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "x"}]}
         ("/v1/chat/completions", {**_CHAT, "max_completion_tokens": 10**9}, "max_completion_tokens"),
         ("/v1/chat/completions", {**_CHAT, "stop": ["s"] * 33}, "stop"),
         ("/tokenize", {"prompt": "\ud800"}, "prompt"),
+        ("/v1/chat/completions", {**_CHAT, "chat_template": "{% for i in range(99999) %}x{% endfor %}"},
+         "chat_template"),
     ],
 )
 def test_each_limit_is_a_400_naming_its_field(server, path, body, param):

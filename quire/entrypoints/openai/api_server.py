@@ -251,9 +251,11 @@ def build_app(
     manage_engine: bool = True,
     request_timeout: float | None = None,
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    trust_request_chat_template: bool = False,
 ) -> FastAPI:
     """The app. ``request_timeout``: seconds after which any request is aborted (a request's own
-    ``request_timeout`` field may only lower it); ``max_request_bytes`` bounds a request body."""
+    ``request_timeout`` field may only lower it); ``max_request_bytes`` bounds a request body;
+    ``trust_request_chat_template`` lets chat requests bring their own template."""
     names = list(served_model_names or ["quire"])
     priority_enabled = engine.engine.scheduler.config.policy == "priority"
 
@@ -271,7 +273,9 @@ def build_app(
     app.state.engine = engine
     app.openapi = lambda: _openapi(app, names, engine.vocab_size)
     completions = OpenAIServingCompletion(engine, names, priority_enabled, request_timeout)
-    chat = OpenAIServingChat(engine, names, priority_enabled, request_timeout)
+    chat = OpenAIServingChat(
+        engine, names, priority_enabled, request_timeout, trust_request_chat_template=trust_request_chat_template
+    )
     created = int(time.time())
 
     @app.exception_handler(APIError)
@@ -410,6 +414,7 @@ def run_server(args) -> int:
         model_path=llm_engine.config.model.model,
         request_timeout=args.request_timeout,
         max_request_bytes=args.max_request_bytes,
+        trust_request_chat_template=args.trust_request_chat_template,
     )
     logger.info("serving %s on http://%s:%d (max_model_len %d)", names[0], args.host, args.port, engine.max_model_len)
     config = uvicorn.Config(

@@ -88,6 +88,11 @@ def add_server_args(parser: argparse.ArgumentParser) -> None:
         help="largest request body; larger ones get 413 (default: %(default)s)",
     )
     group.add_argument(
+        "--trust-request-chat-template",
+        action="store_true",
+        help="accept a chat_template in chat requests (a template is code the server runs; off by default)",
+    )
+    group.add_argument(
         "--uvicorn-log-level",
         default="warning",
         choices=["debug", "info", "warning", "error"],

@@ -45,10 +45,20 @@ def apply_chat_template(
 
 
 class OpenAIServingChat(OpenAIServing):
+    def __init__(self, *args, trust_request_chat_template: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # A Jinja template is code: an untrusted one can loop for minutes inside the sandbox.
+        self.trust_request_chat_template = trust_request_chat_template
+
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         model = self.model_name(request.model)
         self.check_unsupported(request)
         top_logprobs = request.top_logprobs
+        if request.chat_template is not None and not self.trust_request_chat_template:
+            raise APIError(
+                "chat_template in a request needs the server to run with --trust-request-chat-template.",
+                param="chat_template",
+            )
         if top_logprobs is not None and not request.logprobs:
             raise APIError("top_logprobs needs logprobs set to true.", param="top_logprobs")
         max_field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
