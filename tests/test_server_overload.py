@@ -391,3 +391,23 @@ def test_sigint_aborts_what_outlives_the_shutdown_timeout(tiny_llama_dir, tmp_pa
     errors = [e["error"] for events in results for e in events if isinstance(e, dict) and "error" in e]
     assert errors and all("shut down" in e["message"] and e["type"] == "server_error" for e in errors), errors
     assert "aborted" in log.read_text()
+
+
+def test_bench_serve_counts_rejections_and_server_rss(server, tmp_path):
+    from quire.entrypoints.cli import main as cli_main
+
+    result = tmp_path / "burst.json"
+    code = cli_main([
+        "bench", "serve", "--base-url", server.url, "--request-rate", "inf", "--num-prompts", "24",
+        "--dataset", "random", "--random-input-len", "8", "--random-output-len", "4", "--ignore-eos",
+        "--baseline-num-prompts", "2", "--result-json", str(result), "--results-dir", str(tmp_path),
+    ])
+    assert code == 0
+    summary = json.loads(result.read_text())
+    # One seat and two queue places: most of a 24-request burst is refused, the rest completes.
+    assert summary["rejected"] > 0 and summary["failed"] == 0
+    assert summary["completed"] + summary["rejected"] == 24 and summary["completed"] >= MAX_WAITING
+    assert summary["p99_rejection_ms"] >= summary["median_rejection_ms"] > 0
+    assert summary["baseline_completed"] == 2 and summary["baseline_p99_ttft_ms"] > 0
+    assert summary["server_rss_before_mib"] > 0 and summary["server_rss_after_mib"] > 0
+    _assert_healthy_and_free(server)
