@@ -17,7 +17,7 @@ from quire import LLM, SamplingParams
 
 pytestmark = pytest.mark.slow
 
-MAX_MODEL_LEN = 32
+MAX_MODEL_LEN = 24
 
 # Per field: values that are valid alone, and values that are not (range, type, non-finite).
 VALID = {
@@ -34,7 +34,7 @@ VALID = {
     "stop": [None, ".", ["a", "the"], ["\n"]],
     "stop_token_ids": [None, [0], [2, 3]],
     "ignore_eos": [False, True],
-    "max_tokens": [None, 1, 4, 16, 10**9],
+    "max_tokens": [None, 1, 4, 10**9],
     "min_tokens": [0, 2, 8],
     "logprobs": [None, 0, 2, 20],
     "prompt_logprobs": [None, 0, 1],
@@ -93,10 +93,11 @@ def test_random_params_and_prompts_are_served_or_refused_by_name(llm):
 
     @given(
         kwargs=st.fixed_dictionaries({}, optional={name: st.sampled_from(values) for name, values in VALID.items()}),
-        bad=st.none() | st.sampled_from([(k, v) for k, values in INVALID.items() for v in values]),
+        # One in three carries one invalid value, which must be refused naming a field.
+        bad=st.one_of(st.none(), st.none(), st.sampled_from([(k, v) for k, values in INVALID.items() for v in values])),
         prompt=_prompts(vocab),
     )
-    @settings(max_examples=120, deadline=None, database=None, derandomize=True,
+    @settings(max_examples=150, deadline=None, database=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
     def run(kwargs, bad, prompt) -> None:
         if bad is not None:

@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 
 MODEL = "tiny"
 # Generated requests per endpoint and mode (schema-valid, schema-violating); QUIRE_FUZZ_EXAMPLES overrides.
-EXAMPLES = int(os.environ.get("QUIRE_FUZZ_EXAMPLES", "150"))
+EXAMPLES = int(os.environ.get("QUIRE_FUZZ_EXAMPLES", "100"))
 CHECKS = [
     not_a_server_error,
     status_code_conformance,

@@ -115,8 +115,7 @@ class OutputProcessor:
             for seq in request.seqs:
                 self._outputs.pop(seq, None)
             output = RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, None, [], True)
-        output.error = error
-        return output
+        return dataclasses.replace(output, error=error)
 
     def stats(self) -> dict[str, int]:
         return {"num_generated_tokens": self.num_generated_tokens}
