@@ -411,3 +411,34 @@ def test_bench_serve_counts_rejections_and_server_rss(server, tmp_path):
     assert summary["baseline_completed"] == 2 and summary["baseline_p99_ttft_ms"] > 0
     assert summary["server_rss_before_mib"] > 0 and summary["server_rss_after_mib"] > 0
     _assert_healthy_and_free(server)
+
+
+def test_the_waiting_token_bound_through_the_server(tiny_llama_dir):
+    llm_engine = LLMEngine(EngineArgs(model=tiny_llama_dir, dtype="float32", seed=0, max_num_seqs=1, num_kv_blocks=80))
+    engine = AsyncLLMEngine(
+        llm_engine, metrics=EngineMetrics(MODEL), log_stats_interval=None,
+        admission=AdmissionControl(max_waiting_tokens=40),
+    )
+    with ServerThread(build_app(engine, served_model_names=[MODEL])) as running:
+        url = running.url
+
+        async def main() -> None:
+            async with httpx.AsyncClient(timeout=120) as http:
+                runner = _body([5] * 5, LONG, stream=True)
+                async with http.stream("POST", f"{url}/v1/completions", json=runner) as first:
+                    lines = first.aiter_lines()
+                    assert (await anext(lines)).startswith("data:")  # running: its tokens no longer count
+                    queued = asyncio.create_task(http.post(f"{url}/v1/completions", json=_body([6] * 30, 2)))
+                    assert await asyncio.to_thread(wait_for, lambda: engine.admission.waiting_tokens == 30)
+                    refused = await http.post(f"{url}/v1/completions", json=_body([7] * 20, 2))
+                    assert refused.status_code == 503 and refused.headers["retry-after"]
+                    assert "prompt tokens" in refused.json()["error"]["message"]
+                    fits = await http.post(f"{url}/v1/completions", json=_body([8] * 10, 2))  # 30 + 10 <= 40
+                    async for _ in lines:
+                        pass
+                    assert fits.status_code == 200 and (await queued).status_code == 200
+
+        asyncio.run(main())
+        assert metric(url, "quire:num_requests_rejected_total", {"reason": "waiting_tokens"}) == 1
+        running.engine = engine
+        _assert_healthy_and_free(running)
