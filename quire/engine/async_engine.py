@@ -241,7 +241,10 @@ class AsyncLLMEngine:
         if isinstance(prompt, list | tuple):
             return len(prompt)
         if isinstance(prompt, str) and self.admission.max_waiting_tokens is not None:
-            return len(self.tokenizer.encode(prompt, add_special_tokens=True))
+            try:
+                return len(self.tokenizer.encode(prompt, add_special_tokens=True))
+            except Exception:  # noqa: BLE001 - text it cannot take: the engine refuses it by name
+                return 0
         return 0
 
     async def generate(
