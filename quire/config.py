@@ -7,12 +7,20 @@ the machine (``kv_cache_memory_gb``).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, fields
+from typing import Any
 
-# The dtypes offered on the command line. ``float16`` is accepted by ``validate`` only so that the
-# engine can answer it with a clear "not supported on CPU" instead of a bare "invalid choice".
+# The dtypes a CPU runs; a CUDA device also runs float16 (``resolve_dtype`` refuses it on a CPU
+# with the reason rather than a bare "invalid choice").
 CPU_DTYPES = ("auto", "float32", "bfloat16")
-_DTYPES = (*CPU_DTYPES, "float16")
+DTYPES = (*CPU_DTYPES, "float16")
+# Where the engine runs: auto is CUDA when PyTorch sees a CUDA device, else the CPU (cuda:N also
+# accepted). ``quire.worker.platform`` holds what differs between them.
+DEVICES = ("auto", "cpu", "cuda")
+# On a CUDA device, the share of its memory the engine may hold (weights, activations, KV pool) when
+# neither ``kv_cache_memory_gb`` nor ``num_kv_blocks`` is given, as vLLM's gpu_memory_utilization.
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 PREEMPTION_MODES = ("auto", "swap", "recompute")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 # The step's token budget when ``max_num_batched_tokens`` is not given: large enough that one long
@@ -44,6 +52,7 @@ class CacheConfig:
     swap_space_gb: float = 0.0  # host (swap) KV pool budget
     num_host_kv_blocks: int | None = None  # exact host block count; None: derive from swap_space_gb
     kv_allocator: str = DEFAULT_KV_ALLOCATOR  # one of KV_ALLOCATORS
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION  # a CUDA pool's budget share
 
 
 @dataclass(frozen=True)
@@ -63,11 +72,81 @@ class SchedulerConfig:
     priority_aging_steps: int = 1000
 
 
+# Speculative decoding: the proposer methods and their defaults (vLLM's names).
+SPEC_METHODS = ("ngram", "draft_model")
+DEFAULT_NUM_SPECULATIVE_TOKENS = 4
+DEFAULT_PROMPT_LOOKUP_MAX = 4
+DEFAULT_PROMPT_LOOKUP_MIN = 1
+_SPEC_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
+
+
+@dataclass(frozen=True)
+class SpeculativeConfig:
+    """Which proposer drafts tokens for the target to verify, and how many per step.
+
+    ``ngram`` looks the sequence's last ``prompt_lookup_max`` .. ``prompt_lookup_min`` tokens up
+    earlier in the sequence and proposes what followed (prompt lookup); ``draft_model`` runs the
+    small model at ``model`` over its own KV cache, paged through the target's block tables.
+    """
+
+    method: str
+    num_speculative_tokens: int
+    prompt_lookup_max: int = DEFAULT_PROMPT_LOOKUP_MAX
+    prompt_lookup_min: int = DEFAULT_PROMPT_LOOKUP_MIN
+    model: str | None = None
+
+    @classmethod
+    def parse(cls, value: Any) -> SpeculativeConfig:
+        """From ``LLM(speculative_config=...)``'s dict or ``--speculative-config``'s JSON text.
+
+        The method defaults to ``draft_model`` when a ``model`` is given (vLLM's convention).
+        Raises ``ValueError`` naming the bad key.
+        """
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"speculative_config is not valid JSON: {exc}") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"speculative_config must be a dict (or JSON object), got {type(value).__name__}.")
+        unknown = sorted(set(value) - set(_SPEC_KEYS))
+        if unknown:
+            raise ValueError(f"speculative_config has unknown keys {unknown}; known: {list(_SPEC_KEYS)}.")
+        model = value.get("model")
+        method = value.get("method", "draft_model" if model is not None else None)
+        if method not in SPEC_METHODS:
+            raise ValueError(f"speculative_config.method must be one of {SPEC_METHODS}, got {method!r}.")
+        if method == "draft_model" and not (isinstance(model, str) and model):
+            raise ValueError("speculative_config.model (a path) is required for method 'draft_model'.")
+        if method == "ngram" and model is not None:
+            raise ValueError("speculative_config.model is only for method 'draft_model', not 'ngram'.")
+        config = cls(
+            method=method,
+            num_speculative_tokens=value.get("num_speculative_tokens", DEFAULT_NUM_SPECULATIVE_TOKENS),
+            prompt_lookup_max=value.get("prompt_lookup_max", DEFAULT_PROMPT_LOOKUP_MAX),
+            prompt_lookup_min=value.get("prompt_lookup_min", DEFAULT_PROMPT_LOOKUP_MIN),
+            model=model,
+        )
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            number = getattr(config, name)
+            if not (isinstance(number, int) and not isinstance(number, bool) and number >= 1):
+                raise ValueError(f"speculative_config.{name} must be a positive integer, got {number!r}.")
+        if config.prompt_lookup_min > config.prompt_lookup_max:
+            raise ValueError(
+                f"speculative_config.prompt_lookup_min ({config.prompt_lookup_min}) is larger than "
+                f"prompt_lookup_max ({config.prompt_lookup_max})."
+            )
+        return config
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     model: ModelConfig
     cache: CacheConfig
     scheduler: SchedulerConfig
+    speculative: SpeculativeConfig | None = None
 
 
 def _arg(default, help: str, **cli) -> object:  # noqa: A002 - argparse's name
@@ -90,9 +169,19 @@ class EngineArgs:
     )
     dtype: str = _arg(
         "auto",
-        "weights and activations; auto is float32 (bfloat16 is faster, but its greedy text drifts from "
-        "float32's and depends on the batch)",
-        choices=CPU_DTYPES,
+        "weights and activations; auto is float32 on a CPU (bfloat16 is faster, but its greedy text drifts "
+        "from float32's and depends on the batch) and bfloat16 (float16 where unsupported) on a GPU; "
+        "float16 only on a GPU",
+        choices=DTYPES,
+    )
+    device: str = _arg("auto", "cpu or cuda (cuda:N); auto is cuda when PyTorch sees a CUDA device, else cpu")
+    gpu_memory_utilization: float = _arg(
+        DEFAULT_GPU_MEMORY_UTILIZATION,
+        "on a GPU, the share of its memory for weights, activations and the KV pool; the pool gets what "
+        "a profiling forward leaves (ignored with --kv-cache-memory-gb or --num-kv-blocks, and on a CPU)",
+    )
+    enforce_eager: bool = _arg(
+        False, "on a GPU, run every step eagerly instead of replaying decode steps captured as CUDA graphs"
     )
     block_size: int = _arg(16, "tokens per KV block")
     max_model_len: int | None = _arg(None, "context length, prompt plus output (default: the model's)")
@@ -137,6 +226,12 @@ class EngineArgs:
         "only under TRITON_INTERPRET=1 (Triton's interpreter, for testing the GPU path)",
         choices=ATTENTION_BACKENDS,
     )
+    speculative_config: dict | None = _arg(
+        None,
+        'speculative decoding, as JSON: {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_max": 4} '
+        '(prompt lookup) or {"model": PATH, "num_speculative_tokens": 4} (a draft model); greedy output is unchanged',
+        type=SpeculativeConfig.parse,
+    )
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -147,8 +242,13 @@ class EngineArgs:
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}.")
+        if not isinstance(self.device, str):
+            raise ValueError(f"device must be one of {DEVICES} (or cuda:N), got {self.device!r}.")
+        utilization = self.gpu_memory_utilization
+        if isinstance(utilization, bool) or not isinstance(utilization, int | float) or not 0 < utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization!r}.")
         positive_int("block_size", self.block_size)
         positive_int("max_num_seqs", self.max_num_seqs)
         positive_int("tensor_parallel_size", self.tensor_parallel_size)
@@ -177,6 +277,13 @@ class EngineArgs:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}.")
         if not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer, got {self.seed!r}.")
+        if self.speculative_config is not None:
+            SpeculativeConfig.parse(self.speculative_config)
+            if self.kv_allocator != "paged":
+                raise ValueError("speculative_config needs kv_allocator 'paged' (rejected drafts give blocks back).")
+            spec = SpeculativeConfig.parse(self.speculative_config)
+            if spec.method == "draft_model" and self.tensor_parallel_size > 1:
+                raise ValueError("speculative_config with a draft model runs with tensor_parallel_size 1 only.")
 
     def create_config(self, model_path: str, model_max_len: int, dtype: str) -> EngineConfig:
         """Resolve defaults that depend on the loaded model; ``dtype`` is already resolved."""
@@ -196,6 +303,7 @@ class EngineArgs:
                 swap_space_gb=float(self.swap_space),
                 num_host_kv_blocks=self.num_host_kv_blocks,
                 kv_allocator=self.kv_allocator,
+                gpu_memory_utilization=float(self.gpu_memory_utilization),
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,
@@ -204,6 +312,9 @@ class EngineArgs:
                 policy=self.scheduling_policy,
                 preemption_mode=self.preemption_mode,
                 priority_aging_steps=self.priority_aging_steps,
+            ),
+            speculative=(
+                SpeculativeConfig.parse(self.speculative_config) if self.speculative_config is not None else None
             ),
         )
 
@@ -216,8 +327,16 @@ class EngineArgs:
 AUTO_DTYPE = "float32"
 
 
-def resolve_dtype(dtype: str) -> str:
-    """The dtype the engine runs for the name a user gave: "auto" is AUTO_DTYPE."""
+def resolve_dtype(dtype: str, device_type: str = "cpu", bf16_supported: bool = True) -> str:
+    """The dtype the engine runs for the name a user gave on a device of ``device_type``.
+
+    "auto" is AUTO_DTYPE on a CPU; on a GPU it is bfloat16 where the device supports it
+    (``bf16_supported``), else float16 (the GPU kernels' 16-bit types; float32 stays available).
+    """
+    if device_type == "cuda":
+        if dtype != "auto":
+            return dtype
+        return "bfloat16" if bf16_supported else "float16"
     if dtype == "auto":
         return AUTO_DTYPE
     if dtype == "float16":

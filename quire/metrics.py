@@ -40,7 +40,21 @@ STATS_KEYS = {
     "generation_tokens": "num_generated_tokens",
     "prefix_queries": "num_prefix_cache_queries",
     "prefix_hits": "num_prefix_cache_hits",
+    "spec_drafts": "num_spec_drafts",
+    "spec_draft_tokens": "num_draft_tokens",
+    "spec_accepted_tokens": "num_accepted_tokens",
 }
+# The counters fed from stats deltas (the rest of STATS_KEYS are gauges).
+_COUNTED = (
+    "prompt_tokens",
+    "generation_tokens",
+    "preemptions",
+    "prefix_queries",
+    "prefix_hits",
+    "spec_drafts",
+    "spec_draft_tokens",
+    "spec_accepted_tokens",
+)
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0)
 _TPOT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
@@ -91,6 +105,15 @@ class EngineMetrics:
         self.num_preemptions = counter("num_preemptions", "Requests preempted.")
         self.prefix_cache_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
         self.prefix_cache_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.")
+        self.spec_decode_num_drafts = counter(
+            "spec_decode_num_drafts", "Speculative decoding: sequence steps that verified draft tokens."
+        )
+        self.spec_decode_num_draft_tokens = counter(
+            "spec_decode_num_draft_tokens", "Speculative decoding: draft tokens verified by the target model."
+        )
+        self.spec_decode_num_accepted_tokens = counter(
+            "spec_decode_num_accepted_tokens", "Speculative decoding: draft tokens the target model accepted."
+        )
         self._requests_rejected = Counter(
             PREFIX + "num_requests_rejected",
             "Requests refused by admission control, by reason (waiting_requests, waiting_tokens, draining).",
@@ -131,7 +154,7 @@ class EngineMetrics:
         self.kv_cache_usage_perc.set(kv_usage(stats))
         self.cpu_cache_usage_perc.set(host_usage(stats))
         deltas = {}
-        for what in ("prompt_tokens", "generation_tokens", "preemptions", "prefix_queries", "prefix_hits"):
+        for what in _COUNTED:
             now = _get(stats, what)
             deltas[what] = max(0, now - self._last.get(what, now))
             self._last[what] = now
@@ -140,6 +163,9 @@ class EngineMetrics:
         self.num_preemptions.inc(deltas["preemptions"])
         self.prefix_cache_queries.inc(deltas["prefix_queries"])
         self.prefix_cache_hits.inc(deltas["prefix_hits"])
+        self.spec_decode_num_drafts.inc(deltas["spec_drafts"])
+        self.spec_decode_num_draft_tokens.inc(deltas["spec_draft_tokens"])
+        self.spec_decode_num_accepted_tokens.inc(deltas["spec_accepted_tokens"])
         if stepped:
             self.iteration_tokens.observe(deltas["prompt_tokens"] + deltas["generation_tokens"])
         for output in finished:
@@ -151,7 +177,7 @@ class EngineMetrics:
 
     def start(self, stats: Mapping[str, int]) -> None:
         """Take ``stats`` as the baseline: counters count from here."""
-        for what in ("prompt_tokens", "generation_tokens", "preemptions", "prefix_queries", "prefix_hits"):
+        for what in _COUNTED:
             self._last[what] = _get(stats, what)
         self.record(stats)
 
@@ -221,6 +247,10 @@ class StatLogger:
             f"Pending: {_get(stats, 'waiting')} reqs, KV cache usage: {100 * kv_usage(stats):.1f}%, "
             f"CPU KV cache usage: {100 * host_usage(stats):.1f}%, Prefix cache hit rate: {100 * hit_rate:.1f}%"
         )
+        drafted = _get(stats, "spec_draft_tokens") - self._last["spec_draft_tokens"]
+        if drafted > 0:
+            accepted = _get(stats, "spec_accepted_tokens") - self._last["spec_accepted_tokens"]
+            line += f", Draft acceptance rate: {100 * accepted / drafted:.1f}%"
         self.log(line)
         self._idle_logged = not busy
         self._reset(stats, now)
@@ -228,7 +258,14 @@ class StatLogger:
 
     def _reset(self, stats: Mapping[str, int], now: float) -> None:
         self._last_time = now
-        self._last = {k: _get(stats, k) for k in ("prompt_tokens", "generation_tokens")}
+        keys = ("prompt_tokens", "generation_tokens", "spec_draft_tokens", "spec_accepted_tokens")
+        self._last = {k: _get(stats, k) for k in keys}
 
 
-__all__ = ["CONTENT_TYPE", "EngineMetrics", "StatLogger", "kv_usage"]
+def acceptance_rate(stats: Mapping[str, int]) -> float | None:
+    """Speculative decoding: accepted draft tokens per draft token verified (None before any draft)."""
+    drafted = _get(stats, "spec_draft_tokens")
+    return _get(stats, "spec_accepted_tokens") / drafted if drafted else None
+
+
+__all__ = ["CONTENT_TYPE", "EngineMetrics", "StatLogger", "acceptance_rate", "kv_usage"]

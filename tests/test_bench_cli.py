@@ -222,6 +222,22 @@ def test_throughput(tiny_model, tmp_path):
     assert (tmp_path / "throughput.png").exists()
 
 
+def test_throughput_speculative(tiny_model, tmp_path):
+    """The speculative A/B: both engines time every task, and greedy output is the same with and without."""
+    spec = '{"method": "ngram", "num_speculative_tokens": 3}'
+    argv = ["bench", "throughput", "--model", tiny_model, "--speculative", spec, "--single-output-len", "12",
+            "--single-repeats", "2", "--wait-idle", "0", "--results-dir", str(tmp_path)]
+    assert cli_main(argv) == 0
+    report = _json(tmp_path, "throughput")["spec_decode"]
+    assert report["speculative"]["num_speculative_tokens"] == 3
+    assert report["tasks"], "no task produced two tokens"
+    for task in report["tasks"]:
+        assert task["identical"]
+        assert len(task["plain_decode_s"]) == len(task["spec_decode_s"]) == 2
+        assert {"plain_ms_per_token", "spec_ms_per_token", "speedup", "acceptance_rate"} <= task.keys()
+        assert task["accepted_tokens"] <= task["draft_tokens"]
+
+
 def test_sharing(tiny_model, tmp_path):
     code = cli_main(
         [

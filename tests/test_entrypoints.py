@@ -73,7 +73,8 @@ ENGINE_FLAGS = {
     "--model", "--dtype", "--block-size", "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens", "--seed",
     "--kv-cache-memory-gb", "--num-kv-blocks", "--enable-prefix-caching", "--no-enable-prefix-caching",
     "--num-threads", "--tensor-parallel-size", "-tp", "--swap-space", "--num-host-kv-blocks", "--preemption-mode",
-    "--scheduling-policy", "--priority-aging-steps", "--kv-allocator", "--attention-backend",
+    "--scheduling-policy", "--priority-aging-steps", "--kv-allocator", "--attention-backend", "--speculative-config",
+    "--device", "--gpu-memory-utilization", "--enforce-eager", "--no-enforce-eager",
 }
 
 

@@ -62,7 +62,7 @@ from quire.bench.workload import (
     single_stream_prompt,
     summarize,
 )
-from quire.config import CPU_DTYPES
+from quire.config import CPU_DTYPES, SpeculativeConfig
 
 BATCHED_DECODE_SEQS = 64
 BATCHED_DECODE_TOKENS = 33
@@ -252,6 +252,7 @@ class BenchConfig:
     wait_idle_s: float
     json_path: str | None
     model: str | None = None  # HF dir or .gguf; None: the embedded default model
+    speculative: SpeculativeConfig | None = None  # run the speculative-decoding A/B instead
 
 
 # -- shared measurement helpers ------------------------------------------------------------
@@ -774,6 +775,9 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help="before each timed section, wait up to this long for other processes to leave the "
                         "CPUs (default 60; 0: never wait)")
     parser.add_argument("--model", default=None, help="HF model directory or .gguf (default: embedded SmolLM2)")
+    parser.add_argument("--speculative", type=SpeculativeConfig.parse, default=None, metavar="JSON",
+                        help="instead: single-stream ms/token with and without this speculative_config (A/B in one "
+                        "process, on repetitive and open-ended tasks; quire.bench.spec_decode), first of --dtypes")
 
 
 def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> BenchConfig:
@@ -800,6 +804,7 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
         wait_idle_s=max(0.0, args.wait_idle),
         json_path=getattr(args, "json_path", None),
         model=args.model,
+        speculative=args.speculative,
     )
     for name in ("num_requests", "hf_batch_size", "threads", "single_prompt_len", "single_repeats", "rounds"):
         if getattr(cfg, name) < 1:
@@ -860,6 +865,8 @@ def run(cfg: BenchConfig) -> int:
     say("== environment ==")
     for key, value in env.items():
         say(f"  {key}: {value}")
+    if cfg.speculative is not None:
+        return _run_speculative(cfg, env)
 
     model_path = _model_file(cfg.model)
     say(f"  model: {model_path.name}")
@@ -935,6 +942,23 @@ def run(cfg: BenchConfig) -> int:
         say(f"wrote {cfg.json_path}")
     failed = interrupted or any(r.error is not None for r in results)
     return 1 if failed else 0
+
+
+def _run_speculative(cfg: BenchConfig, env: dict[str, Any]) -> int:
+    from quire.bench import spec_decode
+
+    say(f"== speculative decoding A/B == {cfg.speculative}, {cfg.dtypes[0]}, up to {cfg.single_output_len} tokens, "
+        f"{cfg.single_repeats} repeats")
+    report = spec_decode.run(
+        cfg.speculative, cfg.model, cfg.dtypes[0], cfg.threads, cfg.single_output_len, cfg.single_repeats, say
+    )
+    env["load_average_end"] = _load_average()
+    say(f"load average at start {env['load_average_start']}, at end {env['load_average_end']} "
+        f"(on {env['usable_cpus']} CPUs; higher means the numbers were shared with other work)")
+    if cfg.json_path:
+        Path(cfg.json_path).write_text(json.dumps({"environment": env, "spec_decode": report}, indent=2) + "\n")
+        say(f"wrote {cfg.json_path}")
+    return 0 if all(t["identical"] for t in report["tasks"]) else 1
 
 
 if __name__ == "__main__":

@@ -118,6 +118,16 @@ class KVAllocator(Protocol):
         """
         ...
 
+    def truncate(self, seq_id: int, num_tokens: int) -> None:
+        """Give back what ``seq_id`` holds past its first ``num_tokens`` tokens (rejected draft tokens).
+
+        Args:
+            seq_id: The sequence.
+            num_tokens: Its tokens whose K/V stay valid; the slots past them were only written by
+                draft tokens the step rejected. Policies that reserve up front may keep them.
+        """
+        ...
+
     def free(self, seq_id: int) -> None:
         """Release what ``seq_id`` holds, in both pools (finished, aborted or recomputed).
 

@@ -108,6 +108,23 @@ class KVCacheManager:
             table.append(self.pool.allocate())
         return copies
 
+    def truncate(self, seq_id: int, num_tokens: int) -> None:
+        """Give back the blocks past the first ``num_tokens`` tokens (the slots of rejected draft tokens).
+
+        Those blocks were allocated by the step that wrote the drafts, so they are the
+        sequence's own (no other table, no hash): each goes straight back to the free queue.
+        """
+        table = self.block_tables.get(seq_id)
+        keep = cdiv(num_tokens, self.block_size)
+        if not table or len(table) <= keep:
+            return
+        for block in reversed(table[keep:]):
+            self.pool.decref(block)
+        del table[keep:]
+        hashes = self._hashes.get(seq_id)
+        if hashes is not None and len(hashes) > keep:
+            del hashes[keep:]
+
     def fork(self, parent_seq_id: int, child_seq_id: int) -> None:
         """Give the child the parent's blocks, shared (reference counts go up)."""
         assert child_seq_id not in self.block_tables, f"sequence {child_seq_id} already has blocks"

@@ -160,6 +160,9 @@ class ReservationAllocator:
             table.extend(range(seq.base + len(table), seq.base + cdiv(end, self._block_size)))
         return []
 
+    def truncate(self, seq_id: int, num_tokens: int) -> None:
+        """Nothing to give back: the reservation covers the sequence's whole length up front."""
+
     def free(self, seq_id: int) -> None:
         """Give the reservation back to the address space (merged with neighbouring holes)."""
         seq = self._placed.pop(seq_id, None)

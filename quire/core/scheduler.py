@@ -6,6 +6,7 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from quire.config import SchedulerConfig
 from quire.core.kv_allocator import KVAllocator, KVUsage
@@ -13,14 +14,33 @@ from quire.core.kv_cache_manager import cdiv
 from quire.core.request import Request, RequestStatus, Sequence
 
 
+class DraftPlanner(Protocol):
+    """How many draft tokens a decoding sequence gets this step (speculative decoding's proposer).
+
+    The scheduler reserves that many KV slots past the sequence's end, so the drafts are verified
+    in the same forward as the sequence's next token; the proposer fills them in
+    (``ScheduledSeq.set_draft_tokens``) between scheduling and executing the step.
+    """
+
+    def num_draft_slots(self, request: Request, seq: Sequence, limit: int) -> int:
+        """Draft tokens to reserve for ``seq`` (0 for none), at most ``limit``."""
+        ...
+
+
 @dataclass
 class ScheduledSeq:
-    """``num_new_tokens`` tokens of ``seq``, starting at its first uncomputed position."""
+    """``num_new_tokens`` tokens of ``seq``, starting at its first uncomputed position.
+
+    With speculative decoding, the last ``num_draft_slots`` of them are draft tokens past the
+    sequence's end: the forward verifies them, and the slots of those rejected are given back.
+    """
 
     request: Request
     seq: Sequence
     num_new_tokens: int
     block_table: list[int] = field(default_factory=list)  # filled in when the slots are allocated
+    num_draft_slots: int = 0
+    draft_token_ids: list[int] = field(default_factory=list)
 
     @property
     def start(self) -> int:
@@ -29,7 +49,24 @@ class ScheduledSeq:
     @property
     def samples(self) -> bool:
         """True when this chunk reaches the end of the sequence, so its last logits pick a token."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq.token_ids)
+        return self.seq.num_computed_tokens + self.num_new_tokens - self.num_draft_slots == len(self.seq.token_ids)
+
+    @property
+    def input_token_ids(self) -> list[int]:
+        """The tokens this chunk feeds the model: the sequence's, then its drafts."""
+        end = self.start + self.num_new_tokens - self.num_draft_slots
+        return self.seq.token_ids[self.start : end] + self.draft_token_ids
+
+    def set_draft_tokens(self, token_ids: list[int]) -> None:
+        """Fill the draft slots the scheduler reserved (the proposer's seam); fewer drafts shorten the chunk.
+
+        Slots left unused are given back with the rejected ones after the step.
+        """
+        if len(token_ids) > self.num_draft_slots:
+            raise ValueError(f"{len(token_ids)} drafts for {self.num_draft_slots} reserved slots")
+        self.num_new_tokens -= self.num_draft_slots - len(token_ids)
+        self.num_draft_slots = len(token_ids)
+        self.draft_token_ids = list(token_ids)
 
     @property
     def num_samples(self) -> int:
@@ -106,9 +143,10 @@ class Scheduler:
     prefix, so only the rest is computed.
     """
 
-    def __init__(self, config: SchedulerConfig, kv_cache: KVAllocator) -> None:
+    def __init__(self, config: SchedulerConfig, kv_cache: KVAllocator, drafts: DraftPlanner | None = None) -> None:
         self.config = config
         self.kv_cache = kv_cache
+        self.drafts = drafts  # speculative decoding's proposer, or None
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.swapped: list[Request] = []
@@ -122,6 +160,10 @@ class Scheduler:
         self.num_prefix_cache_hits = 0
         # Tokens computed that did not sample a new one: prompts, and recomputes after preemption.
         self.num_prompt_tokens_computed = 0
+        # Speculative decoding: chunks that carried drafts, draft tokens verified, and those accepted.
+        self.num_spec_drafts = 0
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
 
     # -- queue management -------------------------------------------------------------
 
@@ -213,6 +255,8 @@ class Scheduler:
             if not chunks:
                 index += 1
                 continue
+            if any(c.num_draft_slots for c in chunks) and not self._can_allocate(chunks):
+                chunks = self._chunks(request, budget, speculate=False)  # drafts never cost a preemption
             while not self._can_allocate(chunks):
                 victim = self.running[-1]
                 self._preempt(victim, out)
@@ -234,7 +278,7 @@ class Scheduler:
             seats = request.max_running_seqs
             if num_seqs + seats > self.config.max_num_seqs:
                 break
-            chunks = self._chunks(request, budget)
+            chunks = self._chunks(request, budget, speculate=False)
             seq_ids = [s.seq_id for s in request.seqs]
             writes = [(c.seq.seq_id, c.start, c.num_new_tokens) for c in chunks]
             if (
@@ -282,7 +326,25 @@ class Scheduler:
         for chunk in out.scheduled:
             if chunk.seq.num_computed_tokens < chunk.seq.num_prompt_tokens or not chunk.samples:
                 self.num_prompt_tokens_computed += chunk.num_new_tokens
-            chunk.seq.num_computed_tokens += chunk.num_new_tokens
+            # Drafts count once accepted (``accept_drafts``); their slots are held until then.
+            chunk.seq.num_computed_tokens += chunk.num_new_tokens - chunk.num_draft_slots
+            if chunk.num_draft_slots:
+                self.num_spec_drafts += 1
+                self.num_draft_tokens += chunk.num_draft_slots
+
+    def accept_drafts(self, chunk: ScheduledSeq, num_accepted: int) -> None:
+        """The first ``num_accepted`` drafts of ``chunk`` (verified by the step ``mark_computed`` saw) are
+        the sequence's tokens now: their K/V count as computed, and the slots past them go back.
+
+        The sequence's block table ends as if it had decoded those tokens one by one: blocks
+        holding only rejected (or unused) draft slots return to the pool, and prefix-cache hashes
+        are only ever registered for full blocks of accepted tokens (the next schedule does it).
+        """
+        assert 0 <= num_accepted <= chunk.num_draft_slots
+        self.num_accepted_tokens += num_accepted
+        seq = chunk.seq
+        seq.num_computed_tokens += num_accepted
+        self.kv_cache.truncate(seq.seq_id, seq.num_computed_tokens)
 
     def _promote_aged(self) -> None:
         limit = self.config.priority_aging_steps
@@ -321,17 +383,26 @@ class Scheduler:
                 return
             self._preempt(victim, out)
 
-    def _chunks(self, request: Request, budget: int) -> list[ScheduledSeq]:
+    def _chunks(self, request: Request, budget: int, speculate: bool = True) -> list[ScheduledSeq]:
         """The next tokens of each unfinished sequence of ``request`` that fit in ``budget``.
 
         A request's sequences run together and sample together: when not all of their tokens
         fit, the budget advances their prompts (or recomputes) in chunks that stop short of
         each sequence's last token, so no sequence of a group samples without the others.
+        With ``speculate``, decoding sequences also get the draft slots the proposer asks for,
+        when the whole group's drafts fit in the budget.
         """
         seqs = request.unfinished_seqs
         needed = [s.num_uncomputed_tokens for s in seqs]
         if sum(needed) <= budget:
-            return [ScheduledSeq(request, s, n) for s, n in zip(seqs, needed, strict=True) if n > 0]
+            drafts = [self._draft_slots(request, s) if speculate else 0 for s in seqs]
+            if sum(needed) + sum(drafts) > budget:
+                drafts = [0] * len(seqs)
+            return [
+                ScheduledSeq(request, s, n + d, num_draft_slots=d)
+                for s, n, d in zip(seqs, needed, drafts, strict=True)
+                if n > 0
+            ]
         chunks = []
         for seq, num in zip(seqs, needed, strict=True):
             take = min(num - 1, budget)
@@ -339,6 +410,17 @@ class Scheduler:
                 chunks.append(ScheduledSeq(request, seq, take))
                 budget -= take
         return chunks
+
+    def _draft_slots(self, request: Request, seq: Sequence) -> int:
+        """Draft tokens ``seq`` may verify this step: only while decoding, and never past its length limits."""
+        if self.drafts is None or seq.num_uncomputed_tokens != 1 or seq.num_output_tokens == 0:
+            return 0
+        # Accepting every draft emits one token more than the drafts (the target's own next token).
+        room = min(
+            self._max_tokens(request) - seq.num_output_tokens,
+            self.config.max_model_len - len(seq.token_ids),
+        )
+        return self.drafts.num_draft_slots(request, seq, room - 1) if room > 1 else 0
 
     def _attach_cached_prefix(self, request: Request) -> tuple[int, int]:
         """Give each sequence with nothing computed its cached prefix blocks; returns (queried, hit) tokens.
@@ -372,7 +454,7 @@ class Scheduler:
             out.blocks_to_copy += self.kv_cache.allocate_slots(seq.seq_id, chunk.start, chunk.num_new_tokens)
             # Blocks this step fills are cached now: a request admitted later in this same step may
             # share them, since every layer writes the step's K/V before any sequence attends.
-            end = chunk.start + chunk.num_new_tokens
+            end = chunk.start + chunk.num_new_tokens - chunk.num_draft_slots  # never hash a draft
             self.kv_cache.cache_blocks(seq.seq_id, seq.token_ids, end, chunk.request.cache_salt)
             chunk.block_table = self.kv_cache.block_table(chunk.seq.seq_id)
         out.scheduled += chunks
@@ -430,4 +512,7 @@ class Scheduler:
             "num_waiting": len(self.waiting),
             "num_prefix_cache_queries": self.num_prefix_cache_queries,
             "num_prefix_cache_hits": self.num_prefix_cache_hits,
+            "num_spec_drafts": self.num_spec_drafts,
+            "num_draft_tokens": self.num_draft_tokens,
+            "num_accepted_tokens": self.num_accepted_tokens,
         }

@@ -79,7 +79,7 @@ class OutputProcessor:
         for entry, scored in result.prompt_logprobs:
             self._logprobs.append_prompt(entry.request, scored)
         failed: dict[str, str] = {}
-        touched = self._apply_samples(result, scheduler, failed) if result.samples is not None else []
+        touched = self._apply_samples(result, scheduler, failed)
         outputs = []
         for request in touched:
             if request.request_id in failed:
@@ -123,14 +123,17 @@ class OutputProcessor:
     # -- one step's samples -------------------------------------------------------------
 
     def _apply_samples(self, result: RunnerOutput, scheduler: Scheduler, failed: dict[str, str]) -> list[Request]:
-        """Append every sampled token; returns the requests that sampled, in order.
+        """Append every sampled (and verified draft) token; returns the requests that sampled, in order.
 
         A request whose processing raises is recorded in ``failed`` (id -> error) and skipped.
         """
-        assert result.samples is not None
         now = time.time()
-        rows = SampledRows.of(result.samples)
         touched: dict[str, Request] = {}
+        if result.verified is not None:
+            self._apply_verified(result, scheduler, touched, now, failed)
+        if result.samples is None:
+            return list(touched.values())
+        rows = SampledRows.of(result.samples)
         beam_rows: dict[str, list[tuple[Sequence, int]]] = {}
         for entry, row, count in _row_groups(result.sampled_seqs):
             request = entry.request
@@ -161,15 +164,45 @@ class OutputProcessor:
         children = [seq] + [self._fork(seq, index, scheduler) for index in range(1, count)]
         request.seqs += children[1:]
         for child_row, child in enumerate(children, start=row):
-            child.token_ids.append(rows.token_ids[child_row])
-            child.cumulative_logprob += rows.logprobs[child_row]
-            out = self._outputs[child]
-            if out.logprobs is not None:
-                out.logprobs.append(self._logprobs.sampled(rows, child_row, request.params.logprobs))
-            self.num_generated_tokens += 1
-            if self._fault is not None and self._fault[0](request):
-                raise self._fault[1]
-            self._stops.check(request, child, out)
+            self._append_token(request, child, rows, child_row)
+
+    def _append_token(self, request: Request, seq: Sequence, rows: SampledRows, row: int) -> None:
+        """Give ``seq`` the token of ``row`` with its logprobs, and check whether it ends the sequence."""
+        seq.token_ids.append(rows.token_ids[row])
+        seq.cumulative_logprob += rows.logprobs[row]
+        out = self._outputs[seq]
+        if out.logprobs is not None:
+            out.logprobs.append(self._logprobs.sampled(rows, row, request.params.logprobs))
+        self.num_generated_tokens += 1
+        if self._fault is not None and self._fault[0](request):
+            raise self._fault[1]
+        self._stops.check(request, seq, out)
+
+    def _apply_verified(
+        self, result: RunnerOutput, scheduler: Scheduler, touched: dict[str, Request], now: float,
+        failed: dict[str, str],
+    ) -> None:
+        """Append each drafting sequence's accepted drafts and the target's next token, one by one.
+
+        Each token goes through the stop checks like a decoded one; a stop ends the sequence there
+        and the tokens after it are dropped. The scheduler then counts the accepted drafts as
+        computed and gives back the slots of the rest.
+        """
+        verified = result.verified
+        assert verified is not None
+        rows = SampledRows.of(verified.samples)
+        for entry, first, accepted in zip(result.drafted, verified.first_rows, verified.num_accepted, strict=True):
+            request, seq = entry.request, entry.seq
+            if request.first_token_time is None:
+                request.first_token_time = now
+            touched[request.request_id] = request
+            try:
+                for row in range(first, first + accepted + 1):
+                    if not seq.is_finished and request.request_id not in failed:
+                        self._append_token(request, seq, rows, row)
+            except Exception as exc:  # noqa: BLE001 - this request fails alone
+                failed[request.request_id] = _describe(exc)
+            scheduler.accept_drafts(entry, accepted)
 
     def _beam_step(
         self, request: Request, rows: list[tuple[Sequence, int]], samples: SampledRows, scheduler: Scheduler

@@ -42,7 +42,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
         if value_type is bool:
             action = group.add_argument(*names, action=argparse.BooleanOptionalAction, default=f.default)
         else:
-            action = group.add_argument(*names, type=value_type, default=f.default, choices=f.metadata.get("choices"))
+            parse = f.metadata.get("type", value_type)  # a field may name its own parser (JSON fields)
+            action = group.add_argument(*names, type=parse, default=f.default, choices=f.metadata.get("choices"))
         # Set after construction: BooleanOptionalAction appends its own "(default: ...)" on some
         # Python versions, and the help must read the same on all of them.
         action.help = help_text

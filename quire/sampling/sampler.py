@@ -8,6 +8,7 @@ request draws its noise from its own generator and gets the same tokens in any b
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,33 @@ class SamplingBatch:
     def all_greedy(self) -> bool:
         return bool((self.temperature == 0).all())
 
+    def to(self, device: torch.device) -> SamplingBatch:
+        """The same batch with its tensors on ``device`` (the logits'); the generators stay where they are."""
+        moved = {
+            f.name: value.to(device, non_blocking=True)
+            for f in dataclasses.fields(self)
+            if isinstance(value := getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **moved)
+
+    def select(self, rows: list[int]) -> SamplingBatch:
+        """A batch of the given rows of this one (repeats allowed), e.g. one row per verified draft position.
+
+        Only for batches without penalties or banned tokens: those depend on the tokens before
+        each position, which repeating a row would not update.
+        """
+        if self.output_tokens is not None or self.banned_rows is not None:
+            raise NotImplementedError("selecting rows of a batch with penalties or banned tokens")
+        index = torch.tensor(rows, dtype=torch.long)
+        return SamplingBatch(
+            temperature=self.temperature[index],
+            top_p=self.top_p[index],
+            top_k=self.top_k[index],
+            min_p=self.min_p[index],
+            generators=[self.generators[r] for r in rows],
+            num_logprobs=self.num_logprobs,
+        )
+
 
 @dataclass
 class SamplerOutput:
@@ -54,7 +82,7 @@ class Sampler:
         raw_logits = logits
         logits = self._apply_penalties(logits, batch)
         if batch.banned_rows is not None:
-            logits = logits.index_put((batch.banned_rows, batch.banned_tokens), torch.tensor(float("-inf")))
+            logits = logits.index_put((batch.banned_rows, batch.banned_tokens), logits.new_tensor(float("-inf")))
 
         log_normalizer = None  # logsumexp of the raw logits, when the fused op computed it
         if logits is raw_logits and self._fused(raw_logits):
@@ -67,7 +95,19 @@ class Sampler:
             sampled = self._sample(logits, batch)
             tokens = torch.where(batch.temperature == 0, greedy_tokens, sampled)
 
-        if batch.num_logprobs < 0:
+        return self.score(raw_logits, tokens, batch.num_logprobs, log_normalizer)
+
+    @staticmethod
+    def score(
+        raw_logits: torch.Tensor, tokens: torch.Tensor, num_logprobs: int, log_normalizer: torch.Tensor | None = None
+    ) -> SamplerOutput:
+        """``tokens`` (one per row, already chosen) with their logprobs under the raw model distribution.
+
+        ``num_logprobs`` is ``SamplingBatch.num_logprobs``: -1 computes only the chosen tokens'
+        logprobs, 0 adds their ranks, k > 0 also the top k. ``log_normalizer``: the rows'
+        logsumexp, when already known.
+        """
+        if num_logprobs < 0:
             # Only the sampled tokens' logprobs: skip materialising the [B, vocab] log-softmax.
             if log_normalizer is None:
                 log_normalizer = raw_logits.logsumexp(dim=-1)
@@ -77,8 +117,8 @@ class Sampler:
         chosen = raw_logprobs.gather(1, tokens.unsqueeze(1)).squeeze(1)
         out = SamplerOutput(token_ids=tokens, logprobs=chosen)
         out.ranks = (raw_logprobs > chosen.unsqueeze(1)).sum(dim=1) + 1
-        if batch.num_logprobs > 0:
-            out.top_logprobs, out.top_token_ids = raw_logprobs.topk(batch.num_logprobs, dim=-1)
+        if num_logprobs > 0:
+            out.top_logprobs, out.top_token_ids = raw_logprobs.topk(num_logprobs, dim=-1)
         return out
 
     def _fused(self, logits: torch.Tensor) -> bool:
@@ -89,12 +129,12 @@ class Sampler:
         if batch.output_tokens is None:
             return logits
         rows, vocab = logits.shape
-        counts = torch.zeros(rows, vocab + 1, dtype=logits.dtype)
+        counts = torch.zeros(rows, vocab + 1, dtype=logits.dtype, device=logits.device)
         counts.scatter_add_(1, batch.output_tokens, torch.ones_like(batch.output_tokens, dtype=logits.dtype))
         counts = counts[:, :vocab]
         seen = counts > 0
         if batch.prompt_tokens is not None:
-            in_prompt = torch.zeros(rows, vocab + 1, dtype=torch.bool)
+            in_prompt = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=logits.device)
             in_prompt.scatter_(1, batch.prompt_tokens, True)
             seen = seen | in_prompt[:, :vocab]
         rep = batch.repetition_penalty.unsqueeze(1)
@@ -103,7 +143,13 @@ class Sampler:
         logits = logits - batch.frequency_penalty.unsqueeze(1) * counts
         return logits - batch.presence_penalty.unsqueeze(1) * (counts > 0).to(logits.dtype)
 
-    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    @staticmethod
+    def probs(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """The distribution each row samples from: temperature, then top-k / top-p, then min-p.
+
+        Rows may not sum to 1 after min-p; both the exponential race and the rejection
+        sampler only need them proportional.
+        """
         temperature = torch.where(batch.temperature == 0, torch.ones_like(batch.temperature), batch.temperature)
         logits = logits / temperature.unsqueeze(1)
         logits = _top_k_top_p(logits, batch.top_k, batch.top_p)
@@ -111,10 +157,18 @@ class Sampler:
         if bool((batch.min_p > 0).any()):
             keep = probs >= batch.min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
             probs = torch.where(keep, probs, torch.zeros_like(probs))
+        return probs
+
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        probs = self.probs(logits, batch)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for row, gen in enumerate(batch.generators):
-            if gen is not None:
+            if gen is None:
+                continue
+            if gen.device == noise.device:
                 noise[row].exponential_(generator=gen)
+            else:  # a request's generator lives on the host: its draws are the same on every device
+                noise[row].copy_(torch.empty(noise.shape[1], dtype=noise.dtype).exponential_(generator=gen))
         return (probs / noise).argmax(dim=-1)
 
 

@@ -15,8 +15,10 @@ import torch
 from quire.core.scheduler import ScheduledSeq, SchedulerOutput
 from quire.distributed.comm import TPGroup
 from quire.models.causal_lm import CausalLM
+from quire.sampling.rejection_sampler import DraftVerifier, VerifiedDrafts
 from quire.sampling.sampler import Sampler, SamplerOutput, SamplingBatch
 from quire.worker.cache_engine import CacheEngine
+from quire.worker.cuda_graphs import DecodeGraphs
 from quire.worker.step_inputs import StepInputs
 
 
@@ -34,11 +36,14 @@ class PromptLogprobs:
 
 @dataclass
 class RunnerOutput:
-    """What one step produced: a sample for every entry of ``sampled_seqs``, in that order."""
+    """What one step produced: a sample for every entry of ``sampled_seqs``, in that order, and the
+    verification of the chunks in ``drafted`` (speculative decoding), in that order."""
 
     sampled_seqs: list[ScheduledSeq]
     samples: SamplerOutput | None
     prompt_logprobs: list[tuple[ScheduledSeq, PromptLogprobs]] = field(default_factory=list)
+    drafted: list[ScheduledSeq] = field(default_factory=list)
+    verified: VerifiedDrafts | None = None
 
 
 class ModelRunner:
@@ -49,13 +54,14 @@ class ModelRunner:
         model: CausalLM,
         cache: CacheEngine,
         sampler: Sampler | None,
-        device: torch.device,
         group: TPGroup | None = None,
+        graphs: DecodeGraphs | None = None,
     ) -> None:
         self.model = model
         self.cache = cache
         self.sampler = sampler  # None on tensor-parallel workers: they never sample
-        self.device = device
+        self.graphs = graphs  # decode steps replayed from CUDA graphs (None: every step eager)
+        self.verifier = DraftVerifier(sampler) if sampler is not None else None
         self.group = group or TPGroup()
         self.block_size = cache.block_size
         self.vocab_size = model.config.vocab_size
@@ -71,8 +77,18 @@ class ModelRunner:
             end += e.num_new_tokens
             ends.append(end)
         # A parallel-sampling group forking at the end of its prompt samples its last row once per child.
-        sampled = [e for e in entries if e.samples for _ in range(e.num_samples)]
-        sample_rows = [ends[i] - 1 for i, e in enumerate(entries) if e.samples for _ in range(e.num_samples)]
+        # Chunks with drafts are verified apart: all k + 1 of their last rows (speculative decoding).
+        sampled: list[ScheduledSeq] = []
+        sample_rows: list[int] = []
+        drafted: list[ScheduledSeq] = []
+        draft_rows: list[int] = []
+        for e, end in zip(entries, ends, strict=True):
+            if e.num_draft_slots:
+                drafted.append(e)
+                draft_rows.extend(range(end - 1 - e.num_draft_slots, end))
+            elif e.samples:
+                sampled += [e] * e.num_samples
+                sample_rows += [end - 1] * e.num_samples
         prompt_rows: list[tuple[ScheduledSeq, int, int]] = []  # (entry, first position, row offset)
         extra_rows: list[int] = []
         for i, e in enumerate(entries):
@@ -86,7 +102,7 @@ class ModelRunner:
                 prompt_rows.append((e, first, len(sample_rows) + len(extra_rows)))
                 extra_rows.extend(range(row0, row0 + last - first))
 
-        inputs = self._step_inputs(sched, sample_rows + extra_rows)
+        inputs = self._step_inputs(sched, sample_rows + extra_rows + draft_rows)
         if self.group.size > 1:
             inputs.send(self.group)
         logits = self.run(inputs)
@@ -94,8 +110,12 @@ class ModelRunner:
             return RunnerOutput(sampled_seqs=[], samples=None)
         samples = None
         if sampled:
-            samples = self.sampler(logits[: len(sample_rows)], self._sampling_batch(sampled))
-        out = RunnerOutput(sampled_seqs=sampled, samples=samples)
+            samples = self.sampler(logits[: len(sample_rows)], self._sampling_batch(sampled).to(logits.device))
+        out = RunnerOutput(sampled_seqs=sampled, samples=samples, drafted=drafted)
+        if drafted:
+            draft_logits = logits[len(sample_rows) + len(extra_rows) :]
+            drafts = [e.draft_token_ids for e in drafted]
+            out.verified = self.verifier(draft_logits, self._sampling_batch(drafted).to(logits.device), drafts)
         for entry, first, offset in prompt_rows:
             out.prompt_logprobs.append((entry, self._prompt_logprobs(entry, first, logits, offset)))
         return out
@@ -109,18 +129,21 @@ class ModelRunner:
         self.cache.apply_block_ops(inputs.block_ops)
         if not len(inputs.input_ids):  # a step that only swapped a group out
             return None
-        input_ids, positions, metadata = inputs.batch(self.block_size, self.device)
-        hidden = self.model(input_ids, positions, self.cache.layers, metadata)
-        if not len(inputs.logit_rows):
+        input_ids, positions, metadata, logit_rows = inputs.batch(self.block_size, self.cache.platform)
+        if self.graphs is not None and self.graphs.fits(input_ids.shape[0], metadata):
+            hidden = self.graphs.forward(input_ids, positions, metadata)
+        else:
+            hidden = self.model(input_ids, positions, self.cache.layers, metadata)
+        if not len(logit_rows):
             return None
-        return self.model.compute_logits(hidden.index_select(0, inputs.logit_rows.long().to(self.device)))
+        return self.model.compute_logits(hidden.index_select(0, logit_rows))
 
     @staticmethod
     def _step_inputs(sched: SchedulerOutput, logit_rows: list[int]) -> StepInputs:
         entries = sched.scheduled
         ids: list[int] = []
         for e in entries:
-            ids += e.seq.token_ids[e.start : e.start + e.num_new_tokens]
+            ids += e.input_token_ids
         query_lens = torch.tensor([e.num_new_tokens for e in entries], dtype=torch.int32)
         query_start_loc = torch.zeros(len(entries) + 1, dtype=torch.int32)
         torch.cumsum(query_lens, 0, out=query_start_loc[1:])
@@ -176,7 +199,7 @@ class ModelRunner:
         last = min(entry.start + entry.num_new_tokens, entry.seq.num_prompt_tokens - 1)
         n = last - first
         logprobs = torch.log_softmax(logits[offset : offset + n], dim=-1)
-        targets = torch.tensor(entry.seq.token_ids[first + 1 : last + 1], dtype=torch.long)
+        targets = torch.tensor(entry.seq.token_ids[first + 1 : last + 1], dtype=torch.long, device=logits.device)
         chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
         k = entry.request.params.prompt_logprobs
         top = logprobs.topk(k, dim=-1) if k else None
