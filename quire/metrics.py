@@ -17,8 +17,9 @@ import time
 from collections.abc import Iterable, Mapping
 
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
+from quire.engine.admission import REJECTION_REASONS
 from quire.outputs import RequestOutput
 
 logger = logging.getLogger("quire.metrics")
@@ -113,6 +114,15 @@ class EngineMetrics:
         self.spec_decode_num_accepted_tokens = counter(
             "spec_decode_num_accepted_tokens", "Speculative decoding: draft tokens the target model accepted."
         )
+        self._requests_rejected = Counter(
+            PREFIX + "num_requests_rejected",
+            "Requests refused by admission control, by reason (waiting_requests, waiting_tokens, draining).",
+            ["model_name", "reason"],
+            registry=r,
+        )
+        for reason in REJECTION_REASONS:  # exported at 0 from the start
+            self._requests_rejected.labels(model_name, reason)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes and friends, for memory under load
         self._request_success = Counter(
             PREFIX + "request_success", "Requests finished, by reason.", ["model_name", "finished_reason"], registry=r
         )
@@ -160,6 +170,10 @@ class EngineMetrics:
             self.iteration_tokens.observe(deltas["prompt_tokens"] + deltas["generation_tokens"])
         for output in finished:
             self._observe_finished(output)
+
+    def record_rejection(self, reason: str) -> None:
+        """A request refused before it reached the engine (event-loop thread)."""
+        self._requests_rejected.labels(self.model_name, reason).inc()
 
     def start(self, stats: Mapping[str, int]) -> None:
         """Take ``stats`` as the baseline: counters count from here."""

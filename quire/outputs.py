@@ -46,6 +46,9 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: dict[str, float] = field(default_factory=dict)
+    # Set when processing this request failed (the engine and other requests went on): the
+    # request is finished, its outputs end with finish_reason "abort", and this says why.
+    error: str | None = None
 
 
 @dataclass

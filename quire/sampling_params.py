@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -124,6 +125,9 @@ class SamplingParams:
             if not ok:
                 raise ValueError(f"{name} {message}, got {getattr(self, name)!r}.")
 
+        for name in ("presence_penalty", "frequency_penalty", "repetition_penalty", "temperature", "top_p", "min_p"):
+            value = getattr(self, name)
+            check(_is_number(value) and math.isfinite(value), name, "must be a finite number")
         check(_is_int(self.n) and self.n >= 1, "n", "must be an integer >= 1")
         if self.best_of is not None:
             check(_is_int(self.best_of) and self.best_of >= self.n, "best_of", "must be an integer >= n")
@@ -135,8 +139,9 @@ class SamplingParams:
         check(_is_int(self.top_k) and self.top_k >= 0, "top_k", "must be -1 (off), 0 (off) or a positive integer")
         check(0.0 <= self.min_p <= 1.0, "min_p", "must be in [0, 1]")
         if self.seed is not None:
-            check(_is_int(self.seed), "seed", "must be an integer")
+            check(_is_int(self.seed) and MIN_SEED <= self.seed <= MAX_SEED, "seed", "must be a 64-bit integer")
         check(all(isinstance(s, str) and s for s in self.stop_strings), "stop", "must contain non-empty strings")
+        check(all(is_valid_unicode(s) for s in self.stop_strings), "stop", "must be valid Unicode (no lone surrogates)")
         check(all(_is_int(t) and t >= 0 for t in self.stop_token_ids), "stop_token_ids", "must be token ids >= 0")
         if self.max_tokens is not None:
             check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
@@ -242,3 +247,20 @@ def _token_id(value: Any) -> int | None:
 
 def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def is_valid_unicode(text: str) -> bool:
+    """False for text a tokenizer cannot take: a lone surrogate (JSON's "\\ud800" decodes to one)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+# Seeds seed torch generators (sequence i of a group draws from seed + i): signed 64-bit.
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1

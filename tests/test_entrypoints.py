@@ -62,6 +62,8 @@ def test_quire_serve_imports_neither_bench_nor_rich_nor_matplotlib(tmp_path):
 # Every flag the commands had before their flags were generated from EngineArgs.
 SERVE_FLAGS = {
     "--host", "--port", "--api-key", "--served-model-name", "--log-stats-interval", "--uvicorn-log-level",
+    "--max-waiting-requests", "--max-waiting-tokens", "--request-timeout", "--shutdown-timeout", "--max-request-bytes",
+    "--trust-request-chat-template",
 }
 GENERATE_FLAGS = {
     "--chat", "--max-tokens", "--temperature", "--top-p", "--top-k", "--min-p", "--repetition-penalty",

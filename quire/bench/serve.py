@@ -20,6 +20,13 @@ reported come from the server's usage.
 Reported: completed and failed requests, duration, request throughput, output and total token
 throughput, and mean / median / p99 of TTFT (to the first streamed text), TPOT ((E2E - TTFT) /
 (output tokens - 1)), ITL (gaps between streamed chunks) and E2E latency.
+
+Overload: requests the server refuses with 503 or 429 (admission control) are counted as
+*rejected*, apart from failures, with their latency (how fast the refusal came). When the server
+exports ``process_resident_memory_bytes`` on ``/metrics`` (Quire does), its RSS before and after the
+run is reported. ``--baseline-num-prompts K`` first sends K requests alone, as the unloaded
+reference for the run's p99 TTFT (e.g. K = the server's ``--max-waiting-requests``: a full queue that
+is not overloaded), then the run itself, e.g. a burst of 2,000 with ``--request-rate inf``.
 """
 
 from __future__ import annotations
@@ -36,6 +43,8 @@ from dataclasses import dataclass, field
 
 from quire.bench.workload import CORPUS
 
+# What a server answers when its admission control refuses a request (TGI uses 429, Quire and vLLM 503).
+REJECTED_STATUSES = (429, 503)
 # Tokens per whitespace word for English prose (Llama-family tokenizers): to size prompts without a tokenizer.
 TOKENS_PER_WORD = 1.3
 
@@ -55,6 +64,7 @@ class BenchPrompt:
 @dataclass
 class RequestResult:
     ok: bool = False
+    rejected: bool = False  # refused by the server's admission control (503 / 429)
     error: str = ""
     prompt_tokens: int = 0
     output_tokens: int = 0
@@ -117,6 +127,8 @@ async def _one_request(client, url: str, payload: dict, headers: dict, chat: boo
         async with client.stream("POST", url, json=payload, headers=headers) as response:
             if response.status_code != 200:
                 body = (await response.aread()).decode(errors="replace")
+                result.e2e = time.perf_counter() - start
+                result.rejected = response.status_code in REJECTED_STATUSES
                 result.error = f"HTTP {response.status_code}: {body[:300]}"
                 return result
             async for line in response.aiter_lines():
@@ -159,13 +171,32 @@ async def _model_name(client, base_url: str, headers: dict) -> str:
     return response.json()["data"][0]["id"]
 
 
-async def benchmark(args: argparse.Namespace, prompts: list[BenchPrompt]) -> tuple[list[RequestResult], float]:
+async def server_rss(client, base_url: str) -> int | None:
+    """The server's resident memory from its /metrics (prometheus_client's process collector), if exported."""
+    try:
+        response = await client.get(f"{base_url}/metrics")
+    except Exception:  # noqa: BLE001 - optional: a server without /metrics
+        return None
+    if response.status_code != 200:
+        return None
+    for line in response.text.splitlines():
+        if line.startswith("process_resident_memory_bytes "):
+            return int(float(line.split()[1]))
+    return None
+
+
+async def benchmark(
+    args: argparse.Namespace, prompts: list[BenchPrompt], baseline: list[BenchPrompt] | None = None
+) -> tuple[list[RequestResult], float, dict]:
+    """Run ``prompts`` (after ``baseline``, if any, alone); returns the run's results, its duration,
+    and extras: the baseline's results and the server's RSS before and after the run."""
     import httpx
 
     base_url = args.base_url.rstrip("/")
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     chat = "chat" in args.endpoint
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    extras: dict = {}
     async with httpx.AsyncClient(timeout=httpx.Timeout(args.timeout), limits=limits) as client:
         model = args.model or await _model_name(client, base_url, headers)
         url = base_url + args.endpoint
@@ -193,6 +224,9 @@ async def benchmark(args: argparse.Namespace, prompts: list[BenchPrompt]) -> tup
             async with semaphore:
                 return await _one_request(client, url, payload(p), headers, chat)
 
+        if baseline:
+            extras["baseline"] = await asyncio.gather(*(run_one(p) for p in baseline))
+        extras["rss_before"] = await server_rss(client, base_url)
         rng = random.Random(args.seed + 1)
         delays = arrival_delays(len(prompts), args.request_rate, args.burstiness, rng)
         start = time.perf_counter()
@@ -202,7 +236,9 @@ async def benchmark(args: argparse.Namespace, prompts: list[BenchPrompt]) -> tup
             if delay:
                 await asyncio.sleep(delay)
         results = await asyncio.gather(*tasks)
-        return list(results), time.perf_counter() - start
+        duration = time.perf_counter() - start
+        extras["rss_after"] = await server_rss(client, base_url)
+        return list(results), duration, extras
 
 
 def _stats(values: list[float]) -> dict[str, float]:
@@ -215,12 +251,14 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 def summarize(results: list[RequestResult], duration: float) -> dict:
     ok = [r for r in results if r.ok]
+    rejected = [r for r in results if r.rejected]
     input_tokens = sum(r.prompt_tokens for r in ok)
     output_tokens = sum(r.output_tokens for r in ok)
     tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
     summary = {
         "completed": len(ok),
-        "failed": len(results) - len(ok),
+        "rejected": len(rejected),
+        "failed": len(results) - len(ok) - len(rejected),
         "duration_s": duration,
         "total_input_tokens": input_tokens,
         "total_output_tokens": output_tokens,
@@ -236,10 +274,25 @@ def summarize(results: list[RequestResult], duration: float) -> dict:
     ):
         for stat, value in _stats(values).items():
             summary[f"{stat}_{name}_ms"] = 1000 * value
-    errors = [r.error for r in results if not r.ok]
+    for stat, value in _stats([r.e2e for r in rejected]).items():
+        summary[f"{stat}_rejection_ms"] = 1000 * value
+    errors = [r.error for r in results if not r.ok and not r.rejected]
     if errors:
         summary["first_errors"] = errors[:3]
     return summary
+
+
+def add_extras(summary: dict, extras: dict) -> None:
+    """The baseline's p99 TTFT (and the run's ratio to it) and the server's RSS, into ``summary``."""
+    if extras.get("baseline"):
+        ok = [r for r in extras["baseline"] if r.ok]
+        p99 = 1000 * _stats([r.ttft for r in ok])["p99"]
+        summary["baseline_completed"] = len(ok)
+        summary["baseline_p99_ttft_ms"] = p99
+        summary["p99_ttft_ratio"] = summary["p99_ttft_ms"] / p99 if p99 else 0.0
+    for when in ("before", "after"):
+        rss = extras.get(f"rss_{when}")
+        summary[f"server_rss_{when}_mib"] = rss / 2**20 if rss is not None else None
 
 
 def format_summary(s: dict) -> str:
@@ -249,6 +302,7 @@ def format_summary(s: dict) -> str:
         lines.append(f"{label:<40}{value:<10.2f}" if isinstance(value, float) else f"{label:<40}{value:<10}")
 
     row("Successful requests:", s["completed"])
+    row("Rejected requests (503/429):", s.get("rejected", 0))
     row("Failed requests:", s["failed"])
     row("Benchmark duration (s):", s["duration_s"])
     row("Total input tokens:", s["total_input_tokens"])
@@ -263,6 +317,20 @@ def format_summary(s: dict) -> str:
         row(f"Mean {label} (ms):", s[f"mean_{name}_ms"])
         row(f"Median {label} (ms):", s[f"median_{name}_ms"])
         row(f"P99 {label} (ms):", s[f"p99_{name}_ms"])
+    if s.get("rejected"):
+        lines.append("{s:{c}^50}".format(s=" Rejections (admission control) ", c="-"))
+        row("Mean rejection latency (ms):", s["mean_rejection_ms"])
+        row("Median rejection latency (ms):", s["median_rejection_ms"])
+        row("P99 rejection latency (ms):", s["p99_rejection_ms"])
+    if "baseline_p99_ttft_ms" in s:
+        lines.append("{s:{c}^50}".format(s=" Unloaded baseline ", c="-"))
+        row("Baseline requests (completed):", s["baseline_completed"])
+        row("Baseline P99 TTFT (ms):", s["baseline_p99_ttft_ms"])
+        row("P99 TTFT loaded / unloaded:", s["p99_ttft_ratio"])
+    if s.get("server_rss_before_mib") is not None:
+        lines.append("{s:{c}^50}".format(s=" Server memory ", c="-"))
+        row("Server RSS before (MiB):", s["server_rss_before_mib"])
+        row("Server RSS after (MiB):", s["server_rss_after_mib"])
     lines.append("=" * 50)
     for error in s.get("first_errors", []):
         lines.append(f"error: {error}")
@@ -288,6 +356,10 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-output-len", type=int, default=None, help="cap every output length")
     parser.add_argument("--timeout", type=float, default=600.0, help="per-request timeout (s)")
     parser.add_argument("--result-json", default=None, help="also write the summary here")
+    parser.add_argument(
+        "--baseline-num-prompts", type=int, default=0,
+        help="first send this many requests alone: the unloaded reference for p99 TTFT (default: none)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -301,8 +373,15 @@ def run(args: argparse.Namespace) -> int:
         args.dataset, args.num_prompts, args.seed, args.random_input_len, args.random_output_len,
         args.random_range_ratio, args.max_output_len,
     )
-    results, duration = asyncio.run(benchmark(args, prompts))
+    baseline = None
+    if args.baseline_num_prompts > 0:
+        baseline = make_prompts(
+            args.dataset, args.baseline_num_prompts, args.seed + 7, args.random_input_len, args.random_output_len,
+            args.random_range_ratio, args.max_output_len,
+        )
+    results, duration, extras = asyncio.run(benchmark(args, prompts, baseline))
     summary = summarize(results, duration)
+    add_extras(summary, extras)
     summary.update({"dataset": args.dataset, "request_rate": args.request_rate, "burstiness": args.burstiness,
                     "max_concurrency": args.max_concurrency, "num_prompts": args.num_prompts})
     print(format_summary(summary))

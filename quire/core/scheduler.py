@@ -423,9 +423,12 @@ class Scheduler:
         return self.drafts.num_draft_slots(request, seq, room - 1) if room > 1 else 0
 
     def _attach_cached_prefix(self, request: Request) -> tuple[int, int]:
-        """Give each sequence with nothing computed its cached prefix blocks; returns (queried, hit) tokens."""
+        """Give each sequence with nothing computed its cached prefix blocks; returns (queried, hit) tokens.
+
+        A request that wants prompt logprobs gets none: they come from running every prompt position.
+        """
         queried = hit = 0
-        if not self.kv_cache.enable_prefix_caching:
+        if not self.kv_cache.enable_prefix_caching or request.prompt_logprobs is not None:
             return queried, hit
         for seq in request.unfinished_seqs:
             if seq.num_computed_tokens == 0 and not self.kv_cache.block_table(seq.seq_id):

@@ -15,6 +15,12 @@ finalizer aborts the request when the queue is garbage-collected before its requ
 
 If ``step()`` raises, the engine is dead: every in-flight request fails with ``EngineDeadError``,
 new ones are refused and ``check_health()`` raises, so the server's ``/health`` turns non-200.
+A failure in one request's own processing (its output carries an ``error``) fails that request
+only, with ``RequestFailedError``.
+
+New requests pass ``AdmissionControl`` (a bounded queue; ``RequestRejected`` past it, or while
+draining for shutdown). A request given a timeout is aborted when it runs out, and its reader
+gets ``RequestTimeoutError``.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from typing import Any, TypeVar
 import torch
 
 from quire.config import EngineArgs
+from quire.engine.admission import AdmissionControl, RequestRejected
 from quire.engine.llm_engine import LLMEngine
 from quire.metrics import EngineMetrics, StatLogger
 from quire.outputs import RequestOutput
@@ -48,6 +55,14 @@ class EngineDeadError(RuntimeError):
     """The step loop failed; the engine serves no more requests."""
 
 
+class RequestFailedError(RuntimeError):
+    """One request failed (its processing raised, or the server shut down before it finished); others go on."""
+
+
+class RequestTimeoutError(TimeoutError):
+    """A request ran past its timeout and was aborted."""
+
+
 class AsyncLLMEngine:
     """Wraps an ``LLMEngine`` for asyncio callers; start it with ``start()`` inside a running loop."""
 
@@ -56,9 +71,11 @@ class AsyncLLMEngine:
         engine: LLMEngine,
         metrics: EngineMetrics | None = None,
         log_stats_interval: float | None = 10.0,
+        admission: AdmissionControl | None = None,
     ) -> None:
         self.engine = engine
         self.metrics = metrics
+        self.admission = admission if admission is not None else AdmissionControl()
         self.stat_logger = StatLogger(log_stats_interval) if log_stats_interval else None
         self._cv = threading.Condition()
         self._commands: list[Callable[[], None]] = []
@@ -67,6 +84,7 @@ class AsyncLLMEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         # request id -> (weak ref to its output queue, the finalizer that aborts it if the queue is dropped)
         self._streams: dict[str, tuple[weakref.ref, weakref.finalize]] = {}
+        self._deadlines: dict[str, float] = {}  # request id -> event-loop time it times out at
         self._dead: BaseException | None = None
         self._stats: dict[str, int] = engine.stats()
         self._threads = torch.get_num_threads()  # the engine's; steps with few requests use one less
@@ -97,6 +115,15 @@ class AsyncLLMEngine:
     def errored(self) -> bool:
         return self._dead is not None
 
+    @property
+    def draining(self) -> bool:
+        return self.admission.draining
+
+    @property
+    def num_in_flight(self) -> int:
+        """Requests added through this engine whose outputs are still being delivered."""
+        return len(self._streams)
+
     def stats(self) -> dict[str, int]:
         """The engine's stats as of the end of the last step-thread iteration."""
         return dict(self._stats)
@@ -125,6 +152,27 @@ class AsyncLLMEngine:
         self._fail_all(EngineDeadError("the engine was shut down"))
         self.engine.shutdown()  # tensor-parallel workers, if any
 
+    def begin_drain(self) -> None:
+        """Refuse new requests (``RequestRejected``, reason "draining"); those in flight go on."""
+        self.admission.begin_drain()
+
+    async def wait_idle(self, timeout: float | None) -> bool:
+        """Wait until no request is in flight, at most ``timeout`` seconds; True if none is."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._streams and (deadline is None or time.monotonic() < deadline):
+            await asyncio.sleep(0.05)
+        return not self._streams
+
+    def fail_requests(self, error: BaseException) -> int:
+        """End every request in flight: each reader gets ``error`` and the engine aborts it. Returns how many."""
+        ids = list(self._streams)
+        for request_id in ids:
+            queue = self._streams[request_id][0]()
+            if queue is not None:
+                queue.put_nowait(error)
+            self.cancel(request_id)
+        return len(ids)
+
     async def check_health(self) -> None:
         if self._dead is not None:
             raise EngineDeadError(f"engine step failed: {self._dead!r}") from self._dead
@@ -141,17 +189,27 @@ class AsyncLLMEngine:
         params: SamplingParams | BeamSearchParams,
         arrival_time: float | None = None,
         priority: int = 0,
+        timeout: float | None = None,
     ) -> asyncio.Queue:
         """Queue a request; returns its output queue once the engine accepted it.
 
-        Raises the engine's ``ValueError`` (invalid prompt or params) or ``EngineDeadError``.
+        ``timeout``: seconds from now after which the request is aborted (its reader gets
+        ``RequestTimeoutError``). Raises ``RequestRejected`` (the queue is full, or the server is
+        draining), the engine's ``ValueError`` (invalid prompt or params) or ``EngineDeadError``.
         """
         self._raise_if_dead()
         if request_id in self._streams:
             raise ValueError(f"request_id {request_id!r} is already in use.")
+        try:
+            self.admission.admit(request_id, self._num_prompt_tokens(prompt))
+        except RequestRejected as exc:
+            self._count_rejection(exc)
+            raise
         queue: asyncio.Queue = asyncio.Queue()
         finalizer = weakref.finalize(queue, self._orphaned, request_id)
         self._streams[request_id] = (weakref.ref(queue), finalizer)
+        if timeout is not None:
+            self._deadlines[request_id] = asyncio.get_running_loop().time() + timeout
         arrival = time.time() if arrival_time is None else arrival_time
         try:
             await self.run_in_engine(
@@ -162,6 +220,32 @@ class AsyncLLMEngine:
             self.cancel(request_id)
             raise
         return queue
+
+    def check_admission(self) -> None:
+        """Raise ``RequestRejected`` if a new request would be refused now (cheap: before any parsing)."""
+        try:
+            self.admission.check()
+        except RequestRejected as exc:
+            self._count_rejection(exc)
+            raise
+
+    def _count_rejection(self, exc: RequestRejected) -> None:
+        if self.metrics is not None:
+            self.metrics.record_rejection(exc.reason)
+
+    def _num_prompt_tokens(self, prompt: str | list[int] | dict) -> int:
+        """Prompt tokens for the token bound; a text prompt is tokenized only when that bound is set."""
+        if isinstance(prompt, dict):
+            ids = prompt.get("prompt_token_ids")
+            prompt = ids if ids is not None else prompt.get("prompt")
+        if isinstance(prompt, list | tuple):
+            return len(prompt)
+        if isinstance(prompt, str) and self.admission.max_waiting_tokens is not None:
+            try:
+                return len(self.tokenizer.encode(prompt, add_special_tokens=True))
+            except Exception:  # noqa: BLE001 - text it cannot take: the engine refuses it by name
+                return 0
+        return 0
 
     async def generate(
         self,
@@ -177,11 +261,19 @@ class AsyncLLMEngine:
             yield output
 
     async def stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        """Yield the outputs of an added request; leaving early aborts it."""
+        """Yield the outputs of an added request; leaving early (or its timeout) aborts it."""
         finished = False
+        deadline = self._deadlines.get(request_id)
         try:
             while True:
-                item = await queue.get()
+                if deadline is None:
+                    item = await queue.get()
+                else:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            item = await queue.get()
+                    except TimeoutError:
+                        raise RequestTimeoutError("the request ran past its timeout and was aborted.") from None
                 while not queue.empty() and not isinstance(item, BaseException) and not item.finished:
                     item = queue.get_nowait()
                 if isinstance(item, BaseException):
@@ -208,6 +300,8 @@ class AsyncLLMEngine:
         await self.run_in_engine(lambda engine: engine.abort_request(request_id))
 
     def _forget(self, request_id: str) -> None:
+        self.admission.release(request_id)
+        self._deadlines.pop(request_id, None)
         entry = self._streams.pop(request_id, None)
         if entry is not None:
             entry[1].detach()
@@ -216,7 +310,7 @@ class AsyncLLMEngine:
         """The queue of an unfinished request was garbage-collected unread: abort the request."""
         self.abort_nowait(request_id)
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._streams.pop, request_id, None)
+            self._loop.call_soon_threadsafe(self._forget, request_id)
 
     async def run_in_engine(self, fn: Callable[[LLMEngine], T]) -> T:
         """Run ``fn(engine)`` on the step thread, between steps, and return its result."""
@@ -332,6 +426,11 @@ class AsyncLLMEngine:
             entry = self._streams.get(output.request_id)
             queue = entry[0]() if entry is not None else None
             if queue is None:
+                continue
+            self.admission.release(output.request_id)  # it has started: no longer queued
+            if output.error is not None:
+                queue.put_nowait(RequestFailedError(f"the request failed: {output.error}"))
+                self._forget(output.request_id)
                 continue
             queue.put_nowait(output)
             if output.finished:

@@ -19,7 +19,7 @@ from quire.core.kv_cache_manager import KVCacheManager
 from quire.core.request import Request, Sequence
 from quire.core.scheduler import Scheduler
 from quire.sampling.beam_search import BeamSearch
-from quire.sampling_params import BeamSearchParams, SamplingParams
+from quire.sampling_params import BeamSearchParams, SamplingParams, is_valid_unicode
 
 if TYPE_CHECKING:
     from quire.structured.compiler import StructuredOutputCompiler
@@ -144,6 +144,8 @@ class InputProcessor:
         if token_ids is None:
             if not isinstance(text, str):
                 raise ValueError("prompt must be a string.")
+            if not is_valid_unicode(text):
+                raise ValueError("prompt must be valid Unicode text (it has a lone surrogate).")
             token_ids = self.tokenizer.encode(text, add_special_tokens=True)
         token_ids = list(token_ids)
         if not token_ids:

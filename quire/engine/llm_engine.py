@@ -13,7 +13,7 @@ import itertools
 import logging
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType
 
@@ -241,6 +241,12 @@ class LLMEngine:
         self.output_processor.add_request(request)
         self.scheduler.add_request(request)
         return request
+
+    def inject_fault(self, select: Callable[[Request], bool] | None, error: Exception | None = None) -> None:
+        """Test seam for fault isolation: processing the new tokens of any request ``select`` picks
+        raises ``error`` (as a detokenizer bug would); that request fails alone, with its output's
+        ``error`` set. ``None`` removes the fault. See ``OutputProcessor.inject_fault``."""
+        self.output_processor.inject_fault(select, error)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """End a request from whatever state it is in; its blocks in both pools are free on return."""

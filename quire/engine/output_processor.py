@@ -7,13 +7,18 @@ prompt samples, advancing beam searches, stop checks with incremental detokenizi
 
 The scheduler is passed to each call rather than held: its blocks back every fork and free, and
 the engine's current scheduler is the one to use.
+
+A request whose processing raises (a tokenizer or detokenizer error on strange bytes, a bug)
+fails alone: it is aborted, its blocks freed, and its final output carries the ``error``; the
+step and every other request go on. ``inject_fault`` is the seam that tests fail one request with.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from quire.core.request import Request, Sequence
@@ -27,6 +32,8 @@ from quire.worker.model_runner import RunnerOutput
 
 if TYPE_CHECKING:
     from quire.structured.state import GrammarStates
+
+logger = logging.getLogger(__name__)
 
 
 class OutputProcessor:
@@ -44,6 +51,15 @@ class OutputProcessor:
         self._builder = OutputBuilder(tokenizer)
         self.num_generated_tokens = 0
         self._grammars = grammars  # constrained sequences' matchers: added, forked, advanced and dropped here
+        self._fault: tuple[Callable[[Request], bool], Exception] | None = None
+
+    def inject_fault(self, select: Callable[[Request], bool] | None, error: Exception | None = None) -> None:
+        """Test seam: from now on, processing the new tokens of a request ``select`` picks raises ``error``.
+
+        The failure happens where a tokenizer or detokenizer bug would, after the request's new
+        tokens were sampled, so it exercises the same isolation. ``None`` removes the fault.
+        """
+        self._fault = None if select is None else (select, error or RuntimeError("injected fault"))
 
     def add_request(self, request: Request) -> None:
         """Track a new request (one prompt sequence); its text starts after the prompt."""
@@ -73,9 +89,13 @@ class OutputProcessor:
         """
         for entry, scored in result.prompt_logprobs:
             self._logprobs.append_prompt(entry.request, scored)
-        touched = self._apply_samples(result, scheduler)
+        failed: dict[str, str] = {}
+        touched = self._apply_samples(result, scheduler, failed)
         outputs = []
         for request in touched:
+            if request.request_id in failed:
+                outputs.append(self._fail(request, failed[request.request_id], scheduler))
+                continue
             if request.is_finished:
                 self.requests.pop(request.request_id)
                 request.finished_time = time.time()
@@ -88,8 +108,28 @@ class OutputProcessor:
                         scheduler.free_seq(seq)
                         self._drop_grammar(seq)
             if request.beam is None:
-                outputs.append(self._builder.build(request, self._outputs))
+                try:
+                    outputs.append(self._builder.build(request, self._outputs))
+                except Exception as exc:  # noqa: BLE001 - this request fails alone
+                    outputs.append(self._fail(request, _describe(exc), scheduler))
         return outputs
+
+    def _fail(self, request: Request, error: str, scheduler: Scheduler) -> RequestOutput:
+        """End a request whose processing raised; its final output carries ``error``."""
+        logger.error("request %s failed and was aborted: %s", request.request_id, error)
+        self.requests.pop(request.request_id, None)
+        request.abort()
+        request.finished_time = time.time()
+        scheduler.finish_request(request)
+        for seq in request.seqs:
+            self._drop_grammar(seq)
+        try:
+            output = self._final_output(request)
+        except Exception:  # noqa: BLE001 - its outputs are what failed: report none
+            for seq in request.seqs:
+                self._outputs.pop(seq, None)
+            output = RequestOutput(request.request_id, request.prompt, request.prompt_token_ids, None, [], True)
+        return dataclasses.replace(output, error=error)
 
     def stats(self) -> dict[str, int]:
         guided = len(self._grammars) if self._grammars is not None else 0
@@ -97,12 +137,15 @@ class OutputProcessor:
 
     # -- one step's samples -------------------------------------------------------------
 
-    def _apply_samples(self, result: RunnerOutput, scheduler: Scheduler) -> list[Request]:
-        """Append every sampled (and verified draft) token; returns the requests that sampled, in order."""
+    def _apply_samples(self, result: RunnerOutput, scheduler: Scheduler, failed: dict[str, str]) -> list[Request]:
+        """Append every sampled (and verified draft) token; returns the requests that sampled, in order.
+
+        A request whose processing raises is recorded in ``failed`` (id -> error) and skipped.
+        """
         now = time.time()
         touched: dict[str, Request] = {}
         if result.verified is not None:
-            self._apply_verified(result, scheduler, touched, now)
+            self._apply_verified(result, scheduler, touched, now, failed)
         if result.samples is None:
             return list(touched.values())
         rows = SampledRows.of(result.samples)
@@ -112,12 +155,20 @@ class OutputProcessor:
             if request.first_token_time is None:
                 request.first_token_time = now
             touched[request.request_id] = request
+            if request.request_id in failed:
+                continue
             if request.beam is not None:
                 beam_rows.setdefault(request.request_id, []).append((entry.seq, row))
-            else:
+                continue
+            try:
                 self._append_samples(request, entry.seq, rows, row, count, scheduler)
+            except Exception as exc:  # noqa: BLE001 - this request fails alone
+                failed[request.request_id] = _describe(exc)
         for request_id, beams in beam_rows.items():
-            self._beam_step(touched[request_id], beams, rows, scheduler)
+            try:
+                self._beam_step(touched[request_id], beams, rows, scheduler)
+            except Exception as exc:  # noqa: BLE001 - this request fails alone
+                failed[request_id] = _describe(exc)
         return list(touched.values())
 
     def _append_samples(
@@ -140,10 +191,13 @@ class OutputProcessor:
         if out.logprobs is not None:
             out.logprobs.append(self._logprobs.sampled(rows, row, request.params.logprobs))
         self.num_generated_tokens += 1
+        if self._fault is not None and self._fault[0](request):
+            raise self._fault[1]
         self._stops.check(request, seq, out)
 
     def _apply_verified(
-        self, result: RunnerOutput, scheduler: Scheduler, touched: dict[str, Request], now: float
+        self, result: RunnerOutput, scheduler: Scheduler, touched: dict[str, Request], now: float,
+        failed: dict[str, str],
     ) -> None:
         """Append each drafting sequence's accepted drafts and the target's next token, one by one.
 
@@ -159,9 +213,12 @@ class OutputProcessor:
             if request.first_token_time is None:
                 request.first_token_time = now
             touched[request.request_id] = request
-            for row in range(first, first + accepted + 1):
-                if not seq.is_finished:
-                    self._append_token(request, seq, rows, row)
+            try:
+                for row in range(first, first + accepted + 1):
+                    if not seq.is_finished and request.request_id not in failed:
+                        self._append_token(request, seq, rows, row)
+            except Exception as exc:  # noqa: BLE001 - this request fails alone
+                failed[request.request_id] = _describe(exc)
             scheduler.accept_drafts(entry, accepted)
 
     def _advance_grammar(self, request: Request, seq: Sequence, token: int) -> bool:
@@ -245,6 +302,10 @@ class OutputProcessor:
             self._outputs.pop(seq, None)
             self._drop_grammar(seq)
         return output
+
+
+def _describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _row_groups(sampled: list[ScheduledSeq]) -> Iterator[tuple[ScheduledSeq, int, int]]:

@@ -8,13 +8,52 @@ vLLM's defaults. Responses are plain dicts in OpenAI's shapes (built in ``servin
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from quire.entrypoints.openai.limits import (
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_PROMPTS,
+    MAX_REQUEST_TIMEOUT_S,
+    MAX_SEED,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+    MIN_SEED,
+)
 
 
 class OpenAIBaseModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and infinities are not JSON numbers (Python's parser takes them); strict: no type coercion
+    # (false is not a temperature), so a request fits the schema exactly or is refused.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _integral_floats(cls, data: Any) -> Any:
+        return _integral_floats_as_ints(data)
+
+
+def _integral_floats_as_ints(value: Any) -> Any:
+    """JSON does not tell 1.0 from 1 (JSON Schema's "integer" takes both); strict pydantic does."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _integral_floats_as_ints(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral_floats_as_ints(v) for v in value]
+    return value
+
+
+# Bounded field types: the bounds appear in /openapi.json and a value past one is a 400 naming the field.
+GroupSize = Annotated[int, Field(ge=1, le=MAX_N)]
+TopLogprobs = Annotated[int, Field(ge=0, le=MAX_LOGPROBS)]
+Seed = Annotated[int, Field(ge=MIN_SEED, le=MAX_SEED)]
+StopString = Annotated[str, Field(max_length=MAX_STOP_STRING_CHARS)]
+Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None
+TokenIds = list[int]
 
 
 class APIError(Exception):
@@ -76,7 +115,7 @@ class SamplingExtras(OpenAIBaseModel):
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: Annotated[list[Annotated[int, Field(ge=0)]], Field(max_length=MAX_STOP_TOKEN_IDS)] | None = None
     use_beam_search: bool = False
     length_penalty: float = 1.0
     priority: int = 0
@@ -91,20 +130,27 @@ class SamplingExtras(OpenAIBaseModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # Seconds from arrival after which the request is aborted (the server's --request-timeout caps it).
+    request_timeout: Annotated[float, Field(gt=0, le=MAX_REQUEST_TIMEOUT_S)] | None = None
 
 
 class CompletionRequest(SamplingExtras):
     model: str | None = None
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: (
+        str
+        | Annotated[list[str], Field(max_length=MAX_PROMPTS)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(max_length=MAX_PROMPTS)]
+    )
     suffix: str | None = None
     max_tokens: int | None = 16
     temperature: float | None = None
     top_p: float | None = None
-    n: int = 1
-    best_of: int | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
-    logprobs: int | None = None
+    n: GroupSize = 1
+    best_of: GroupSize | None = None
+    stop: Stop = None
+    seed: Seed | None = None
+    logprobs: TopLogprobs | None = None
     echo: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -186,12 +232,12 @@ class ChatCompletionRequest(SamplingExtras):
     max_completion_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int = 1
-    best_of: int | None = None
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    n: GroupSize = 1
+    best_of: GroupSize | None = None
+    stop: Stop = None
+    seed: Seed | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: TopLogprobs | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = 0.0
@@ -216,3 +262,91 @@ class TokenizeRequest(OpenAIBaseModel):
 class DetokenizeRequest(OpenAIBaseModel):
     model: str | None = None
     tokens: list[int]
+
+
+# -- responses (documentation: the handlers build plain dicts in these shapes) ---------------------
+
+
+class ResponseModel(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class ErrorInfo(ResponseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class ErrorResponse(ResponseModel):
+    error: ErrorInfo
+
+
+class Usage(ResponseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(ResponseModel):
+    index: int
+    text: str
+    logprobs: dict[str, Any] | None
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(ResponseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class ChatResponseMessage(ResponseModel):
+    role: Literal["assistant"]
+    content: str | None
+
+
+class ChatChoice(ResponseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: dict[str, Any] | None
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(ResponseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ModelCard(ResponseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None
+    max_model_len: int
+
+
+class ModelList(ResponseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class TokenizeResponse(ResponseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeResponse(ResponseModel):
+    prompt: str

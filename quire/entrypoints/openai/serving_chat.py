@@ -15,7 +15,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from quire.entrypoints.openai.protocol import APIError, ChatCompletionRequest, ChatMessage
 from quire.entrypoints.openai.serving_engine import (
-    MAX_LOGPROBS,
     ChatLogprobs,
     EnginePrompt,
     OpenAIServing,
@@ -59,16 +58,22 @@ def apply_chat_template(
 
 
 class OpenAIServingChat(OpenAIServing):
+    def __init__(self, *args, trust_request_chat_template: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # A Jinja template is code: an untrusted one can loop for minutes inside the sandbox.
+        self.trust_request_chat_template = trust_request_chat_template
+
     async def create_chat_completion(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         model = self.model_name(request.model)
         self.check_unsupported(request)
         top_logprobs = request.top_logprobs
-        if top_logprobs is not None:
-            if not request.logprobs:
-                raise APIError("top_logprobs needs logprobs set to true.", param="top_logprobs")
-            if not 0 <= top_logprobs <= MAX_LOGPROBS:
-                message = f"top_logprobs must be in [0, {MAX_LOGPROBS}], got {top_logprobs}."
-                raise APIError(message, param="top_logprobs")
+        if request.chat_template is not None and not self.trust_request_chat_template:
+            raise APIError(
+                "chat_template in a request needs the server to run with --trust-request-chat-template.",
+                param="chat_template",
+            )
+        if top_logprobs is not None and not request.logprobs:
+            raise APIError("top_logprobs needs logprobs set to true.", param="top_logprobs")
         max_field = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         max_tokens = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
         tools = self._tool_choice(request)
@@ -99,7 +104,10 @@ class OpenAIServingChat(OpenAIServing):
         request_id = random_id("chatcmpl")
         beam = self.beam_search_params(request, params)
         renames = {"structured_outputs": "tool_choice" if constraint is not None else structured_outputs_field(request)}
-        streams = await self.add_all(request_id, [prompt], params, request.priority, "messages", beam, renames)
+        timeout = self.timeout(request)
+        streams = await self.add_all(
+            request_id, [prompt], params, request.priority, "messages", beam, renames, timeout
+        )
         created = int(time.time())
         if request.stream:
             k = request.top_logprobs or 0

@@ -10,7 +10,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from quire.entrypoints.openai.protocol import APIError, CompletionRequest
 from quire.entrypoints.openai.serving_engine import (
-    MAX_LOGPROBS,
     CompletionLogprobs,
     EnginePrompt,
     OpenAIServing,
@@ -24,6 +23,7 @@ from quire.entrypoints.openai.serving_engine import (
     usage,
 )
 from quire.outputs import RequestOutput
+from quire.sampling_params import is_valid_unicode
 
 # Completion chunks carry plain text and have the same "object" as the full response.
 COMPLETION_STREAM = StreamFormat(object="text_completion", text=lambda delta: {"text": delta})
@@ -35,8 +35,6 @@ class OpenAIServingCompletion(OpenAIServing):
         self.check_unsupported(request)
         if request.suffix is not None:
             raise APIError("suffix is not supported.", param="suffix")
-        if request.logprobs is not None and request.logprobs > MAX_LOGPROBS:
-            raise APIError(f"logprobs must be <= {MAX_LOGPROBS}, got {request.logprobs}.", param="logprobs")
         prompts = self._prompts(request.prompt, request.echo)
         for prompt in prompts:
             self.check_prompt(prompt, request.max_tokens, "prompt")
@@ -49,7 +47,8 @@ class OpenAIServingCompletion(OpenAIServing):
         request_id = random_id("cmpl")
         beam = self.beam_search_params(request, params)
         renames = {"structured_outputs": structured_outputs_field(request)}
-        streams = await self.add_all(request_id, prompts, params, request.priority, "prompt", beam, renames)
+        timeout = self.timeout(request)
+        streams = await self.add_all(request_id, prompts, params, request.priority, "prompt", beam, renames, timeout)
         created = int(time.time())
         if request.stream:
             body = stream_chunks(
@@ -76,6 +75,8 @@ class OpenAIServingCompletion(OpenAIServing):
         out = []
         for item in items:
             if isinstance(item, str):
+                if not is_valid_unicode(item):
+                    raise APIError("prompt must be valid Unicode text (it has a lone surrogate).", param="prompt")
                 out.append(EnginePrompt(item, tokenizer.encode(item, add_special_tokens=True)))
             else:
                 ids = list(item)

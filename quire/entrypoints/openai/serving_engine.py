@@ -14,8 +14,14 @@ from typing import Any, Protocol, TypeVar
 
 from fastapi import Request
 
-from quire.engine.async_engine import AsyncLLMEngine
-from quire.entrypoints.openai.protocol import APIError, ChatCompletionRequest, CompletionRequest, StreamOptions
+from quire.engine.async_engine import AsyncLLMEngine, RequestFailedError, RequestTimeoutError
+from quire.entrypoints.openai.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    StreamOptions,
+    error_body,
+)
 from quire.outputs import PositionLogprobs, RequestOutput
 from quire.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 
@@ -23,8 +29,6 @@ T = TypeVar("T")
 
 logger = logging.getLogger(__name__)
 
-# vLLM's default max_logprobs: the most top logprobs a request may ask for.
-MAX_LOGPROBS = 20
 # Logprobs of -inf are not JSON; OpenAI-compatible servers clamp them.
 _MIN_LOGPROB = -9999.0
 
@@ -56,10 +60,17 @@ class EnginePrompt:
 
 
 class OpenAIServing:
-    def __init__(self, engine: AsyncLLMEngine, served_model_names: list[str], priority_enabled: bool = False) -> None:
+    def __init__(
+        self,
+        engine: AsyncLLMEngine,
+        served_model_names: list[str],
+        priority_enabled: bool = False,
+        request_timeout: float | None = None,
+    ) -> None:
         self.engine = engine
         self.served_model_names = served_model_names
         self.priority_enabled = priority_enabled
+        self.request_timeout = request_timeout  # the server's; a request's own may only lower it
 
     @property
     def tokenizer(self):
@@ -73,6 +84,11 @@ class OpenAIServing:
         raise APIError(
             f"The model `{requested}` does not exist.", status_code=404, param="model", code="model_not_found"
         )
+
+    def timeout(self, request: CompletionRequest | ChatCompletionRequest) -> float | None:
+        """Seconds the request may run: the lower of the server's ``--request-timeout`` and its own field."""
+        given = [t for t in (self.request_timeout, request.request_timeout) if t is not None]
+        return min(given) if given else None
 
     def check_unsupported(self, request: CompletionRequest | ChatCompletionRequest) -> None:
         if request.use_beam_search:
@@ -180,11 +196,13 @@ class OpenAIServing:
         field: str,
         beam: BeamSearchParams | None = None,
         renames: dict[str, str] | None = None,
+        timeout: float | None = None,
     ) -> list[AsyncIterator[RequestOutput]]:
         """Add every prompt (all or none); returns one output stream per prompt.
 
         With ``beam``, each prompt runs a beam search and its stream yields the ``params.n`` best beams.
         ``renames`` maps engine field names to the request's (for the ``param`` of an error).
+        ``timeout``: seconds after which each is aborted (its stream raises ``RequestTimeoutError``).
         """
         arrival = time.time()
         streams, added = [], []
@@ -192,7 +210,9 @@ class OpenAIServing:
             for i, prompt in enumerate(prompts):
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
                 engine_params = beam if beam is not None else params
-                queue = await self.engine.add_request(rid, prompt.as_engine_input(), engine_params, arrival, priority)
+                queue = await self.engine.add_request(
+                    rid, prompt.as_engine_input(), engine_params, arrival, priority, timeout
+                )
                 added.append(rid)
                 stream = self.engine.stream(rid, queue)
                 streams.append(_first_n(stream, params.n) if beam is not None else stream)
@@ -382,11 +402,21 @@ async def stream_chunks(
         if include_usage:
             yield sse(chunk([], True))
     except Exception as exc:  # noqa: BLE001 - the status line is sent: report in-band
-        logger.exception("%s stream %s failed", fmt.object, request_id)
-        yield sse({"error": {"message": str(exc), "type": "server_error", "param": None, "code": None}})
+        yield sse(stream_error(exc, f"{fmt.object} stream {request_id}"))
     finally:
         await merged.aclose()
     yield sse("[DONE]")
+
+
+def stream_error(exc: Exception, what: str) -> dict:
+    """The in-band error event that ends a stream which failed after its status line was sent."""
+    if isinstance(exc, RequestTimeoutError):
+        return error_body(str(exc), "timeout_error", None, "request_timeout")
+    if isinstance(exc, RequestFailedError):
+        logger.warning("%s failed: %s", what, exc)
+    else:
+        logger.exception("%s failed", what)
+    return error_body(str(exc), "server_error", None, None)
 
 
 async def _first_n(stream: AsyncIterator[RequestOutput], n: int) -> AsyncIterator[RequestOutput]:
