@@ -76,6 +76,10 @@ class TaskResult:
     accepted_tokens: int = 0
     drafts: int = 0
     identical: bool = True
+    # Forward + sampling time of single-stream steps: one-token decodes (plain engine) and steps
+    # that verified drafts (speculative engine), every such step of every repeat.
+    plain_step_s: list[float] = field(default_factory=list)
+    verify_step_s: list[float] = field(default_factory=list)
 
     def ms_per_token(self, which: str) -> float:
         return statistics.median(getattr(self, f"{which}_decode_s")) / (self.output_tokens - 1) * 1e3
@@ -91,7 +95,11 @@ class TaskResult:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        data.pop("plain_step_s")
+        data.pop("verify_step_s")
         data.update(
+            plain_step_ms=statistics.median(self.plain_step_s) * 1e3 if self.plain_step_s else None,
+            verify_step_ms=statistics.median(self.verify_step_s) * 1e3 if self.verify_step_s else None,
             plain_ms_per_token=self.ms_per_token("plain"),
             spec_ms_per_token=self.ms_per_token("spec"),
             speedup=self.ms_per_token("plain") / self.ms_per_token("spec"),
@@ -121,10 +129,21 @@ def run(
     tokenizer = plain.get_tokenizer()
     engines = {"plain": plain, "spec": spec}
 
-    def generate(which: str, prompt: list[int], n: int) -> tuple[list[int], float, dict[str, int]]:
+    def generate(
+        which: str, prompt: list[int], n: int, task: TaskResult | None = None
+    ) -> tuple[list[int], float, dict[str, int]]:
         llm = engines[which]
         step_ends: list[float] = []
-        observer = lambda record: step_ends.append(time.perf_counter())  # noqa: E731
+
+        def observer(record) -> None:
+            step_ends.append(time.perf_counter())
+            if task is None or len(step_ends) == 1:  # the first step is the prefill
+                return
+            if which == "plain":
+                task.plain_step_s.append(record.execute_s)
+            elif any(c.num_draft_slots for c in record.scheduler_output.scheduled):
+                task.verify_step_s.append(record.execute_s)
+
         before = llm.stats()
         llm.engine.add_step_observer(observer)
         try:
@@ -154,7 +173,7 @@ def run(
         for r in range(repeats):
             order = ("plain", "spec") if r % 2 == 0 else ("spec", "plain")
             for which in order:
-                tokens, seconds, delta = generate(which, prompt, task.output_tokens)
+                tokens, seconds, delta = generate(which, prompt, task.output_tokens, task)
                 getattr(task, f"{which}_decode_s").append(seconds)
                 task.identical &= tokens == reference
                 if which == "spec":
@@ -169,7 +188,7 @@ def run(
 
 HEADER = (
     f"{'task':<16} {'kind':<11} {'prompt':>6} {'out':>4} {'plain ms/tok':>12} {'spec ms/tok':>11} "
-    f"{'speedup':>7} {'accept':>7} {'tok/step':>8} {'same':>5}"
+    f"{'speedup':>7} {'accept':>7} {'tok/step':>8} {'1-tok step':>10} {'verify step':>11} {'same':>5}"
 )
 
 
@@ -177,7 +196,9 @@ def _row(t: TaskResult) -> str:
     rate = f"{100 * t.acceptance_rate:.0f}%" if t.acceptance_rate is not None else "-"
     per_step = f"{t.tokens_per_draft_step:.2f}" if t.tokens_per_draft_step is not None else "-"
     plain, spec = t.ms_per_token("plain"), t.ms_per_token("spec")
+    one = f"{statistics.median(t.plain_step_s) * 1e3:.1f} ms" if t.plain_step_s else "-"
+    verify = f"{statistics.median(t.verify_step_s) * 1e3:.1f} ms" if t.verify_step_s else "-"
     return (
         f"{t.name:<16} {t.kind:<11} {t.prompt_tokens:>6} {t.output_tokens:>4} {plain:>12.1f} {spec:>11.1f} "
-        f"{plain / spec:>6.2f}x {rate:>7} {per_step:>8} {'yes' if t.identical else 'NO':>5}"
+        f"{plain / spec:>6.2f}x {rate:>7} {per_step:>8} {one:>10} {verify:>11} {'yes' if t.identical else 'NO':>5}"
     )
