@@ -76,8 +76,8 @@ class TaskResult:
     accepted_tokens: int = 0
     drafts: int = 0
     identical: bool = True
-    # Forward + sampling time of single-stream steps: one-token decodes (plain engine) and steps
-    # that verified drafts (speculative engine), every such step of every repeat.
+    # Schedule (proposing included) + forward + sampling time of single-stream steps: one-token
+    # decodes (plain engine) and steps that verified drafts (speculative engine), every repeat.
     plain_step_s: list[float] = field(default_factory=list)
     verify_step_s: list[float] = field(default_factory=list)
 
@@ -156,10 +156,11 @@ def run(
             step_ends.append(time.perf_counter())
             if task is None or len(step_ends) == 1:  # the first step is the prefill
                 return
+            seconds = record.schedule_s + record.execute_s  # a draft model proposes in the schedule phase
             if which == "plain":
-                task.plain_step_s.append(record.execute_s)
+                task.plain_step_s.append(seconds)
             elif any(c.num_draft_slots for c in record.scheduler_output.scheduled):
-                task.verify_step_s.append(record.execute_s)
+                task.verify_step_s.append(seconds)
 
         before = llm.stats()
         llm.engine.add_step_observer(observer)
