@@ -11,10 +11,16 @@ import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-# The dtypes offered on the command line. ``float16`` is accepted by ``validate`` only so that the
-# engine can answer it with a clear "not supported on CPU" instead of a bare "invalid choice".
+# The dtypes a CPU runs; a CUDA device also runs float16 (``resolve_dtype`` refuses it on a CPU
+# with the reason rather than a bare "invalid choice").
 CPU_DTYPES = ("auto", "float32", "bfloat16")
-_DTYPES = (*CPU_DTYPES, "float16")
+DTYPES = (*CPU_DTYPES, "float16")
+# Where the engine runs: auto is CUDA when PyTorch sees a CUDA device, else the CPU (cuda:N also
+# accepted). ``quire.worker.platform`` holds what differs between them.
+DEVICES = ("auto", "cpu", "cuda")
+# On a CUDA device, the share of its memory the engine may hold (weights, activations, KV pool) when
+# neither ``kv_cache_memory_gb`` nor ``num_kv_blocks`` is given, as vLLM's gpu_memory_utilization.
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.9
 PREEMPTION_MODES = ("auto", "swap", "recompute")
 SCHEDULING_POLICIES = ("fcfs", "priority")
 # The step's token budget when ``max_num_batched_tokens`` is not given: large enough that one long
@@ -46,6 +52,7 @@ class CacheConfig:
     swap_space_gb: float = 0.0  # host (swap) KV pool budget
     num_host_kv_blocks: int | None = None  # exact host block count; None: derive from swap_space_gb
     kv_allocator: str = DEFAULT_KV_ALLOCATOR  # one of KV_ALLOCATORS
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION  # a CUDA pool's budget share
 
 
 @dataclass(frozen=True)
@@ -165,9 +172,19 @@ class EngineArgs:
     )
     dtype: str = _arg(
         "auto",
-        "weights and activations; auto is float32 (bfloat16 is faster, but its greedy text drifts from "
-        "float32's and depends on the batch)",
-        choices=CPU_DTYPES,
+        "weights and activations; auto is float32 on a CPU (bfloat16 is faster, but its greedy text drifts "
+        "from float32's and depends on the batch) and bfloat16 (float16 where unsupported) on a GPU; "
+        "float16 only on a GPU",
+        choices=DTYPES,
+    )
+    device: str = _arg("auto", "cpu or cuda (cuda:N); auto is cuda when PyTorch sees a CUDA device, else cpu")
+    gpu_memory_utilization: float = _arg(
+        DEFAULT_GPU_MEMORY_UTILIZATION,
+        "on a GPU, the share of its memory for weights, activations and the KV pool; the pool gets what "
+        "a profiling forward leaves (ignored with --kv-cache-memory-gb or --num-kv-blocks, and on a CPU)",
+    )
+    enforce_eager: bool = _arg(
+        False, "on a GPU, run every step eagerly instead of replaying decode steps captured as CUDA graphs"
     )
     block_size: int = _arg(16, "tokens per KV block")
     max_model_len: int | None = _arg(None, "context length, prompt plus output (default: the model's)")
@@ -228,8 +245,13 @@ class EngineArgs:
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {_DTYPES}, got {self.dtype!r}.")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}.")
+        if not isinstance(self.device, str):
+            raise ValueError(f"device must be one of {DEVICES} (or cuda:N), got {self.device!r}.")
+        utilization = self.gpu_memory_utilization
+        if isinstance(utilization, bool) or not isinstance(utilization, int | float) or not 0 < utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization!r}.")
         positive_int("block_size", self.block_size)
         positive_int("max_num_seqs", self.max_num_seqs)
         positive_int("tensor_parallel_size", self.tensor_parallel_size)
@@ -284,6 +306,7 @@ class EngineArgs:
                 swap_space_gb=float(self.swap_space),
                 num_host_kv_blocks=self.num_host_kv_blocks,
                 kv_allocator=self.kv_allocator,
+                gpu_memory_utilization=float(self.gpu_memory_utilization),
             ),
             scheduler=SchedulerConfig(
                 max_num_seqs=self.max_num_seqs,
@@ -307,8 +330,16 @@ class EngineArgs:
 AUTO_DTYPE = "float32"
 
 
-def resolve_dtype(dtype: str) -> str:
-    """The dtype the engine runs for the name a user gave: "auto" is AUTO_DTYPE."""
+def resolve_dtype(dtype: str, device_type: str = "cpu", bf16_supported: bool = True) -> str:
+    """The dtype the engine runs for the name a user gave on a device of ``device_type``.
+
+    "auto" is AUTO_DTYPE on a CPU; on a GPU it is bfloat16 where the device supports it
+    (``bf16_supported``), else float16 (the GPU kernels' 16-bit types; float32 stays available).
+    """
+    if device_type == "cuda":
+        if dtype != "auto":
+            return dtype
+        return "bfloat16" if bf16_supported else "float16"
     if dtype == "auto":
         return AUTO_DTYPE
     if dtype == "float16":

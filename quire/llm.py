@@ -117,13 +117,18 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
         chat_template: str | None = None,
+        tools: list[dict] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the model's chat template to one conversation or a list of them, then generate."""
+        """Apply the model's chat template to one conversation or a list of them, then generate.
+
+        ``tools`` (OpenAI's ``{"type": "function", "function": {...}}`` dicts) are rendered into the
+        prompt as the server renders them; ``quire.tool_calls.parse_tool_calls`` reads calls out of the text.
+        """
         conversations = [messages] if messages and isinstance(messages[0], dict) else list(messages)
         tokenizer = self.engine.tokenizer
         prompts = []
         for conversation in conversations:
-            token_ids = chat_prompt_token_ids(tokenizer, conversation, add_generation_prompt, chat_template)
+            token_ids = chat_prompt_token_ids(tokenizer, conversation, add_generation_prompt, chat_template, tools)
             prompts.append({"prompt": tokenizer.decode(token_ids), "prompt_token_ids": token_ids})
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 

@@ -2,7 +2,65 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+# OpenAI's range for logit_bias values.
+MAX_LOGIT_BIAS = 100.0
+
+
+@dataclass
+class StructuredOutputsParams:
+    """A constraint on the generated text (vLLM's names): set exactly one of the fields.
+
+    ``json``: a JSON schema (dict or JSON text); ``json_object``: any JSON object; ``regex``: the
+    whole output matches it; ``choice``: the output is one of these strings; ``grammar``: an EBNF
+    grammar (GBNF style, ``root ::= ...``). Compiling happens when the request is added, where a bad
+    schema, regex or grammar is a ``ValueError`` naming the field.
+    """
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self) -> None:
+        chosen = [f.name for f in fields(self) if getattr(self, f.name) not in (None, False)]
+        if len(chosen) != 1:
+            raise ValueError(
+                "structured_outputs must set exactly one of json, regex, choice, grammar, json_object; "
+                f"got {chosen or 'none'}."
+            )
+        if isinstance(self.json, str):
+            try:
+                json.loads(self.json)
+            except ValueError as exc:
+                raise ValueError(f"structured_outputs.json is not valid JSON: {exc}") from exc
+        elif self.json is not None and not isinstance(self.json, dict):
+            raise ValueError(f"structured_outputs.json must be a schema (dict or JSON text), got {self.json!r}.")
+        if self.choice is not None and not (
+            isinstance(self.choice, list | tuple) and self.choice and all(isinstance(c, str) for c in self.choice)
+        ):
+            raise ValueError(f"structured_outputs.choice must be a non-empty list of strings, got {self.choice!r}.")
+        for name in ("regex", "grammar"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, str) and value):
+                raise ValueError(f"structured_outputs.{name} must be a non-empty string, got {value!r}.")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint is set: the field's name."""
+        return next(f.name for f in fields(self) if getattr(self, f.name) not in (None, False))
+
+    @property
+    def json_schema(self) -> str | None:
+        """The ``json`` schema as JSON text."""
+        if self.json is None:
+            return None
+        return self.json if isinstance(self.json, str) else json.dumps(self.json)
+
 
 
 @dataclass
@@ -34,6 +92,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    structured_outputs: StructuredOutputsParams | None = None
     stop_strings: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -53,6 +115,8 @@ class SamplingParams:
             raise ValueError(f"stop_token_ids must be a list of token ids, got {self.stop_token_ids!r}.")
         if self.top_k == -1:
             self.top_k = 0
+        if isinstance(self.structured_outputs, dict):
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self._validate()
 
     def _validate(self) -> None:
@@ -86,6 +150,40 @@ class SamplingParams:
             if value is not None:
                 check(_is_int(value) and value >= 0, name, "must be an integer >= 0")
 
+        self._validate_token_controls()
+
+    def _validate_token_controls(self) -> None:
+        """``logit_bias``, ``allowed_token_ids``, ``bad_words``, ``structured_outputs`` (vocabulary ranges
+        are checked where the vocabulary is known: the engine's input processor)."""
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, dict):
+                raise ValueError(f"logit_bias must map token ids to biases, got {self.logit_bias!r}.")
+            bias: dict[int, float] = {}
+            for token, value in self.logit_bias.items():
+                token_id = _token_id(token)
+                if token_id is None:
+                    raise ValueError(f"logit_bias keys must be token ids >= 0, got {token!r}.")
+                if not (isinstance(value, int | float) and not isinstance(value, bool)) or not (
+                    -MAX_LOGIT_BIAS <= value <= MAX_LOGIT_BIAS
+                ):
+                    raise ValueError(f"logit_bias values must be in [-100, 100], got {value!r} for token {token}.")
+                bias[token_id] = float(value)
+            self.logit_bias = bias
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not (isinstance(ids, list | tuple) and ids and all(_is_int(t) and t >= 0 for t in ids)):
+                raise ValueError(f"allowed_token_ids must be a non-empty list of token ids >= 0, got {ids!r}.")
+            self.allowed_token_ids = list(ids)
+        if self.bad_words is not None:
+            words = self.bad_words
+            if not (isinstance(words, list | tuple) and all(isinstance(w, str) and w.strip() for w in words)):
+                raise ValueError(f"bad_words must be a list of non-empty strings, got {words!r}.")
+            self.bad_words = list(words)
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(
+                f"structured_outputs must be a StructuredOutputsParams, got {type(self.structured_outputs).__name__}."
+            )
+
     @property
     def num_seqs(self) -> int:
         """Sequences generated for the request: ``best_of`` (default ``n``); the ``n`` best are returned."""
@@ -118,6 +216,7 @@ class BeamSearchParams:
     temperature: float = 0.0
     length_penalty: float = 1.0
     include_stop_str_in_output: bool = False
+    structured_outputs: StructuredOutputsParams | None = None  # every beam follows the constraint
 
     def __post_init__(self) -> None:
         def check(ok: bool, name: str, message: str) -> None:
@@ -128,6 +227,17 @@ class BeamSearchParams:
         check(_is_int(self.max_tokens) and self.max_tokens >= 1, "max_tokens", "must be an integer >= 1")
         check(self.temperature >= 0.0, "temperature", "must be >= 0")
         check(isinstance(self.length_penalty, int | float), "length_penalty", "must be a number")
+        if self.structured_outputs is not None and not isinstance(self.structured_outputs, StructuredOutputsParams):
+            raise ValueError(
+                f"structured_outputs must be a StructuredOutputsParams, got {type(self.structured_outputs).__name__}."
+            )
+
+
+def _token_id(value: Any) -> int | None:
+    """A token id given as an int or as decimal text (JSON object keys are strings)."""
+    if isinstance(value, str) and value.isdigit():
+        return int(value)
+    return value if _is_int(value) and value >= 0 else None
 
 
 def _is_int(value: object) -> bool:

@@ -72,6 +72,7 @@ ENGINE_FLAGS = {
     "--kv-cache-memory-gb", "--num-kv-blocks", "--enable-prefix-caching", "--no-enable-prefix-caching",
     "--num-threads", "--tensor-parallel-size", "-tp", "--swap-space", "--num-host-kv-blocks", "--preemption-mode",
     "--scheduling-policy", "--priority-aging-steps", "--kv-allocator", "--attention-backend", "--speculative-config",
+    "--device", "--gpu-memory-utilization", "--enforce-eager", "--no-enforce-eager",
 }
 
 

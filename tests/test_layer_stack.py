@@ -12,6 +12,7 @@ from quire.attention.torch_backend import TorchAttentionBackend
 from quire.models.layer_stack import LayerStack
 from quire.models.loader import load_model_files
 from quire.models.registry import build_model
+from quire.worker.platform import Platform
 from quire.worker.step_inputs import StepInputs
 
 BLOCK_SIZE = 16
@@ -31,7 +32,7 @@ def _step(tables: list[list[int]], starts: list[int], lens: list[int], ids: list
         block_tables=torch.tensor(tables, dtype=torch.int32),
         logit_rows=torch.zeros(0, dtype=torch.int32),
     )
-    return inputs.batch(BLOCK_SIZE, torch.device("cpu"))
+    return inputs.batch(BLOCK_SIZE, Platform(torch.device("cpu")))[:3]
 
 
 def _embed(model, ids, positions):

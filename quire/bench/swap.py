@@ -60,8 +60,10 @@ def _time_swap(kv, cache, context: int, repeats: int) -> tuple[float, float]:
     for _ in range(repeats + 1):  # the first round warms up
         start = time.perf_counter()
         cache.swap_out(kv.swap_out([seq_id]))
+        cache.wait_for_copies()
         mid = time.perf_counter()
         cache.swap_in(kv.swap_in([seq_id]))
+        cache.wait_for_copies()
         outs.append((mid - start) * 1e3)
         ins.append((time.perf_counter() - mid) * 1e3)
     kv.free(seq_id)

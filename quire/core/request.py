@@ -85,6 +85,9 @@ class Request:
     beam: BeamSearch | None = None  # beam-search state for beam-search requests
     cache_salt: str | None = None  # extra key in the prefix-cache hashes: only requests with the same salt share
     prompt_logprobs: list[PositionLogprobs | None] | None = None
+    # The structured-output constraint compiled for the vocabulary (quire.structured), opaque here.
+    grammar: Any = None
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)  # params.bad_words as token sequences
     first_token_time: float | None = None
     finished_time: float | None = None
     num_preemptions: int = 0

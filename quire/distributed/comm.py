@@ -52,15 +52,16 @@ class TPGroup:
     ) -> TPGroup:
         """Rendezvous (``tcp://host:port`` or ``env://``) and open the two process groups.
 
-        Quire runs on CPU, so the backend is gloo; NCCL belongs here once the engine has a CUDA device.
+        ``backend`` is the forward's: gloo for CPU tensors, nccl for CUDA ones (``Platform.dist_backend``).
+        The step broadcasts stay on gloo either way: a step travels as host tensors.
         """
-        if backend != "gloo":
-            raise NotImplementedError(f"backend {backend!r}: Quire runs on CPU, where the backend is gloo")
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"backend must be gloo or nccl, got {backend!r}")
         store, rank, size = next(dist.rendezvous(init_method, rank=rank, world_size=size, timeout=timeout))
         groups = []
-        for name, deadline in (("compute", timeout), ("control", _IDLE_TIMEOUT)):
+        for name, deadline, kind in (("compute", timeout, backend), ("control", _IDLE_TIMEOUT, "gloo")):
             prefixed = dist.PrefixStore(f"quire/{name}", store)
-            groups.append(dist.ProcessGroupGloo(prefixed, rank, size, deadline))
+            groups.append(_process_group(kind, prefixed, rank, size, deadline))
         return cls(rank=rank, size=size, compute=groups[0], control=groups[1])
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,3 +100,12 @@ class TPGroup:
         self.stats.broadcast_bytes += x.numel() * x.element_size()
         self.stats.num_broadcasts += 1
         return x
+
+
+def _process_group(kind: str, store, rank: int, size: int, timeout: datetime.timedelta):
+    if kind == "gloo":
+        return dist.ProcessGroupGloo(store, rank, size, timeout)
+    # CUDA builds of PyTorch only; the CPU wheel has no ProcessGroupNCCL.
+    options = dist.ProcessGroupNCCL.Options()
+    options._timeout = timeout
+    return dist.ProcessGroupNCCL(store, rank, size, options)

@@ -10,6 +10,7 @@ import itertools
 import time
 from collections.abc import Container, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from quire.core.request import Request, Sequence
 from quire.core.scheduler import Scheduler
 from quire.sampling.beam_search import BeamSearch
 from quire.sampling_params import BeamSearchParams, SamplingParams
+
+if TYPE_CHECKING:
+    from quire.structured.compiler import StructuredOutputCompiler
 
 Prompt = str | list[int] | dict
 
@@ -42,6 +46,7 @@ class InputProcessor:
         eos_token_id: int | None,
         seq_ids: Iterator[int],
         live_request_ids: Container[str],
+        grammar_compiler: StructuredOutputCompiler | None = None,
     ) -> None:
         self.tokenizer = tokenizer
         self.vocab_size = vocab_size
@@ -50,6 +55,7 @@ class InputProcessor:
         self._seq_ids = seq_ids  # shared with the output processor, which numbers the forks
         self._live = live_request_ids  # ids in use: a new request may not reuse one
         self._arrivals = itertools.count()  # FCFS order across all requests
+        self._grammars = grammar_compiler  # None: the engine takes no structured_outputs
 
     def process(
         self,
@@ -69,6 +75,8 @@ class InputProcessor:
         self._check_request(request_id, priority, scheduler.config)
         group = _group(sampling, beam_params)
         _check_group_size(group, scheduler.config)
+        self._check_token_ids(sampling)
+        grammar = self._compile(sampling)
         text, token_ids = self._tokenize(prompt)
         if group.size > 1:
             self._check_group_fits(len(token_ids), group, sampling.max_tokens, scheduler)
@@ -92,6 +100,8 @@ class InputProcessor:
             beam=beam,
             cache_salt=prompt.get("cache_salt") if isinstance(prompt, dict) else None,
             prompt_logprobs=[None] if sampling.prompt_logprobs is not None else None,
+            grammar=grammar,
+            bad_words_token_ids=self._bad_words(sampling.bad_words or []),
         )
 
     def _check_request(self, request_id: str, priority: int, limits: SchedulerConfig) -> None:
@@ -101,6 +111,32 @@ class InputProcessor:
             raise ValueError(f"priority must be an integer, got {priority!r}.")
         if priority != 0 and limits.policy != "priority":
             raise ValueError(f"priority={priority} needs scheduling_policy='priority' (the engine uses 'fcfs').")
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        vocab = self.vocab_size
+        controls = {"logit_bias": params.logit_bias or {}, "allowed_token_ids": params.allowed_token_ids or []}
+        for name, ids in controls.items():
+            outside = [t for t in ids if t >= vocab]
+            if outside:
+                raise ValueError(f"{name} has token ids outside the vocabulary [0, {vocab}): {outside[:5]}.")
+
+    def _compile(self, params: SamplingParams):
+        """The compiled grammar of ``params.structured_outputs`` (None without one)."""
+        if params.structured_outputs is None:
+            return None
+        if self._grammars is None:
+            raise ValueError("structured_outputs is not available: this engine has no grammar compiler.")
+        return self._grammars.compile(params.structured_outputs)
+
+    def _bad_words(self, words: list[str]) -> list[list[int]]:
+        """Each bad word as token ids, alone and after a space (how it appears mid-text), as vLLM bans them."""
+        sequences: list[list[int]] = []
+        for word in words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in sequences:
+                    sequences.append(ids)
+        return sequences
 
     def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
         """The prompt's text (if given) and its token ids, checked against the vocabulary and ``max_model_len``."""
@@ -137,7 +173,11 @@ def _as_sampling_params(params: SamplingParams | BeamSearchParams) -> tuple[Samp
     """Beam search runs as greedy sampling that returns each beam's ``2 * beam_width`` best candidates."""
     if isinstance(params, BeamSearchParams):
         sampling = SamplingParams(
-            temperature=0.0, max_tokens=params.max_tokens, ignore_eos=params.ignore_eos, logprobs=2 * params.beam_width
+            temperature=0.0,
+            max_tokens=params.max_tokens,
+            ignore_eos=params.ignore_eos,
+            logprobs=2 * params.beam_width,
+            structured_outputs=params.structured_outputs,
         )
         return sampling, params
     if not isinstance(params, SamplingParams):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from quire.config import CacheConfig
 from quire.models.loader import available_memory_bytes
+from quire.worker.platform import Platform
 
 # Default KV budget: this share of available memory, capped.
 _KV_MEMORY_FRACTION = 0.3
@@ -41,3 +42,29 @@ def num_host_blocks(cache: CacheConfig, bytes_per_block: int) -> int:
     if cache.num_host_kv_blocks is not None:
         return cache.num_host_kv_blocks
     return int(cache.swap_space_gb * 2**30 // bytes_per_block)
+
+
+def needs_profile(cache: CacheConfig, platform: Platform) -> bool:
+    """A GPU pool without an explicit size is sized from a profiling forward (``kv_blocks_from_profile``)."""
+    return platform.is_cuda and cache.num_kv_blocks is None and cache.kv_cache_memory_gb is None
+
+
+def kv_blocks_from_profile(cache: CacheConfig, bytes_per_block: int, platform: Platform, peak_bytes: int) -> int:
+    """vLLM's rule: the pool gets ``gpu_memory_utilization`` of the device's memory, less what the
+    profiling forward's peak held (weights, activations, and memory outside PyTorch's allocator).
+
+    Args:
+        peak_bytes: ``profile_forward``'s figure for this device.
+    Returns:
+        The device block count.
+    """
+    _, total = platform.memory()
+    budget = int(total * cache.gpu_memory_utilization) - peak_bytes
+    num_blocks = budget // bytes_per_block
+    if num_blocks < 1:
+        raise ValueError(
+            f"gpu_memory_utilization={cache.gpu_memory_utilization}: the model and its largest step already "
+            f"hold {peak_bytes / 2**30:.2f} GiB of the {total * cache.gpu_memory_utilization / 2**30:.2f} GiB "
+            "allowed, leaving no room for KV blocks; raise it, or lower max_num_batched_tokens."
+        )
+    return num_blocks

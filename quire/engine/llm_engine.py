@@ -20,7 +20,7 @@ from types import MappingProxyType
 import torch
 
 from quire.attention.selector import build_attention_backend
-from quire.config import EngineArgs, resolve_dtype
+from quire.config import EngineArgs, EngineConfig, resolve_dtype
 from quire.core.allocator_registry import build_kv_allocator
 from quire.core.kv_allocator import KVUsage
 from quire.core.kv_cache_manager import KVCacheManager
@@ -36,7 +36,7 @@ from quire.distributed.launch import (
 )
 from quire.distributed.partition import head_shard
 from quire.engine.input_processor import InputProcessor, Prompt
-from quire.engine.kv_sizing import num_host_blocks, num_kv_blocks
+from quire.engine.kv_sizing import kv_blocks_from_profile, needs_profile, num_host_blocks, num_kv_blocks
 from quire.engine.model_info import ModelInfo
 from quire.engine.output_processor import OutputProcessor
 from quire.engine.ranks import Ranks
@@ -52,8 +52,13 @@ from quire.outputs import RequestOutput
 from quire.sampling.sampler import Sampler
 from quire.sampling_params import BeamSearchParams, SamplingParams
 from quire.spec_decode.builder import build_proposer
+from quire.structured.compiler import StructuredOutputCompiler
+from quire.structured.state import GrammarStates
 from quire.worker.cache_engine import CacheEngine, kv_bytes_per_block
+from quire.worker.cuda_graphs import build_decode_graphs, uses_decode_graphs
 from quire.worker.model_runner import ModelRunner, RunnerOutput
+from quire.worker.platform import Platform, rank_device, resolve_device
+from quire.worker.profiling import profile_forward
 from quire.worker.tp_worker import TORCH_DTYPES, run_worker, threads_per_rank, worker_main
 
 logger = logging.getLogger(__name__)
@@ -64,6 +69,9 @@ class LLMEngine:
     def __init__(self, args: EngineArgs) -> None:
         args.validate()
         self.args = args
+        # Resolved before any worker starts, so that a missing CUDA device fails here, with the reason.
+        self.platform = Platform(rank_device(resolve_device(args.device), 0))
+        self.device = self.platform.device
         # Tensor parallelism: this process is rank 0 (the driver) of ``tensor_parallel_size`` ranks.
         self.group = TPGroup()
         self.workers: WorkerProcesses | None = None
@@ -87,67 +95,81 @@ class LLMEngine:
     def _build(self, args: EngineArgs, path: str, rendezvous: Rendezvous | None) -> None:
         if rendezvous is not None:
             self.group = self._ranks.group = TPGroup.connect(
-                rendezvous.init_method, 0, rendezvous.size, COLLECTIVE_TIMEOUT
+                rendezvous.init_method, 0, rendezvous.size, COLLECTIVE_TIMEOUT, self.platform.dist_backend
             )
         loaded = load_model_files(path)
         self.arch = loaded.config
-        dtype_name = resolve_dtype(args.dtype)
+        dtype_name = resolve_dtype(args.dtype, self.device.type, self.platform.supports_bf16)
         self.dtype = TORCH_DTYPES[dtype_name]
-        self.device = torch.device("cpu")
         if args.num_threads or args.tensor_parallel_size > 1:
             torch.set_num_threads(threads_per_rank(args))
         # This rank's KV heads; rank 0 holds the most, so it sizes the cache for every rank.
         self.num_local_kv_heads = len(
             head_shard(self.arch.num_heads, self.arch.num_kv_heads, self.group.size, self.group.rank).kv_heads
         )
-        num_blocks, host_blocks = self._size_kv_cache(args, path, dtype_name)
-        self._load(loaded, path, num_blocks, host_blocks)
+        self.config = self._create_config(args, path, dtype_name)
+        per_block = kv_bytes_per_block(self.arch, self.config.cache.block_size, self.dtype, self.num_local_kv_heads)
+        host_blocks = num_host_blocks(self.config.cache, per_block)
+        if needs_profile(self.config.cache, self.platform):
+            # The pool gets the memory that the weights and the largest step's activations leave.
+            self._load_model(loaded, path, self.config.scheduler.max_model_len)
+            peak = profile_forward(
+                self.model, self.arch, self.dtype, self.platform, self.config, self.num_local_kv_heads
+            )
+            num_blocks = kv_blocks_from_profile(self.config.cache, per_block, self.platform, peak)
+            self._commit_cache_size(num_blocks, host_blocks, dtype_name)
+            self.cache = self._cache_engine(num_blocks, host_blocks, back_now=True)
+        else:
+            num_blocks = num_kv_blocks(self.config.cache, per_block, check_memory=not self.platform.is_cuda)
+            self._commit_cache_size(num_blocks, host_blocks, dtype_name)
+            self.cache = self._cache_engine(num_blocks, host_blocks, back_now=False)
+            # Backing the pool's pages takes seconds (CacheEngine.back_pages); a thread does it (torch
+            # releases the GIL) while the tokenizer, mostly Python, and the model load.
+            with ThreadPoolExecutor(1, thread_name_prefix="quire-kv-pages") as pool:
+                backing = pool.submit(self.cache.back_pages)
+                self._load_model(loaded, path, self.max_model_len)
+                backing.result()
         del loaded
         self._assemble(num_blocks, host_blocks)
 
-    def _size_kv_cache(self, args: EngineArgs, path: str, dtype_name: str) -> tuple[int, int]:
-        """Device and host KV blocks; sets ``config`` and ``max_model_len`` (at most what the cache holds)."""
+    def _create_config(self, args: EngineArgs, path: str, dtype_name: str) -> EngineConfig:
         model_max_len = self.arch.max_position_embeddings
         if self.arch.sliding_window:  # no windowed attention: stay within the window
             model_max_len = min(model_max_len, self.arch.sliding_window)
-        config = args.create_config(path, model_max_len, dtype_name)
-        block_size = config.cache.block_size
-        per_block = kv_bytes_per_block(self.arch, block_size, self.dtype, self.num_local_kv_heads)
-        num_blocks = num_kv_blocks(config.cache, per_block, check_memory=self.device.type == "cpu")
+        return args.create_config(path, model_max_len, dtype_name)
+
+    def _commit_cache_size(self, num_blocks: int, host_blocks: int, dtype_name: str) -> None:
+        """Set ``max_model_len`` (at most what the pool holds) and tell the other ranks the sizes."""
+        block_size = self.config.cache.block_size
         capacity = num_blocks * block_size
-        max_model_len = config.scheduler.max_model_len
+        max_model_len = self.config.scheduler.max_model_len
         if capacity < max_model_len:
             logger.warning("KV cache holds %d tokens: max_model_len lowered from %d", capacity, max_model_len)
             max_model_len = capacity
         self.max_model_len = max_model_len
-        self.config = config
-        host_blocks = num_host_blocks(config.cache, per_block)
         if self.group.size > 1:
             dtype_code = list(TORCH_DTYPES).index(dtype_name)
             self.group.broadcast(torch.tensor([num_blocks, block_size, max_model_len, dtype_code, host_blocks]))
-        return num_blocks, host_blocks
 
-    def _load(self, loaded: LoadedModel, path: str, num_blocks: int, host_blocks: int) -> None:
-        """The KV tensors, the tokenizer and the model."""
-        block_size = self.config.cache.block_size
-        self.cache = CacheEngine(
+    def _cache_engine(self, num_blocks: int, host_blocks: int, back_now: bool) -> CacheEngine:
+        """The KV tensors: the scheduler's blocks, plus the scratch block of the decode graphs if they run."""
+        extra = 1 if uses_decode_graphs(self.args, self.platform) else 0
+        return CacheEngine(
             self.arch,
-            num_blocks,
-            block_size,
+            num_blocks + extra,
+            self.config.cache.block_size,
             self.dtype,
             self.device,
             self.num_local_kv_heads,
             host_blocks,
-            back_now=False,
+            back_now=back_now,
         )
-        # Backing the pool's pages takes seconds (CacheEngine.back_pages); a thread does it (torch
-        # releases the GIL) while the tokenizer, mostly Python, and the model load.
-        with ThreadPoolExecutor(1, thread_name_prefix="quire-kv-pages") as pool:
-            backing = pool.submit(self.cache.back_pages)
-            self.tokenizer = load_tokenizer(path)
-            self.attention = build_attention_backend(self.args.attention_backend, self.device)
-            self.model = build_model(loaded, self.attention, self.dtype, self.max_model_len, self.device, self.group)
-            backing.result()
+
+    def _load_model(self, loaded: LoadedModel, path: str, max_positions: int) -> None:
+        """The tokenizer, the attention backend and the model."""
+        self.tokenizer = load_tokenizer(path)
+        self.attention = build_attention_backend(self.args.attention_backend, self.device)
+        self.model = build_model(loaded, self.attention, self.dtype, max_positions, self.device, self.group)
 
     def _assemble(self, num_blocks: int, host_blocks: int) -> None:
         """The step's three owners (scheduler, runner, output processor) and the input processor."""
@@ -173,11 +195,15 @@ class LLMEngine:
             host_blocks,
         )
         self.scheduler = Scheduler(scheduler_config, self.kv_cache, self.proposer)
-        sampler = Sampler(torch.Generator().manual_seed(self.config.model.seed), self.model.ops.kernels)
-        self.runner = ModelRunner(self.model, self.cache, sampler, self.device, self.group)
+        sampler = Sampler(torch.Generator(self.device).manual_seed(self.config.model.seed), self.model.ops.kernels)
+        graphs = build_decode_graphs(self.args, self.platform, self.model, self.cache, num_blocks, self.max_model_len)
+        # Structured outputs: the output processor keeps each constrained sequence's matcher, the
+        # runner reads them for the step's masks, the input processor compiles the constraints.
+        grammars = GrammarStates(self.arch.vocab_size)
+        self.runner = ModelRunner(self.model, self.cache, sampler, self.group, graphs, grammars)
         self.eos_token_id = self._eos_token_id()
         seq_ids = itertools.count()  # one numbering for prompt sequences and forks
-        self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len, seq_ids)
+        self.output_processor = OutputProcessor(self.tokenizer, self.max_model_len, seq_ids, grammars)
         self.input_processor = InputProcessor(
             self.tokenizer,
             self.arch.vocab_size,
@@ -185,6 +211,7 @@ class LLMEngine:
             self.eos_token_id,
             seq_ids,
             self.output_processor.requests,
+            StructuredOutputCompiler(self.tokenizer, self.arch.vocab_size, self.eos_token_id),
         )
         self.num_steps = 0  # steps that ran the model
         self._observers: list[StepObserver] = []
@@ -340,7 +367,7 @@ class LLMEngine:
     @property
     def kv_bytes_per_block(self) -> int:
         """Bytes one KV block takes on this rank, K and V of every layer."""
-        return kv_bytes_per_block(self.arch, self.cache.block_size, self.dtype, self.num_local_kv_heads)
+        return kv_bytes_per_block(self.arch, self.config.cache.block_size, self.dtype, self.num_local_kv_heads)
 
     def model_info(self) -> ModelInfo:
         """The model's architecture, dtype and attention path, for tools that size or label things."""

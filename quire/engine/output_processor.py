@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from quire.core.request import Request, Sequence
 from quire.core.scheduler import ScheduledSeq, Scheduler
@@ -24,11 +25,16 @@ from quire.engine.stop_checker import StopChecker
 from quire.outputs import RequestOutput
 from quire.worker.model_runner import RunnerOutput
 
+if TYPE_CHECKING:
+    from quire.structured.state import GrammarStates
+
 
 class OutputProcessor:
     """Owns the live requests and each sequence's output state (text, detokenizer place, logprobs)."""
 
-    def __init__(self, tokenizer, max_model_len: int, seq_ids: Iterator[int]) -> None:
+    def __init__(
+        self, tokenizer, max_model_len: int, seq_ids: Iterator[int], grammars: GrammarStates | None = None
+    ) -> None:
         self.requests: dict[str, Request] = {}
         self._seq_ids = seq_ids  # shared with the input processor: ids are engine-wide
         self._outputs: dict[Sequence, SeqOutput] = {}  # beam-search sequences have none
@@ -37,6 +43,7 @@ class OutputProcessor:
         self._logprobs = LogprobsBuilder(tokenizer)
         self._builder = OutputBuilder(tokenizer)
         self.num_generated_tokens = 0
+        self._grammars = grammars  # constrained sequences' matchers: added, forked, advanced and dropped here
 
     def add_request(self, request: Request) -> None:
         """Track a new request (one prompt sequence); its text starts after the prompt."""
@@ -46,6 +53,9 @@ class OutputProcessor:
             for seq in request.seqs:
                 decode = self._detokenizer.start(seq.num_prompt_tokens)
                 self._outputs[seq] = SeqOutput(decode, [] if wants_logprobs else None)
+        if request.grammar is not None and self._grammars is not None:
+            for seq in request.seqs:
+                self._grammars.add(seq, request.grammar)
 
     def abort(self, request_id: str, scheduler: Scheduler) -> RequestOutput | None:
         """End a live request wherever it is; returns its final output (None if the id is not live)."""
@@ -76,12 +86,14 @@ class OutputProcessor:
                 for seq in request.seqs:  # a finished member of a group gives its blocks back at once
                     if seq.is_finished:
                         scheduler.free_seq(seq)
+                        self._drop_grammar(seq)
             if request.beam is None:
                 outputs.append(self._builder.build(request, self._outputs))
         return outputs
 
     def stats(self) -> dict[str, int]:
-        return {"num_generated_tokens": self.num_generated_tokens}
+        guided = len(self._grammars) if self._grammars is not None else 0
+        return {"num_generated_tokens": self.num_generated_tokens, "num_guided_seqs": guided}
 
     # -- one step's samples -------------------------------------------------------------
 
@@ -120,6 +132,8 @@ class OutputProcessor:
 
     def _append_token(self, request: Request, seq: Sequence, rows: SampledRows, row: int) -> None:
         """Give ``seq`` the token of ``row`` with its logprobs, and check whether it ends the sequence."""
+        if not self._advance_grammar(request, seq, rows.token_ids[row]):
+            return
         seq.token_ids.append(rows.token_ids[row])
         seq.cumulative_logprob += rows.logprobs[row]
         out = self._outputs[seq]
@@ -150,6 +164,21 @@ class OutputProcessor:
                     self._append_token(request, seq, rows, row)
             scheduler.accept_drafts(entry, accepted)
 
+    def _advance_grammar(self, request: Request, seq: Sequence, token: int) -> bool:
+        """Feed ``token`` to ``seq``'s grammar, if it has one. A refused token (possible only when
+        another rule, such as ``min_tokens`` or ``bad_words``, banned every token the grammar allowed)
+        is not appended: the sequence ends before it. Returns whether the token is to be appended."""
+        if self._grammars is None or seq not in self._grammars or self._grammars.accept(seq, token):
+            return True
+        out = self._outputs[seq]
+        self._detokenizer.update(out.decode, seq.token_ids, request.params.skip_special_tokens, final=True)
+        seq.finish_reason = "stop"
+        return False
+
+    def _drop_grammar(self, seq: Sequence) -> None:
+        if self._grammars is not None:
+            self._grammars.drop(seq)
+
     def _beam_step(
         self, request: Request, rows: list[tuple[Sequence, int]], samples: SampledRows, scheduler: Scheduler
     ) -> None:
@@ -163,7 +192,7 @@ class OutputProcessor:
         parents = [seq for seq, _ in rows]
         assert parents == request.unfinished_seqs, "all live beams of a request sample in the same step"
         survivors = beam.step(
-            [(seq.output_token_ids, seq.cumulative_logprob, samples.top_ids[r], samples.top_lps[r]) for seq, r in rows]
+            [(seq.output_token_ids, seq.cumulative_logprob, *self._beam_candidates(seq, samples, r)) for seq, r in rows]
         )
         used: set[int] = set()
         new_beams: list[Sequence] = []
@@ -178,11 +207,24 @@ class OutputProcessor:
             seq.index = i
             seq.token_ids.append(candidate.token_id)
             seq.cumulative_logprob = candidate.cum_logprob
+            if self._grammars is not None and seq in self._grammars:
+                accepted = self._grammars.accept(seq, candidate.token_id)
+                assert accepted, "beam candidates come from the grammar's allowed tokens"
         self.num_generated_tokens += len(new_beams)
         for i, parent in enumerate(parents):
             if i not in used:
                 scheduler.free_seq(parent)
+                self._drop_grammar(parent)
         request.seqs = new_beams
+
+    def _beam_candidates(self, seq: Sequence, samples: SampledRows, row: int) -> tuple[list[int], list[float]]:
+        """A beam's candidate tokens and logprobs; a constrained beam's exclude what its grammar forbids (-inf)."""
+        assert samples.top_ids is not None and samples.top_lps is not None
+        ids, lps = samples.top_ids[row], samples.top_lps[row]
+        if self._grammars is None or seq not in self._grammars:
+            return ids, lps
+        kept = [(t, lp) for t, lp in zip(ids, lps, strict=True) if lp != float("-inf")]
+        return [t for t, _ in kept], [lp for _, lp in kept]
 
     # -- sequences ----------------------------------------------------------------------
 
@@ -190,6 +232,8 @@ class OutputProcessor:
         """A new sequence sharing ``parent``'s tokens, state, output so far and KV blocks."""
         child = dataclasses.replace(parent, seq_id=next(self._seq_ids), index=index, token_ids=list(parent.token_ids))
         scheduler.fork(parent, child)
+        if self._grammars is not None:
+            self._grammars.fork(parent, child)
         if parent in self._outputs:
             self._outputs[child] = self._outputs[parent].fork()
         return child
@@ -199,6 +243,7 @@ class OutputProcessor:
         output = self._builder.build(request, self._outputs)
         for seq in request.seqs:
             self._outputs.pop(seq, None)
+            self._drop_grammar(seq)
         return output
 
 

@@ -25,4 +25,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"kernels: {level}" + ("" if kernels is not None else " (not built: the PyTorch reference paths run)"))
     for dtype in (torch.float32, torch.bfloat16):
         print(f"linears {str(dtype).removeprefix('torch.')}: {linear_plan(kernels, dtype).describe()}")
+    if torch.cuda.is_available():
+        names = ", ".join(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        print(f"cuda: {names} (device=auto runs there)")
+    else:
+        print(f"cuda: none visible to torch {torch.__version__} (device=auto runs on the CPU)")
     return 0

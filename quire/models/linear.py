@@ -65,6 +65,8 @@ class Linear(nn.Module):
         """
         weight = self.weight.detach()
         self._kernels = kernels if weight.is_cpu else None
+        if self._kernels is None:
+            self.quantized = None  # only the CPU kernels read the block format; elsewhere the float weight serves
         if self.quantized is not None:  # packed once; the GGUF-layout copy is not needed after that
             self._quant_packed = pack_quantized(self.quantized.blocks, self.quantized.kind)
             self._quant_kind = QUANT_KINDS[self.quantized.kind]

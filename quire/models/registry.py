@@ -40,7 +40,10 @@ def build_model(
 ) -> CausalLM:
     """This rank's shard of the model, its weights loaded, cast and prepared (linear fast paths)."""
     config = loaded.config
-    model = model_class(config)(config, backend, max_positions=max_positions, group=group)
+    # The compiled layer ops are CPU code; on another device the model runs PyTorch's.
+    model = model_class(config)(
+        config, backend, max_positions=max_positions, use_fused_ops=device.type == "cpu", group=group
+    )
     model.load_weights(loaded.weights, loaded.quantized)
     model = model.to(device=device, dtype=dtype).eval()
     rotary = getattr(model, "rotary", None)

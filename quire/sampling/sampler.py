@@ -1,6 +1,7 @@
 """Logits to tokens for every sequence of a step at once.
 
-Order of operations (vLLM's): penalties → min_tokens ban → greedy argmax, or temperature →
+Order of operations: penalties → logit_bias → bans (min_tokens, bad_words) → the allowed-token
+mask (structured outputs, allowed_token_ids) → greedy argmax, or temperature →
 top-k / top-p / min-p → sample. Reported logprobs are those of the raw model distribution.
 Sampling uses the exponential-race trick (argmax of p / E with E ~ Exp(1)), so a seeded
 request draws its noise from its own generator and gets the same tokens in any batch.
@@ -8,9 +9,11 @@ request draws its noise from its own generator and gets the same tokens in any b
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
+import xgrammar as xgr
 
 
 @dataclass
@@ -28,12 +31,28 @@ class SamplingBatch:
     repetition_penalty: torch.Tensor | None = None
     output_tokens: torch.Tensor | None = None  # [B, L] long, padded with vocab_size
     prompt_tokens: torch.Tensor | None = None  # [B, P] long, padded with vocab_size
-    banned_rows: torch.Tensor | None = None  # [N] rows and [N] token ids to forbid (min_tokens)
+    banned_rows: torch.Tensor | None = None  # [N] rows and [N] token ids to forbid (min_tokens, bad_words)
     banned_tokens: torch.Tensor | None = None
+    bias_rows: torch.Tensor | None = None  # [N] rows, token ids and values added to the logits (logit_bias)
+    bias_tokens: torch.Tensor | None = None
+    bias_values: torch.Tensor | None = None
+    masked_rows: list[int] | None = None  # rows limited to the tokens their row of token_bitmask allows
+    token_bitmask: torch.Tensor | None = None  # [B, words] int32 (quire.sampling.token_bitmask)
+    # Masked rows whose top candidates must be allowed tokens (beam search: candidates become beams).
+    masked_top_rows: list[int] | None = None
 
     @property
     def all_greedy(self) -> bool:
         return bool((self.temperature == 0).all())
+
+    def to(self, device: torch.device) -> SamplingBatch:
+        """The same batch with its tensors on ``device`` (the logits'); the generators stay where they are."""
+        moved = {
+            f.name: value.to(device, non_blocking=True)
+            for f in dataclasses.fields(self)
+            if isinstance(value := getattr(self, f.name), torch.Tensor)
+        }
+        return dataclasses.replace(self, **moved)
 
     def select(self, rows: list[int]) -> SamplingBatch:
         """A batch of the given rows of this one (repeats allowed), e.g. one row per verified draft position.
@@ -41,8 +60,8 @@ class SamplingBatch:
         Only for batches without penalties or banned tokens: those depend on the tokens before
         each position, which repeating a row would not update.
         """
-        if self.output_tokens is not None or self.banned_rows is not None:
-            raise NotImplementedError("selecting rows of a batch with penalties or banned tokens")
+        if any(x is not None for x in (self.output_tokens, self.banned_rows, self.bias_rows, self.masked_rows)):
+            raise NotImplementedError("selecting rows of a batch with penalties, bans, biases or token masks")
         index = torch.tensor(rows, dtype=torch.long)
         return SamplingBatch(
             temperature=self.temperature[index],
@@ -71,8 +90,15 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         raw_logits = logits
         logits = self._apply_penalties(logits, batch)
+        if batch.bias_rows is not None:
+            logits = logits.index_put((batch.bias_rows, batch.bias_tokens), batch.bias_values, accumulate=True)
         if batch.banned_rows is not None:
-            logits = logits.index_put((batch.banned_rows, batch.banned_tokens), torch.tensor(float("-inf")))
+            logits = logits.index_put((batch.banned_rows, batch.banned_tokens), logits.new_tensor(float("-inf")))
+        if batch.masked_rows is not None:
+            if logits is raw_logits:
+                logits = logits.clone()
+            # xgrammar's CPU kernel: -inf outside the allowed tokens of the listed rows only.
+            xgr.apply_token_bitmask_inplace(logits, batch.token_bitmask, indices=batch.masked_rows)
 
         log_normalizer = None  # logsumexp of the raw logits, when the fused op computed it
         if logits is raw_logits and self._fused(raw_logits):
@@ -85,17 +111,26 @@ class Sampler:
             sampled = self._sample(logits, batch)
             tokens = torch.where(batch.temperature == 0, greedy_tokens, sampled)
 
-        return self.score(raw_logits, tokens, batch.num_logprobs, log_normalizer)
+        top_forbidden = None
+        if batch.masked_top_rows:
+            rows = torch.tensor(batch.masked_top_rows, dtype=torch.long, device=logits.device)
+            top_forbidden = (rows, torch.isneginf(logits.index_select(0, rows)))
+        return self.score(raw_logits, tokens, batch.num_logprobs, log_normalizer, top_forbidden)
 
     @staticmethod
     def score(
-        raw_logits: torch.Tensor, tokens: torch.Tensor, num_logprobs: int, log_normalizer: torch.Tensor | None = None
+        raw_logits: torch.Tensor,
+        tokens: torch.Tensor,
+        num_logprobs: int,
+        log_normalizer: torch.Tensor | None = None,
+        top_forbidden: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> SamplerOutput:
         """``tokens`` (one per row, already chosen) with their logprobs under the raw model distribution.
 
         ``num_logprobs`` is ``SamplingBatch.num_logprobs``: -1 computes only the chosen tokens'
         logprobs, 0 adds their ranks, k > 0 also the top k. ``log_normalizer``: the rows'
-        logsumexp, when already known.
+        logsumexp, when already known. ``top_forbidden``: (rows, [rows, vocab] bool) tokens those
+        rows' top k may not include (a constrained beam's candidates).
         """
         if num_logprobs < 0:
             # Only the sampled tokens' logprobs: skip materialising the [B, vocab] log-softmax.
@@ -108,7 +143,12 @@ class Sampler:
         out = SamplerOutput(token_ids=tokens, logprobs=chosen)
         out.ranks = (raw_logprobs > chosen.unsqueeze(1)).sum(dim=1) + 1
         if num_logprobs > 0:
-            out.top_logprobs, out.top_token_ids = raw_logprobs.topk(num_logprobs, dim=-1)
+            candidates = raw_logprobs
+            if top_forbidden is not None:  # rows whose candidates must be allowed tokens
+                rows, forbidden = top_forbidden
+                kept = raw_logprobs.index_select(0, rows).masked_fill(forbidden, float("-inf"))
+                candidates = raw_logprobs.index_copy(0, rows, kept)
+            out.top_logprobs, out.top_token_ids = candidates.topk(num_logprobs, dim=-1)
         return out
 
     def _fused(self, logits: torch.Tensor) -> bool:
@@ -119,12 +159,12 @@ class Sampler:
         if batch.output_tokens is None:
             return logits
         rows, vocab = logits.shape
-        counts = torch.zeros(rows, vocab + 1, dtype=logits.dtype)
+        counts = torch.zeros(rows, vocab + 1, dtype=logits.dtype, device=logits.device)
         counts.scatter_add_(1, batch.output_tokens, torch.ones_like(batch.output_tokens, dtype=logits.dtype))
         counts = counts[:, :vocab]
         seen = counts > 0
         if batch.prompt_tokens is not None:
-            in_prompt = torch.zeros(rows, vocab + 1, dtype=torch.bool)
+            in_prompt = torch.zeros(rows, vocab + 1, dtype=torch.bool, device=logits.device)
             in_prompt.scatter_(1, batch.prompt_tokens, True)
             seen = seen | in_prompt[:, :vocab]
         rep = batch.repetition_penalty.unsqueeze(1)
@@ -153,8 +193,12 @@ class Sampler:
         probs = self.probs(logits, batch)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
         for row, gen in enumerate(batch.generators):
-            if gen is not None:
+            if gen is None:
+                continue
+            if gen.device == noise.device:
                 noise[row].exponential_(generator=gen)
+            else:  # a request's generator lives on the host: its draws are the same on every device
+                noise[row].copy_(torch.empty(noise.shape[1], dtype=noise.dtype).exponential_(generator=gen))
         return (probs / noise).argmax(dim=-1)
 
 

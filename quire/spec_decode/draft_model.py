@@ -107,9 +107,9 @@ class DraftModelProposer:
             block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
             logit_rows=query_start_loc[1:] - 1,
         )
-        input_ids, positions, metadata = inputs.batch(self.block_size, self.device)
+        input_ids, positions, metadata, logit_rows = inputs.batch(self.block_size, self.cache.platform)
         hidden = self.model(input_ids, positions, self.cache.layers, metadata)
-        logits = self.model.compute_logits(hidden.index_select(0, inputs.logit_rows.long().to(self.device)))
+        logits = self.model.compute_logits(hidden.index_select(0, logit_rows))
         return logits.argmax(dim=-1).tolist()
 
     def _known(self, seq: Sequence) -> int:

@@ -11,11 +11,15 @@ from quire.core.scheduler import SchedulerOutput
 def may_speculate(request: Request, seq: Sequence) -> bool:
     """Whether ``seq``'s next tokens can be verified k at a time exactly.
 
-    Beam search picks its beams from every candidate of a position, and penalties and the
-    ``min_tokens`` ban change each position's distribution by the tokens before it; such
-    sequences decode one token at a time (a ``min_tokens`` sequence only until it has them).
+    Beam search picks its beams from every candidate of a position, and penalties, the
+    ``min_tokens`` ban, ``bad_words`` and a grammar change each position's distribution by the
+    tokens before it; such sequences decode one token at a time (a ``min_tokens`` sequence only
+    until it has them). ``logit_bias`` and ``allowed_token_ids`` are not applied to verified
+    positions, so they decode one token at a time too.
     """
     params = request.params
+    if request.grammar is not None or params.logit_bias or params.allowed_token_ids or params.bad_words:
+        return False
     return request.beam is None and not params.uses_penalties and seq.num_output_tokens >= params.min_tokens
 
 

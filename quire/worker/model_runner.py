@@ -9,16 +9,22 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from quire.core.scheduler import ScheduledSeq, SchedulerOutput
 from quire.distributed.comm import TPGroup
 from quire.models.causal_lm import CausalLM
+from quire.sampling import token_bitmask
 from quire.sampling.rejection_sampler import DraftVerifier, VerifiedDrafts
 from quire.sampling.sampler import Sampler, SamplerOutput, SamplingBatch
 from quire.worker.cache_engine import CacheEngine
+from quire.worker.cuda_graphs import DecodeGraphs
 from quire.worker.step_inputs import StepInputs
+
+if TYPE_CHECKING:
+    from quire.structured.state import GrammarStates
 
 
 @dataclass
@@ -53,14 +59,16 @@ class ModelRunner:
         model: CausalLM,
         cache: CacheEngine,
         sampler: Sampler | None,
-        device: torch.device,
         group: TPGroup | None = None,
+        graphs: DecodeGraphs | None = None,
+        grammars: GrammarStates | None = None,
     ) -> None:
         self.model = model
+        self.grammars = grammars  # constrained sequences' matchers (driver only), read for the masks
         self.cache = cache
         self.sampler = sampler  # None on tensor-parallel workers: they never sample
+        self.graphs = graphs  # decode steps replayed from CUDA graphs (None: every step eager)
         self.verifier = DraftVerifier(sampler) if sampler is not None else None
-        self.device = device
         self.group = group or TPGroup()
         self.block_size = cache.block_size
         self.vocab_size = model.config.vocab_size
@@ -109,12 +117,12 @@ class ModelRunner:
             return RunnerOutput(sampled_seqs=[], samples=None)
         samples = None
         if sampled:
-            samples = self.sampler(logits[: len(sample_rows)], self._sampling_batch(sampled))
+            samples = self.sampler(logits[: len(sample_rows)], self._sampling_batch(sampled).to(logits.device))
         out = RunnerOutput(sampled_seqs=sampled, samples=samples, drafted=drafted)
         if drafted:
             draft_logits = logits[len(sample_rows) + len(extra_rows) :]
             drafts = [e.draft_token_ids for e in drafted]
-            out.verified = self.verifier(draft_logits, self._sampling_batch(drafted), drafts)
+            out.verified = self.verifier(draft_logits, self._sampling_batch(drafted).to(logits.device), drafts)
         for entry, first, offset in prompt_rows:
             out.prompt_logprobs.append((entry, self._prompt_logprobs(entry, first, logits, offset)))
         return out
@@ -128,11 +136,14 @@ class ModelRunner:
         self.cache.apply_block_ops(inputs.block_ops)
         if not len(inputs.input_ids):  # a step that only swapped a group out
             return None
-        input_ids, positions, metadata = inputs.batch(self.block_size, self.device)
-        hidden = self.model(input_ids, positions, self.cache.layers, metadata)
-        if not len(inputs.logit_rows):
+        input_ids, positions, metadata, logit_rows = inputs.batch(self.block_size, self.cache.platform)
+        if self.graphs is not None and self.graphs.fits(input_ids.shape[0], metadata):
+            hidden = self.graphs.forward(input_ids, positions, metadata)
+        else:
+            hidden = self.model(input_ids, positions, self.cache.layers, metadata)
+        if not len(logit_rows):
             return None
-        return self.model.compute_logits(hidden.index_select(0, inputs.logit_rows.long().to(self.device)))
+        return self.model.compute_logits(hidden.index_select(0, logit_rows))
 
     @staticmethod
     def _step_inputs(sched: SchedulerOutput, logit_rows: list[int]) -> StepInputs:
@@ -186,16 +197,46 @@ class ModelRunner:
                     stops.append(e.request.eos_token_id)
                 banned_rows += [row] * len(stops)
                 banned_tokens += stops
+            if e.request.bad_words_token_ids:
+                bad = _bad_word_tokens(e.request.bad_words_token_ids, e.seq.output_token_ids)
+                banned_rows += [row] * len(bad)
+                banned_tokens += bad
         if banned_rows:
             batch.banned_rows = torch.tensor(banned_rows, dtype=torch.long)
             batch.banned_tokens = torch.tensor(banned_tokens, dtype=torch.long)
+        biased = [(row, p.logit_bias) for row, p in enumerate(params) if p.logit_bias]
+        if biased:
+            batch.bias_rows = torch.tensor([row for row, bias in biased for _ in bias], dtype=torch.long)
+            batch.bias_tokens = torch.tensor([t for _, bias in biased for t in bias], dtype=torch.long)
+            batch.bias_values = torch.tensor([v for _, bias in biased for v in bias.values()])
+        self._token_masks(entries, batch)
         return batch
+
+    def _token_masks(self, entries: list[ScheduledSeq], batch: SamplingBatch) -> None:
+        """The packed allowed-token mask of every row with a grammar or ``allowed_token_ids``; no mask otherwise."""
+        grammars = self.grammars
+        guided = [grammars is not None and e.seq in grammars for e in entries]
+        rows = [row for row, e in enumerate(entries) if guided[row] or e.request.params.allowed_token_ids]
+        if not rows:
+            return
+        bitmask = token_bitmask.all_allowed(len(entries), self.vocab_size)
+        if grammars is not None and any(guided):
+            guided_rows = [row for row in rows if guided[row]]
+            grammars.fill([entries[row].seq for row in guided_rows], guided_rows, bitmask)
+        for row in rows:
+            allowed = entries[row].request.params.allowed_token_ids
+            if allowed:
+                bitmask[row] &= token_bitmask.pack(allowed, self.vocab_size)
+        batch.masked_rows = rows
+        batch.token_bitmask = bitmask
+        beams = [row for row in rows if entries[row].request.beam is not None]
+        batch.masked_top_rows = beams or None
 
     def _prompt_logprobs(self, entry: ScheduledSeq, first: int, logits: torch.Tensor, offset: int) -> PromptLogprobs:
         last = min(entry.start + entry.num_new_tokens, entry.seq.num_prompt_tokens - 1)
         n = last - first
         logprobs = torch.log_softmax(logits[offset : offset + n], dim=-1)
-        targets = torch.tensor(entry.seq.token_ids[first + 1 : last + 1], dtype=torch.long)
+        targets = torch.tensor(entry.seq.token_ids[first + 1 : last + 1], dtype=torch.long, device=logits.device)
         chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1)
         k = entry.request.params.prompt_logprobs
         top = logprobs.topk(k, dim=-1) if k else None
@@ -217,6 +258,16 @@ def _row_generators(entries: list[ScheduledSeq]) -> list[torch.Generator | None]
         child = child + 1 if i > 0 and entries[i - 1] is e else 0
         generators.append(e.request.generator_for(e.seq.index + child))
     return generators
+
+
+def _bad_word_tokens(words: list[list[int]], output: list[int]) -> list[int]:
+    """vLLM's rule: a bad word's last token is banned when the output ends with the rest of the word."""
+    banned = []
+    for word in words:
+        prefix = word[:-1]
+        if not prefix or (len(output) >= len(prefix) and output[-len(prefix) :] == prefix):
+            banned.append(word[-1])
+    return banned
 
 
 def _pad(rows: list[list[int]], pad: int) -> torch.Tensor:

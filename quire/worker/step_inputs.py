@@ -17,6 +17,7 @@ import torch
 from quire.attention.backend import AttentionMetadata
 from quire.distributed.comm import TPGroup
 from quire.worker.cache_engine import BLOCK_OPS
+from quire.worker.platform import Platform
 
 HEADER_LEN = 16
 assert 5 + len(BLOCK_OPS) <= HEADER_LEN, "the header holds 5 sizes and one count per block operation"
@@ -32,8 +33,11 @@ class StepInputs:
     logit_rows: torch.Tensor  # int32 [rows]: hidden rows whose logits are computed
     block_ops: dict[str, torch.Tensor] = field(default_factory=dict)  # BLOCK_OPS name -> int32 [n, 2]
 
-    def batch(self, block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """(token ids, positions, attention metadata) for the forward."""
+    def batch(
+        self, block_size: int, platform: Platform
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """(token ids, positions, attention metadata, logit rows) for the forward, on the platform's
+        device: derived on the host, then moved in one copy (``Platform.upload``)."""
         query_start_loc, starts = self.query_start_loc, self.starts
         query_lens = query_start_loc[1:] - query_start_loc[:-1]
         num_tokens = self.input_ids.shape[0]
@@ -45,14 +49,25 @@ class StepInputs:
         )
         blocks = self.block_tables[seq_of_token, (positions // block_size).long()].long()
         slot_mapping = blocks * block_size + (positions % block_size).long()
+        input_ids, positions, slot_mapping, block_tables, query_start_loc, seq_lens, logit_rows = platform.upload(
+            [
+                self.input_ids.long(),
+                positions.long(),
+                slot_mapping,
+                self.block_tables,
+                query_start_loc,
+                starts + query_lens,
+                self.logit_rows.long(),
+            ]
+        )
         metadata = AttentionMetadata(
-            slot_mapping=slot_mapping.to(device),
-            block_tables=self.block_tables.to(device),
-            query_start_loc=query_start_loc.to(device),
-            seq_lens=(starts + query_lens).to(device),
+            slot_mapping=slot_mapping,
+            block_tables=block_tables,
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
             max_query_len=int(query_lens.max()),
         )
-        return self.input_ids.long().to(device), positions.long().to(device), metadata
+        return input_ids, positions, metadata, logit_rows
 
     # -- the wire ---------------------------------------------------------------------------------
 

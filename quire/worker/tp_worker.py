@@ -15,20 +15,22 @@ import sys
 import torch
 
 from quire.attention.selector import build_attention_backend
-from quire.config import CPU_DTYPES, EngineArgs
+from quire.config import DTYPES, EngineArgs
 from quire.distributed.comm import TPGroup
 from quire.distributed.launch import COLLECTIVE_TIMEOUT, Rendezvous
 from quire.distributed.partition import head_shard
 from quire.models.loader import load_model_files, resolve_model_path
 from quire.models.registry import build_model
 from quire.worker.cache_engine import CacheEngine
+from quire.worker.cuda_graphs import build_decode_graphs, uses_decode_graphs
 from quire.worker.model_runner import ModelRunner
+from quire.worker.platform import Platform, rank_device, resolve_device
 from quire.worker.step_inputs import StepInputs
 
 logger = logging.getLogger(__name__)
 
 # The engine dtypes by name, in the order their index travels to the workers.
-TORCH_DTYPES = {name: getattr(torch, name) for name in CPU_DTYPES if name != "auto"}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES if name != "auto"}
 
 
 def threads_per_rank(args: EngineArgs) -> int:
@@ -41,20 +43,26 @@ def threads_per_rank(args: EngineArgs) -> int:
 def run_worker(args: EngineArgs, rendezvous: Rendezvous) -> None:
     """Serve steps until the driver stops the group; raises if the group breaks."""
     torch.set_num_threads(threads_per_rank(args))
-    group = TPGroup.connect(rendezvous.init_method, rendezvous.rank, rendezvous.size, COLLECTIVE_TIMEOUT)
+    platform = Platform(rank_device(resolve_device(args.device), rendezvous.rank))
+    device = platform.device
+    group = TPGroup.connect(
+        rendezvous.init_method, rendezvous.rank, rendezvous.size, COLLECTIVE_TIMEOUT, platform.dist_backend
+    )
     loaded = load_model_files(resolve_model_path(args.model))
     # The driver decides the cache size and context length for every rank.
     header = group.broadcast(torch.zeros(5, dtype=torch.int64)).tolist()
     num_blocks, block_size, max_model_len, dtype_code, num_host_blocks = header
     dtype = list(TORCH_DTYPES.values())[dtype_code]
-    device = torch.device("cpu")
     attention = build_attention_backend(args.attention_backend, device)
     model = build_model(loaded, attention, dtype, max_model_len, device, group)
     del loaded
     config = model.config
     heads = len(head_shard(config.num_heads, config.num_kv_heads, group.size, group.rank).kv_heads)
-    cache = CacheEngine(config, num_blocks, block_size, dtype, device, heads, num_host_blocks)
-    runner = ModelRunner(model, cache, None, device, group)
+    # The same block count as the driver's pool, scratch block of the decode graphs included.
+    graphed = uses_decode_graphs(args, platform)
+    cache = CacheEngine(config, num_blocks + int(graphed), block_size, dtype, device, heads, num_host_blocks)
+    graphs = build_decode_graphs(args, platform, model, cache, num_blocks, max_model_len)
+    runner = ModelRunner(model, cache, None, group, graphs)
     while (inputs := StepInputs.receive(group)) is not None:
         runner.run(inputs)
 

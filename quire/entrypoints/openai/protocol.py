@@ -48,8 +48,28 @@ class StreamOptions(OpenAIBaseModel):
     continuous_usage_stats: bool | None = False  # vLLM: usage on every chunk
 
 
+class JsonSchemaFormat(OpenAIBaseModel):
+    """OpenAI's ``response_format.json_schema``; the schema is always enforced (``strict`` or not)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str
+    description: str | None = None
+    json_schema: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIBaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class SamplingExtras(OpenAIBaseModel):
-    """Fields vLLM accepts in the body beyond OpenAI's (same names and defaults)."""
+    """Fields vLLM accepts in the body beyond OpenAI's (same names and defaults).
+
+    Structured outputs come as OpenAI's ``response_format``, vLLM's ``structured_outputs`` object
+    (``{"json": ...}``, ``{"regex": ...}``, ...) or its older ``guided_*`` fields; at most one of them.
+    """
 
     top_k: int | None = None
     min_p: float | None = None
@@ -63,6 +83,14 @@ class SamplingExtras(OpenAIBaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: dict | None = None
+    guided_json: str | dict | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(SamplingExtras):
@@ -91,10 +119,36 @@ class TextContentPart(OpenAIBaseModel):
     text: str
 
 
+class ToolCallFunction(OpenAIBaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallMessage(OpenAIBaseModel):
+    """A call the assistant made earlier in the conversation."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
 class ChatMessage(OpenAIBaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallMessage] | None = None
+    tool_call_id: str | None = None
+
+    def as_template_message(self) -> dict:
+        """The message as chat templates take it (content as text; tool fields only when set)."""
+        message: dict = {"role": self.role, "content": self.text()}
+        if self.tool_calls:
+            message["tool_calls"] = [call.model_dump() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            message["name"] = self.name
+        return message
 
     def text(self) -> str:
         if self.content is None:
@@ -102,6 +156,27 @@ class ChatMessage(OpenAIBaseModel):
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text for part in self.content)
+
+
+class FunctionDefinition(OpenAIBaseModel):
+    name: Annotated[str, Field(min_length=1)]
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+
+class ChatTool(OpenAIBaseModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(OpenAIBaseModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIBaseModel):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(SamplingExtras):
@@ -125,6 +200,9 @@ class ChatCompletionRequest(SamplingExtras):
     user: str | None = None
     add_generation_prompt: bool = True
     chat_template: str | None = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
 
 class TokenizeRequest(OpenAIBaseModel):

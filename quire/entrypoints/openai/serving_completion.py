@@ -19,6 +19,7 @@ from quire.entrypoints.openai.serving_engine import (
     last_output,
     random_id,
     stream_chunks,
+    structured_outputs_field,
     until_disconnected,
     usage,
 )
@@ -47,7 +48,8 @@ class OpenAIServingCompletion(OpenAIServing):
         )
         request_id = random_id("cmpl")
         beam = self.beam_search_params(request, params)
-        streams = await self.add_all(request_id, prompts, params, request.priority, "prompt", beam)
+        renames = {"structured_outputs": structured_outputs_field(request)}
+        streams = await self.add_all(request_id, prompts, params, request.priority, "prompt", beam, renames)
         created = int(time.time())
         if request.stream:
             body = stream_chunks(

@@ -17,7 +17,7 @@ from fastapi import Request
 from quire.engine.async_engine import AsyncLLMEngine
 from quire.entrypoints.openai.protocol import APIError, ChatCompletionRequest, CompletionRequest, StreamOptions
 from quire.outputs import PositionLogprobs, RequestOutput
-from quire.sampling_params import BeamSearchParams, SamplingParams
+from quire.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 
 T = TypeVar("T")
 
@@ -27,6 +27,10 @@ logger = logging.getLogger(__name__)
 MAX_LOGPROBS = 20
 # Logprobs of -inf are not JSON; OpenAI-compatible servers clamp them.
 _MIN_LOGPROB = -9999.0
+
+
+# How the engine's ValueErrors start when they are about one field of the request.
+_ENGINE_FIELD = re.compile(r"(n|best_of|beam_width)=|(logit_bias|allowed_token_ids|structured_outputs)\b")
 
 
 def random_id(prefix: str) -> str:
@@ -72,9 +76,11 @@ class OpenAIServing:
 
     def check_unsupported(self, request: CompletionRequest | ChatCompletionRequest) -> None:
         if request.use_beam_search:
-            for name in ("stop", "logprobs", "echo", "seed"):
+            for name in ("stop", "logprobs", "echo", "seed", "logit_bias", "allowed_token_ids", "bad_words"):
                 if getattr(request, name, None) not in (None, False):
                     raise APIError(f"{name} is not supported with use_beam_search.", param=name)
+            for name, _ in structured_output_sources(request):
+                raise APIError(f"{name} is not supported with use_beam_search.", param=name)
         elif request.stream and request.best_of is not None and request.best_of > request.n:
             raise APIError(
                 "best_of > n is not supported with stream: the best are known only at the end.", param="best_of"
@@ -84,8 +90,6 @@ class OpenAIServing:
                 f"priority={request.priority} needs --scheduling-policy priority, which is not enabled.",
                 param="priority",
             )
-        if request.logit_bias:
-            raise APIError("logit_bias is not supported.", param="logit_bias")
         if request.stream_options is not None and not request.stream:
             raise APIError("stream_options is only allowed when stream is true.", param="stream_options")
 
@@ -134,6 +138,10 @@ class OpenAIServing:
             "include_stop_str_in_output": request.include_stop_str_in_output,
             "skip_special_tokens": request.skip_special_tokens,
             "spaces_between_special_tokens": request.spaces_between_special_tokens,
+            "logit_bias": request.logit_bias,
+            "allowed_token_ids": request.allowed_token_ids,
+            "bad_words": request.bad_words,
+            "structured_outputs": structured_outputs(request),
         }
         values.update(overrides)
         try:
@@ -171,10 +179,12 @@ class OpenAIServing:
         priority: int,
         field: str,
         beam: BeamSearchParams | None = None,
+        renames: dict[str, str] | None = None,
     ) -> list[AsyncIterator[RequestOutput]]:
         """Add every prompt (all or none); returns one output stream per prompt.
 
         With ``beam``, each prompt runs a beam search and its stream yields the ``params.n`` best beams.
+        ``renames`` maps engine field names to the request's (for the ``param`` of an error).
         """
         arrival = time.time()
         streams, added = [], []
@@ -190,18 +200,79 @@ class OpenAIServing:
             for rid in added:  # all or none: the streams never started, so abort them here
                 self.engine.cancel(rid)
             if isinstance(exc, ValueError):
-                # The engine names a group size it cannot run as "n=", "best_of=" or "beam_width=".
-                match = re.match(r"(n|best_of|beam_width)=", str(exc))
-                param = {"beam_width": "n"}.get(match.group(1), match.group(1)) if match else field
+                # The engine names a group size it cannot run as "n=", "best_of=" or "beam_width=", and a
+                # token-control field by its name.
+                match = _ENGINE_FIELD.match(str(exc))
+                name = (match.group(1) or match.group(2)) if match else None
+                param = ({"beam_width": "n"} | (renames or {})).get(name, name) if name else field
                 raise APIError(str(exc), param=param) from exc
             raise
         return streams
+
+
+# vLLM's older per-kind fields → the StructuredOutputsParams field each sets.
+_GUIDED_FIELDS = {
+    "guided_json": "json",
+    "guided_regex": "regex",
+    "guided_choice": "choice",
+    "guided_grammar": "grammar",
+}
+
+
+def structured_output_sources(request) -> list[tuple[str, dict]]:
+    """Each structured-output field the request sets: (its name, the StructuredOutputsParams fields it means)."""
+    sources: list[tuple[str, dict]] = []
+    response_format = request.response_format
+    if response_format is not None and response_format.type == "json_object":
+        sources.append(("response_format", {"json_object": True}))
+    elif response_format is not None and response_format.type == "json_schema":
+        spec = response_format.json_schema
+        if spec is None or spec.json_schema is None:
+            raise APIError("response_format json_schema needs json_schema.schema.", param="response_format")
+        sources.append(("response_format", {"json": spec.json_schema}))
+    for name, key in _GUIDED_FIELDS.items():
+        if getattr(request, name) is not None:
+            sources.append((name, {key: getattr(request, name)}))
+    if request.structured_outputs is not None:
+        sources.append(("structured_outputs", dict(request.structured_outputs)))
+    return sources
+
+
+def structured_outputs(request) -> StructuredOutputsParams | None:
+    """The request's one structured-output constraint (None without one); a 400 naming the field when wrong."""
+    sources = structured_output_sources(request)
+    if not sources:
+        return None
+    if len(sources) > 1:
+        names = ", ".join(name for name, _ in sources)
+        raise APIError(f"set at most one of the structured-output fields, got {names}.", param=sources[1][0])
+    name, fields = sources[0]
+    try:
+        return StructuredOutputsParams(**fields)
+    except (ValueError, TypeError) as exc:
+        raise APIError(str(exc), param=name) from exc
+
+
+def structured_outputs_field(request) -> str:
+    """The name of the request's structured-output field, for errors the engine reports later."""
+    sources = structured_output_sources(request)
+    return sources[0][0] if sources else "structured_outputs"
 
 
 class LogprobsBuilder(Protocol):
     """Turns a choice's next tokens and their candidates into the endpoint's logprobs object."""
 
     def build(self, token_ids: list[int], positions: list[PositionLogprobs | None]) -> dict: ...
+
+
+class ChoiceText(Protocol):
+    """A choice's text as chunk fields when it is not sent as it comes (chat tool calls): one per choice."""
+
+    def delta(self, new_text: str, finished: bool) -> dict | None:
+        """The chunk's fields for ``new_text``; None to send nothing for it now."""
+        ...
+
+    def finish_reason(self, reason: str | None) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -211,6 +282,7 @@ class StreamFormat:
     object: str  # every chunk's "object"
     text: Callable[[str], dict]  # a choice's new text as the chunk's fields: {"text": ...} or {"delta": ...}
     opening: dict | None = None  # the fields of a chunk sent once per choice before any text (chat: the role)
+    choice_text: Callable[[], ChoiceText] | None = None  # replaces ``text`` when set: a new one per choice
 
 
 @dataclass
@@ -218,6 +290,7 @@ class _StreamedChoice:
     """What one streamed choice has sent so far."""
 
     logprobs: LogprobsBuilder | None
+    text: ChoiceText | None = None
     sent_text: int = 0
     sent_tokens: int = 0
     started: bool = False
@@ -266,7 +339,10 @@ async def stream_chunks(
                 generated[index] = len(out.token_ids)
                 state = choices.get(index)
                 if state is None:
-                    state = choices[index] = _StreamedChoice(logprobs(prompt) if logprobs is not None else None)
+                    state = choices[index] = _StreamedChoice(
+                        logprobs(prompt) if logprobs is not None else None,
+                        fmt.choice_text() if fmt.choice_text is not None else None,
+                    )
                     if fmt.opening is not None:
                         yield sse(chunk([{"index": index, **fmt.opening}], continuous))
                 if state.done:
@@ -281,6 +357,11 @@ async def stream_chunks(
                     if state.logprobs is not None:
                         token_ids = output.prompt_token_ids + token_ids
                         positions = list(output.prompt_logprobs or []) + positions
+                fields = fmt.text(delta) if state.text is None else state.text.delta(delta, finished)
+                if fields is None:  # held back by the choice's text (a tool call being written)
+                    state.sent_text = len(text)
+                    delta = ""
+                    fields = fmt.text("")
                 if not (delta or finished or (token_ids and state.logprobs is not None)):
                     continue  # nothing to say yet (a stop string may still be completing)
                 choice_logprobs = state.logprobs.build(token_ids, positions) if state.logprobs is not None else None
@@ -290,9 +371,11 @@ async def stream_chunks(
                 state.done = finished
                 choice = {
                     "index": index,
-                    **fmt.text(delta),
+                    **fields,
                     "logprobs": choice_logprobs,
-                    "finish_reason": finish_reason(out.finish_reason),
+                    "finish_reason": finish_reason(
+                        out.finish_reason if state.text is None else state.text.finish_reason(out.finish_reason)
+                    ),
                     "stop_reason": out.stop_reason,
                 }
                 yield sse(chunk([choice], continuous))

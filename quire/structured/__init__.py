@@ -1,0 +1,1 @@
+"""Structured outputs: constraints compiled to grammars (xgrammar), and each sequence's matcher state."""
