@@ -76,7 +76,10 @@ class SchedulerConfig:
 SPEC_METHODS = ("ngram", "draft_model")
 DEFAULT_NUM_SPECULATIVE_TOKENS = 4
 DEFAULT_PROMPT_LOOKUP_MAX = 4
-DEFAULT_PROMPT_LOOKUP_MIN = 1
+# A 1-token match drafts at almost every step of open-ended text and is rarely right; from 2 tokens
+# on, the repetitive tasks of `quire bench throughput --speculative` accepted more drafts and the
+# open-ended one drafted 6x less (docs/benchmarks.md).
+DEFAULT_PROMPT_LOOKUP_MIN = 2
 _SPEC_KEYS = ("method", "model", "num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min")
 
 

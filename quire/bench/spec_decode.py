@@ -76,6 +76,10 @@ class TaskResult:
     accepted_tokens: int = 0
     drafts: int = 0
     identical: bool = True
+    # Schedule (proposing included) + forward + sampling time of single-stream steps: one-token
+    # decodes (plain engine) and steps that verified drafts (speculative engine), every repeat.
+    plain_step_s: list[float] = field(default_factory=list)
+    verify_step_s: list[float] = field(default_factory=list)
 
     def ms_per_token(self, which: str) -> float:
         return statistics.median(getattr(self, f"{which}_decode_s")) / (self.output_tokens - 1) * 1e3
@@ -89,12 +93,33 @@ class TaskResult:
         """Mean tokens emitted per verification: accepted drafts plus the target's own token."""
         return 1 + self.accepted_tokens / self.drafts if self.drafts else None
 
+    @property
+    def step_model_speedup(self) -> float | None:
+        """The speedup the median step times predict: plain decodes every token in a one-token step;
+        speculation spends a verify step per draft step and one-token steps on the rest.
+
+        Step medians shrug off the load bursts of a shared machine that whole-run times absorb.
+        """
+        if not (self.plain_step_s and self.verify_step_s and self.spec_decode_s):
+            return None
+        one, verify = statistics.median(self.plain_step_s), statistics.median(self.verify_step_s)
+        runs = len(self.spec_decode_s)
+        decoded = self.output_tokens - 1
+        steps = self.drafts / runs
+        by_verify = min(decoded, (self.drafts + self.accepted_tokens) / runs)
+        return decoded * one / (steps * verify + (decoded - by_verify) * one)
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
+        data.pop("plain_step_s")
+        data.pop("verify_step_s")
         data.update(
+            plain_step_ms=statistics.median(self.plain_step_s) * 1e3 if self.plain_step_s else None,
+            verify_step_ms=statistics.median(self.verify_step_s) * 1e3 if self.verify_step_s else None,
             plain_ms_per_token=self.ms_per_token("plain"),
             spec_ms_per_token=self.ms_per_token("spec"),
             speedup=self.ms_per_token("plain") / self.ms_per_token("spec"),
+            step_model_speedup=self.step_model_speedup,
             acceptance_rate=self.acceptance_rate,
             tokens_per_draft_step=self.tokens_per_draft_step,
         )
@@ -121,10 +146,22 @@ def run(
     tokenizer = plain.get_tokenizer()
     engines = {"plain": plain, "spec": spec}
 
-    def generate(which: str, prompt: list[int], n: int) -> tuple[list[int], float, dict[str, int]]:
+    def generate(
+        which: str, prompt: list[int], n: int, task: TaskResult | None = None
+    ) -> tuple[list[int], float, dict[str, int]]:
         llm = engines[which]
         step_ends: list[float] = []
-        observer = lambda record: step_ends.append(time.perf_counter())  # noqa: E731
+
+        def observer(record) -> None:
+            step_ends.append(time.perf_counter())
+            if task is None or len(step_ends) == 1:  # the first step is the prefill
+                return
+            seconds = record.schedule_s + record.execute_s  # a draft model proposes in the schedule phase
+            if which == "plain":
+                task.plain_step_s.append(seconds)
+            elif any(c.num_draft_slots for c in record.scheduler_output.scheduled):
+                task.verify_step_s.append(seconds)
+
         before = llm.stats()
         llm.engine.add_step_observer(observer)
         try:
@@ -154,7 +191,7 @@ def run(
         for r in range(repeats):
             order = ("plain", "spec") if r % 2 == 0 else ("spec", "plain")
             for which in order:
-                tokens, seconds, delta = generate(which, prompt, task.output_tokens)
+                tokens, seconds, delta = generate(which, prompt, task.output_tokens, task)
                 getattr(task, f"{which}_decode_s").append(seconds)
                 task.identical &= tokens == reference
                 if which == "spec":
@@ -169,7 +206,8 @@ def run(
 
 HEADER = (
     f"{'task':<16} {'kind':<11} {'prompt':>6} {'out':>4} {'plain ms/tok':>12} {'spec ms/tok':>11} "
-    f"{'speedup':>7} {'accept':>7} {'tok/step':>8} {'same':>5}"
+    f"{'speedup':>7} {'accept':>7} {'tok/step':>8} {'1-tok step':>10} {'verify step':>11} {'step model':>10} "
+    f"{'same':>5}"
 )
 
 
@@ -177,7 +215,11 @@ def _row(t: TaskResult) -> str:
     rate = f"{100 * t.acceptance_rate:.0f}%" if t.acceptance_rate is not None else "-"
     per_step = f"{t.tokens_per_draft_step:.2f}" if t.tokens_per_draft_step is not None else "-"
     plain, spec = t.ms_per_token("plain"), t.ms_per_token("spec")
+    one = f"{statistics.median(t.plain_step_s) * 1e3:.1f} ms" if t.plain_step_s else "-"
+    verify = f"{statistics.median(t.verify_step_s) * 1e3:.1f} ms" if t.verify_step_s else "-"
+    model = f"{t.step_model_speedup:.2f}x" if t.step_model_speedup is not None else "-"
     return (
         f"{t.name:<16} {t.kind:<11} {t.prompt_tokens:>6} {t.output_tokens:>4} {plain:>12.1f} {spec:>11.1f} "
-        f"{plain / spec:>6.2f}x {rate:>7} {per_step:>8} {'yes' if t.identical else 'NO':>5}"
+        f"{plain / spec:>6.2f}x {rate:>7} {per_step:>8} {one:>10} {verify:>11} {model:>10} "
+        f"{'yes' if t.identical else 'NO':>5}"
     )

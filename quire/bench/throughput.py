@@ -2,6 +2,7 @@
 
     quire bench throughput [--quick] [--dtypes float32,bfloat16] [--skip-hf] [--model PATH]
     (or python -m quire.bench.throughput ... [--json PATH])
+    quire bench throughput --speculative JSON   (instead: speculative decoding A/B, quire.bench.spec_decode)
 
 What is measured, and why this way:
 

@@ -19,8 +19,9 @@ __all__ = ["StepObserver", "StepRecord"]
 class StepRecord:
     """One step: the schedule, the runner's result (None when nothing ran), and phase durations in seconds.
 
-    ``schedule_s``: ``Scheduler.schedule``; ``execute_s``: the model forward and sampling on every
-    rank; ``update_s``: appending tokens, stop checks, detokenizing and freeing finished requests.
+    ``schedule_s``: ``Scheduler.schedule`` (and, with speculative decoding, the proposer's drafts);
+    ``execute_s``: the model forward and sampling on every rank; ``update_s``: appending tokens,
+    stop checks, detokenizing and freeing finished requests.
     The scheduled sequences are live objects: read after the step, their ``num_computed_tokens``
     already include this step's tokens.
     """
