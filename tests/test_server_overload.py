@@ -442,3 +442,22 @@ def test_the_waiting_token_bound_through_the_server(tiny_llama_dir):
         assert metric(url, "quire:num_requests_rejected_total", {"reason": "waiting_tokens"}) == 1
         running.engine = engine
         _assert_healthy_and_free(running)
+
+
+def test_a_second_signal_cuts_the_drain_short(tiny_llama_dir, tmp_path):
+    log = tmp_path / "serve.log"
+    # A drain that would wait ten minutes for the stream in flight, unless a second signal ends it.
+    with _quire_serve(tiny_llama_dir, log, "--shutdown-timeout", "600") as (proc, url):
+        started = threading.Event()
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            stream = pool.submit(_stream_events, url, _body("long", 1000, stream=True), started)
+            assert started.wait(60)
+            proc.send_signal(signal.SIGTERM)
+            assert wait_for(lambda: "draining" in log.read_text(), timeout=30)
+            proc.send_signal(signal.SIGTERM)
+            events = stream.result(timeout=120)
+        assert proc.wait(timeout=60) == 0, log.read_text()
+    assert events[-1] == "[DONE]"
+    errors = [e["error"] for e in events if isinstance(e, dict) and "error" in e]
+    assert errors and "shut down" in errors[0]["message"], events[-3:]
+    assert "again: aborting" in log.read_text()
