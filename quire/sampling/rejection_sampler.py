@@ -95,18 +95,20 @@ class DraftVerifier:
         if row != logits.shape[0]:
             raise ValueError(f"{logits.shape[0]} rows of logits for {row} verified positions")
         tokens = logits.argmax(dim=-1)
+        argmax = tokens.tolist()  # one device-to-host copy for every greedy row's comparisons
+        greedy = (batch.temperature == 0).tolist()
         num_accepted: list[int] = []
         for i, d in enumerate(drafts):
             first = first_rows[i]
-            if float(batch.temperature[i]) == 0:
-                proposed = torch.tensor(d, dtype=tokens.dtype)
-                matches = (tokens[first : first + len(d)] == proposed).tolist()
-                num_accepted.append(matches.index(False) if False in matches else len(d))
+            if greedy[i]:
+                held = argmax[first : first + len(d)]
+                num_accepted.append(next((j for j, (a, b) in enumerate(zip(held, d, strict=True)) if a != b), len(d)))
                 continue
             rows = logits[first : first + len(d) + 1]
-            probs = self.sampler.probs(rows, batch.select([i] * (len(d) + 1)))
             generator = batch.generators[i] or self.sampler.generator
+            # Drawn where the generator lives: a seeded request's draws are the same on every device.
+            probs = self.sampler.probs(rows, batch.select([i] * (len(d) + 1))).to(generator.device)
             emitted = rejection_sample(probs, d, None, generator)
-            tokens[first : first + len(emitted)] = torch.tensor(emitted, dtype=tokens.dtype)
+            tokens[first : first + len(emitted)] = torch.tensor(emitted, dtype=tokens.dtype, device=tokens.device)
             num_accepted.append(len(emitted) - 1)
         return VerifiedDrafts(first_rows, num_accepted, self.sampler.score(logits, tokens, batch.num_logprobs))

@@ -46,7 +46,12 @@ class SamplingBatch:
         return bool((self.temperature == 0).all())
 
     def to(self, device: torch.device) -> SamplingBatch:
-        """The same batch with its tensors on ``device`` (the logits'); the generators stay where they are."""
+        """The same batch with its tensors on ``device`` (the logits'); the generators stay where they are.
+
+        Itself when already there (every step on a CPU).
+        """
+        if self.temperature.device == device:
+            return self
         moved = {
             f.name: value.to(device, non_blocking=True)
             for f in dataclasses.fields(self)

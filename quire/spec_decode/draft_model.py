@@ -14,8 +14,6 @@ or missing entry can lower the acceptance rate, never change what the target emi
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from quire.attention.backend import AttentionBackend
@@ -26,7 +24,8 @@ from quire.models.loader import load_model_files, resolve_model_path
 from quire.models.registry import build_model
 from quire.spec_decode.proposer import may_speculate
 from quire.worker.cache_engine import CacheEngine
-from quire.worker.step_inputs import StepInputs
+from quire.worker.model_runner import ModelRunner
+from quire.worker.step_inputs import StepInputs, block_ops_of, block_table_tensor
 
 
 class DraftModelProposer:
@@ -57,8 +56,7 @@ class DraftModelProposer:
             )
         self.model = build_model(loaded, attention, dtype, max_model_len, device)
         self.cache = CacheEngine(loaded.config, num_blocks, block_size, dtype, device, num_host_blocks=num_host_blocks)
-        self.device = device
-        self.block_size = block_size
+        self._runner = ModelRunner(self.model, self.cache, sampler=None)  # forwards only: the draft picks argmaxes
         self._computed: dict[int, tuple[Sequence, int]] = {}  # seq_id -> (sequence, tokens with draft K/V)
 
     def num_draft_slots(self, request: Request, seq: Sequence, limit: int) -> int:
@@ -66,9 +64,7 @@ class DraftModelProposer:
 
     @torch.inference_mode()
     def propose(self, sched: SchedulerOutput) -> None:
-        self.cache.apply_block_ops(
-            {f.name: getattr(sched, f.name) for f in dataclasses.fields(sched) if f.name.startswith("blocks_to_")}
-        )
+        self.cache.apply_block_ops(block_ops_of(sched))
         self._forget(sched)
         chunks = [c for c in sched.scheduled if c.num_draft_slots]
         if not chunks:
@@ -98,18 +94,14 @@ class DraftModelProposer:
         lens = torch.tensor([len(t) for t in tokens], dtype=torch.int32)
         query_start_loc = torch.zeros(len(tokens) + 1, dtype=torch.int32)
         torch.cumsum(lens, 0, out=query_start_loc[1:])
-        tables = [c.block_table for c in chunks]
-        width = max(len(t) for t in tables)
         inputs = StepInputs(
             input_ids=torch.tensor([t for ts in tokens for t in ts], dtype=torch.int32),
             query_start_loc=query_start_loc,
             starts=torch.tensor(starts, dtype=torch.int32),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+            block_tables=block_table_tensor([c.block_table for c in chunks]),
             logit_rows=query_start_loc[1:] - 1,
         )
-        input_ids, positions, metadata, logit_rows = inputs.batch(self.block_size, self.cache.platform)
-        hidden = self.model(input_ids, positions, self.cache.layers, metadata)
-        logits = self.model.compute_logits(hidden.index_select(0, logit_rows))
+        logits = self._runner.run(inputs)
         return logits.argmax(dim=-1).tolist()
 
     def _known(self, seq: Sequence) -> int:

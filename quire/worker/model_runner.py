@@ -7,7 +7,6 @@ operations, forward, logits. Sampling and everything per-request stay on the dri
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -21,7 +20,7 @@ from quire.sampling.rejection_sampler import DraftVerifier, VerifiedDrafts
 from quire.sampling.sampler import Sampler, SamplerOutput, SamplingBatch
 from quire.worker.cache_engine import CacheEngine
 from quire.worker.cuda_graphs import DecodeGraphs
-from quire.worker.step_inputs import StepInputs
+from quire.worker.step_inputs import StepInputs, block_ops_of, block_table_tensor
 
 if TYPE_CHECKING:
     from quire.structured.state import GrammarStates
@@ -154,21 +153,13 @@ class ModelRunner:
         query_lens = torch.tensor([e.num_new_tokens for e in entries], dtype=torch.int32)
         query_start_loc = torch.zeros(len(entries) + 1, dtype=torch.int32)
         torch.cumsum(query_lens, 0, out=query_start_loc[1:])
-        tables = [e.block_table for e in entries]
-        width = max((len(t) for t in tables), default=1)
-        # Every ``blocks_to_*`` list of the scheduler output travels as-is; CacheEngine runs them.
-        block_ops = {
-            f.name: torch.tensor(getattr(sched, f.name), dtype=torch.int32).view(-1, 2)
-            for f in dataclasses.fields(sched)
-            if f.name.startswith("blocks_to_") and getattr(sched, f.name)
-        }
         return StepInputs(
             input_ids=torch.tensor(ids, dtype=torch.int32),
             query_start_loc=query_start_loc,
             starts=torch.tensor([e.start for e in entries], dtype=torch.int32),
-            block_tables=torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32),
+            block_tables=block_table_tensor([e.block_table for e in entries]),
             logit_rows=torch.tensor(logit_rows, dtype=torch.int32),
-            block_ops=block_ops,
+            block_ops=block_ops_of(sched),
         )
 
     def _sampling_batch(self, entries: list[ScheduledSeq]) -> SamplingBatch:

@@ -10,11 +10,13 @@ broadcasts: a fixed int32 header of sizes, then one int32 payload.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 
 from quire.attention.backend import AttentionMetadata
+from quire.core.scheduler import SchedulerOutput
 from quire.distributed.comm import TPGroup
 from quire.worker.cache_engine import BLOCK_OPS
 from quire.worker.platform import Platform
@@ -118,6 +120,24 @@ class StepInputs:
             logit_rows=logit_rows,
             block_ops={name: op.view(-1, 2) for name, op in zip(BLOCK_OPS, ops, strict=True) if len(op)},
         )
+
+
+def block_ops_of(sched: SchedulerOutput) -> dict[str, torch.Tensor]:
+    """Every non-empty ``blocks_to_*`` list of a scheduler output as an int32 [n, 2] tensor, by name.
+
+    They travel as-is: ``CacheEngine.apply_block_ops`` knows which method runs each.
+    """
+    return {
+        f.name: torch.tensor(getattr(sched, f.name), dtype=torch.int32).view(-1, 2)
+        for f in dataclasses.fields(sched)
+        if f.name.startswith("blocks_to_") and getattr(sched, f.name)
+    }
+
+
+def block_table_tensor(tables: list[list[int]]) -> torch.Tensor:
+    """Block tables as one int32 [seqs, widest] tensor, padded with block 0 (never read past ``seq_lens``)."""
+    width = max((len(t) for t in tables), default=1)
+    return torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32)
 
 
 def send_stop(group: TPGroup) -> None:
