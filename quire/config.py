@@ -63,9 +63,9 @@ class SchedulerConfig:
     policy: str = "fcfs"  # "fcfs" | "priority"
     preemption_mode: str = "auto"  # "auto" | "swap" | "recompute"
     # "auto" swaps a single sequence once it holds at least this many computed tokens and
-    # recomputes shorter ones; groups of several sequences always swap. On a CPU the KV copy out
-    # and back (tens of KB a token at memory speed) costs far less than the forward pass that
-    # recomputes it, so the crossover is the first block (`quire bench swap` measures both).
+    # recomputes shorter ones; groups of several sequences always swap. The engine measures the
+    # crossover on its machine and model at start (worker/preemption_calibration.py); this value
+    # stands where it does not (several ranks, no host pool, a scheduler built on its own).
     swap_min_tokens: int = 16
     # Starvation guard under "priority": a request that has waited this many steps is promoted
     # ahead of every request that has not been promoted.

@@ -19,6 +19,7 @@ from test_paged_attention_kernel import (
 )
 
 from quire.attention.reference import paged_attention_reference
+from quire.attention.split_calibration import SPLIT_CANDIDATES
 from quire.kernels import cpu_kernel
 
 LEVELS = cpu_kernel.isa_levels()
@@ -58,12 +59,14 @@ def case(name: str, dtype_name: str):
     return batch, scale, paged_attention_reference(*batch, scale)
 
 
-def run(level: str, batch, scale: float, force_generic: bool = False) -> torch.Tensor:
+def run(
+    level: str, batch, scale: float, force_generic: bool = False, split: int = cpu_kernel.DEFAULT_SPLIT_MIN_KV
+) -> torch.Tensor:
     ops = cpu_kernel.kernels(level)
     if ops is None:
         pytest.skip(f"the {level} kernels could not be built (see the logged warning)")
     out = torch.full_like(batch[0], float("nan"))
-    ops.paged_attention_out(*batch, scale, out, force_generic, False)
+    ops.paged_attention_out(*batch, scale, out, split, force_generic, False)
     return out
 
 
@@ -81,6 +84,17 @@ def two_threads():
 def test_level_matches_reference(level, name, dtype_name, two_threads):
     batch, scale, want = case(name, dtype_name)
     got = run(level, batch, scale)
+    torch.testing.assert_close(got.float(), want.float(), **TOLERANCES[DTYPES[dtype_name]])
+
+
+@pytest.mark.parametrize("split", SPLIT_CANDIDATES)
+@pytest.mark.parametrize("dtype_name", list(DTYPES))
+@pytest.mark.parametrize("name", list(SPLIT))
+@pytest.mark.parametrize("level", LEVELS)
+def test_level_every_split_length(level, name, dtype_name, split, two_threads):
+    """Every KV range length the calibration may choose (0: no split) gives the reference's result."""
+    batch, scale, want = case(name, dtype_name)
+    got = run(level, batch, scale, split=split)
     torch.testing.assert_close(got.float(), want.float(), **TOLERANCES[DTYPES[dtype_name]])
 
 

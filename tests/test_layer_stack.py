@@ -5,10 +5,13 @@ They call the same ops in the same order, so hidden states and KV caches must ag
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 from quire.attention.torch_backend import TorchAttentionBackend
+from quire.models.calibration import LinearPlan
 from quire.models.layer_stack import LayerStack
 from quire.models.loader import load_model_files
 from quire.models.registry import build_model
@@ -16,6 +19,7 @@ from quire.worker.platform import Platform
 from quire.worker.step_inputs import StepInputs
 
 BLOCK_SIZE = 16
+BLOCK_PATH = LinearPlan(quant_rows=sys.maxsize, small_rows=0, packed_from=1, packed_to=0)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +54,8 @@ def _loop(model, ids, positions, metadata, caches):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_layer_stack_matches_the_layer_loop_bit_for_bit(loaded, dtype):
-    model = build_model(loaded, TorchAttentionBackend(), dtype, 512, torch.device("cpu"))
+    # The block path at every row count, whatever this CPU's calibration chose.
+    model = build_model(loaded, TorchAttentionBackend(), dtype, 512, torch.device("cpu"), plans={dtype: BLOCK_PATH})
     stack = LayerStack.build(model.layers, model.ops.kernels)
     assert stack is not None and stack.rows >= 3, "the default model's layers all have block-format paths"
     config = model.config

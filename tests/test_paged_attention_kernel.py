@@ -161,7 +161,7 @@ def test_portable_path_matches(dtype):
     batch = make_batch(MIXED_QUERY_LENS, MIXED_CONTEXT_LENS, 9, 3, 64, 8, dtype, seed=5)
     scale = 64**-0.5
     got = torch.empty_like(batch[0])
-    cpu_kernel._extension().paged_attention_out(*batch, scale, got, True, False)
+    cpu_kernel._extension().paged_attention_out(*batch, scale, got, cpu_kernel.DEFAULT_SPLIT_MIN_KV, True, False)
     want = paged_attention_reference(*batch, scale)
     torch.testing.assert_close(got.float(), want.float(), **TOLERANCES[dtype])
 

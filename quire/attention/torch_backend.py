@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from quire.attention.backend import AttentionMetadata
 from quire.attention.reference import paged_attention_reference
+from quire.attention.split_calibration import split_min_kv
 from quire.kernels import cpu_kernel
+
+logger = logging.getLogger(__name__)
 
 
 class TorchAttentionBackend:
@@ -14,8 +19,19 @@ class TorchAttentionBackend:
 
     def __init__(self, use_kernel: bool = True) -> None:
         self.use_kernel = use_kernel and cpu_kernel.is_available()
-        self._attend = cpu_kernel.paged_attention if self.use_kernel else paged_attention_reference
         self._kernels = cpu_kernel.fused_ops() if self.use_kernel else None
+        self._splits: dict[tuple, int] = {}  # (q heads, kv heads, head_dim, dtype) -> split_min_kv
+
+    def split_min_kv(self, num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        """The kernel's split-KV range length for this head shape, calibrated once on first use
+        (``split_calibration.py``); the compiled layer stack asks for it too."""
+        shape = (num_heads, num_kv_heads, head_dim, dtype)
+        if shape not in self._splits:
+            self._splits[shape] = split = split_min_kv(self._kernels, *shape)
+            if self._kernels is not None:
+                logger.info("decode attention, %d/%d heads x %d %s: split-KV ranges of >= %s positions",
+                            num_heads, num_kv_heads, head_dim, dtype, split or "inf (never split)")
+        return self._splits[shape]
 
     @property
     def fuses_qkv(self) -> bool:
@@ -53,6 +69,7 @@ class TorchAttentionBackend:
             num_heads,
             num_kv_heads,
             scale,
+            self.split_min_kv(num_heads, num_kv_heads, key_cache.shape[3], qkv.dtype),
         )
 
     def forward(
@@ -73,12 +90,8 @@ class TorchAttentionBackend:
         else:
             key_slots.index_copy_(0, metadata.slot_mapping, key)
             value_slots.index_copy_(0, metadata.slot_mapping, value)
-        return self._attend(
-            query,
-            key_cache,
-            value_cache,
-            metadata.block_tables,
-            metadata.query_start_loc,
-            metadata.seq_lens,
-            scale,
-        )
+        args = (query, key_cache, value_cache, metadata.block_tables, metadata.query_start_loc, metadata.seq_lens)
+        if not self.use_kernel:
+            return paged_attention_reference(*args, scale)
+        split = self.split_min_kv(query.shape[1], num_kv_heads, head_dim, query.dtype)
+        return cpu_kernel.paged_attention(*args, scale, split_min_kv=split)

@@ -58,6 +58,7 @@ from quire.worker.cache_engine import CacheEngine, kv_bytes_per_block
 from quire.worker.cuda_graphs import build_decode_graphs, uses_decode_graphs
 from quire.worker.model_runner import ModelRunner, RunnerOutput
 from quire.worker.platform import Platform, rank_device, resolve_device
+from quire.worker.preemption_calibration import swap_crossover
 from quire.worker.profiling import profile_forward
 from quire.worker.tp_worker import TORCH_DTYPES, run_worker, threads_per_rank, worker_main
 
@@ -182,7 +183,9 @@ class LLMEngine:
             cache.enable_prefix_caching,
             host_blocks,
         )
-        scheduler_config = dataclasses.replace(self.config.scheduler, max_model_len=self.max_model_len)
+        scheduler_config = dataclasses.replace(
+            self.config.scheduler, max_model_len=self.max_model_len, **self._measured_preemption(host_blocks)
+        )
         self.proposer = build_proposer(
             self.config.speculative,
             self.attention,
@@ -217,6 +220,22 @@ class LLMEngine:
         self._observers: list[StepObserver] = []
 
     # -- set-up helpers -----------------------------------------------------------------
+
+    def _measured_preemption(self, host_blocks: int) -> dict:
+        """``swap_min_tokens`` measured on this machine and model, where "auto" preemption chooses
+        between swapping and recomputing a single sequence (one rank, a host pool, paged blocks)."""
+        cfg = self.config
+        if (cfg.scheduler.preemption_mode != "auto" or not host_blocks or self.group.size > 1
+                or cfg.cache.kv_allocator != "paged"):
+            return {}
+        try:
+            found = swap_crossover(self.model, self.cache, cfg.model.model, self.max_model_len)
+        except ValueError:  # pools too small to time: the default stands
+            return {}
+        logger.info("preemption: a single sequence is swapped from %d tokens on, recomputed below "
+                    "(tokens, swap ms, recompute ms: %s)", found["swap_min_tokens"],
+                    ", ".join(f"{t} {s:.2f} {r:.2f}" for t, s, r in found["points"]))
+        return {"swap_min_tokens": found["swap_min_tokens"]}
 
     def _eos_token_id(self) -> int | None:
         if self.tokenizer.eos_token_id is not None:

@@ -241,6 +241,11 @@ def kernels(level: str | None = None):
     return _load(level)
 
 
+# The shortest KV range a decode item is split into when the machine's own length is not known
+# (attention/split_calibration.py measures it).
+DEFAULT_SPLIT_MIN_KV = 512
+
+
 def paged_attention(
     query: torch.Tensor,
     key_cache: torch.Tensor,
@@ -250,6 +255,7 @@ def paged_attention(
     seq_lens: torch.Tensor,
     scale: float,
     out: torch.Tensor | None = None,
+    split_min_kv: int = DEFAULT_SPLIT_MIN_KV,
 ) -> torch.Tensor:
     """Attention of new query tokens over a paged KV cache (CPU, fp32/bf16).
 
@@ -265,6 +271,8 @@ def paged_attention(
             new tokens (whose K/V are already in the cache).
         scale: softmax scale.
         out: optional preallocated output ``[num_tokens, num_q_heads, head_dim]``.
+        split_min_kv: with fewer work items than threads, long decode items are cut into KV
+            ranges of at least this many positions (0: never); results agree to rounding.
 
     Query row ``i`` of sequence ``s`` sits at position
     ``seq_lens[s] - query_len + i`` and attends to KV positions ``0..p``.
@@ -285,7 +293,8 @@ def paged_attention(
     if out is None:
         out = torch.empty(query.shape, dtype=query.dtype)
     ops.paged_attention_out(
-        query, key_cache, value_cache, block_tables, query_start_loc, seq_lens, float(scale), out, False, zero_uncovered
+        query, key_cache, value_cache, block_tables, query_start_loc, seq_lens, float(scale), out, split_min_kv,
+        False, zero_uncovered,
     )
     return out
 
@@ -299,7 +308,7 @@ def fused_ops():
 def _extension():
     """The engine level's op namespace or None.
 
-    ``paged_attention_out(..., scale, out, force_generic, zero_uncovered)``;
+    ``paged_attention_out(..., scale, out, split_min_kv, force_generic, zero_uncovered)``;
     tests use ``force_generic=True`` to exercise the portable scalar path.
     """
     return _load()

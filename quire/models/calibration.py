@@ -6,7 +6,7 @@ cores), not on the model. So the crossovers are not tables: on first use a short
 every path on a synthetic layer at a ladder of row counts and keeps, for each dtype, up to how
 many rows each path wins. The result is cached on disk (``cache_dir()/calibration.json``), keyed
 by the CPU's flags, the core and thread counts, the ISA level and a hash of the kernels' sources,
-so later processes on the same machine start without measuring.
+so later processes on the same machine start without measuring (``kernels/calibration_cache.py``).
 
 The paths (``models/linear.py``):
 
@@ -18,20 +18,15 @@ The paths (``models/linear.py``):
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
-import platform
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from quire.cache_dir import cache_dir
+from quire.kernels.calibration_cache import cached_measurement
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +36,6 @@ SMALL_LADDER_TOP = 8  # small_linear is timed only up to here
 # (16 MB in float32) are not all cache-resident, as a model's are not.
 CAL_K, CAL_N, CAL_COPIES = 1024, 1024, 4
 CAL_REPEATS = 3  # timed rounds per (path, rows) after one warm-up round; the fastest counts
-LIBRARY_ISA_ENV = ("ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
-RECALIBRATE_ENV = "QUIRE_RECALIBRATE"  # "1": measure again and overwrite the cached plan
 
 
 @dataclass(frozen=True)
@@ -95,47 +88,12 @@ def linear_plan(kernels, dtype: torch.dtype) -> LinearPlan:
         return LinearPlan(quant_rows=0, small_rows=0, packed_from=1, packed_to=0)
     from quire.kernels import cpu_kernel
 
-    key = _cache_key(cpu_kernel.level_of(kernels), cpu_kernel.source_tag(), dtype)
-    path = _cache_path()
-    cached = _read_cache(path)
-    if key in cached and os.environ.get(RECALIBRATE_ENV, "") in ("", "0"):
-        return LinearPlan(**cached[key])
-    plan = _measure(kernels, dtype)
-    cached[key] = asdict(plan)
-    _write_cache(path, cached)
-    logger.info("calibrated the linear paths (%s, %.2f s): %s", dtype, plan.seconds, plan.describe())
+    params = [cpu_kernel.level_of(kernels), cpu_kernel.source_tag(), str(dtype), ROW_LADDER, CAL_K, CAL_N]
+    entry, measured = cached_measurement("linear", params, lambda: asdict(_measure(kernels, dtype)))
+    plan = LinearPlan(**entry)
+    if measured:
+        logger.info("calibrated the linear paths (%s, %.2f s): %s", dtype, plan.seconds, plan.describe())
     return plan
-
-
-def _cache_path() -> Path:
-    return cache_dir() / "calibration.json"
-
-
-def _cache_key(level: str, source: str, dtype: torch.dtype) -> str:
-    from quire.kernels.cpu_kernel import cpu_flags
-
-    # The libraries the other paths run in can be capped below the CPU too (ATen, oneDNN, MKL).
-    caps = [torch.backends.cpu.get_cpu_capability(), *(os.environ.get(v, "") for v in LIBRARY_ISA_ENV)]
-    what = [platform.machine(), sorted(cpu_flags()), os.cpu_count(), torch.get_num_threads(), level, source,
-            torch.__version__, str(dtype), ROW_LADDER, CAL_K, CAL_N, caps]
-    return hashlib.sha1(json.dumps(what).encode()).hexdigest()[:16]
-
-
-def _read_cache(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def _write_cache(path: Path, entries: dict) -> None:
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(entries, indent=1))
-        tmp.replace(path)  # atomic: concurrent processes never read half a file
-    except OSError as exc:  # a read-only home: measure again next time
-        logger.warning("could not cache the linear-path calibration at %s: %s", path, exc)
 
 
 def _measure(kernels, dtype: torch.dtype) -> LinearPlan:

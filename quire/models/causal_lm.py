@@ -45,13 +45,17 @@ class CausalLM(nn.Module):
             sum(2 * rows * layer.in_features * layer.out_features for layer in layers),
         )
 
-    def prepare(self) -> CausalLM:
+    def prepare(self, plans: dict[torch.dtype, LinearPlan] | None = None) -> CausalLM:
         """Set up the linear layers' fast paths; call after the weights are loaded and cast.
 
         Float weights that no path reads any more are freed; a tied LM head's is the embedding
         table, which stays.
+
+        Args:
+            plans: per dtype, the paths to use instead of the calibrated ones (for a test or a
+                benchmark that needs a given path whatever this CPU measures).
         """
-        plans: dict[torch.dtype, LinearPlan] = {}
+        plans = dict(plans or {})
         for module in self.modules():
             if isinstance(module, Linear):
                 dtype = module.weight.dtype

@@ -23,6 +23,8 @@ class LayerStack:
         self.kernels = kernels
         self.num_heads, self.num_kv_heads, self.scale = attn.num_heads, attn.num_kv_heads, attn.scale
         self.eps = layers[0].input_layernorm.eps
+        dtype = layers[0].input_layernorm.weight.dtype
+        self.split_min_kv = attn.backend.split_min_kv(attn.num_heads, attn.num_kv_heads, attn.head_dim, dtype)
         norms = [(layer.input_layernorm, layer.post_attention_layernorm) for layer in layers]
         self.norms = [n.weight.detach() for pair in norms for n in pair]
         linears = [lin for layer in layers for lin in _linears(layer)]
@@ -81,6 +83,7 @@ class LayerStack:
             self.num_kv_heads,
             self.scale,
             self.eps,
+            self.split_min_kv,
         )
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from quire.attention.backend import AttentionBackend, AttentionMetadata
 from quire.distributed.comm import TPGroup
 from quire.models.blocks import Attention, GatedMLP, RMSNorm
+from quire.models.calibration import LinearPlan
 from quire.models.causal_lm import CausalLM, Target
 from quire.models.config import ArchConfig
 from quire.models.layer_ops import layer_ops
@@ -109,8 +110,8 @@ class LlamaForCausalLM(CausalLM):
         self.rotary = RotaryEmbedding(config, max_positions)
         self._stack: LayerStack | None = None
 
-    def prepare(self) -> LlamaForCausalLM:
-        super().prepare()
+    def prepare(self, plans: dict[torch.dtype, LinearPlan] | None = None) -> LlamaForCausalLM:
+        super().prepare(plans)
         self._stack = LayerStack.build(self.layers, self.ops.kernels)
         return self
 

@@ -6,6 +6,7 @@ import torch
 
 from quire.attention.backend import AttentionBackend
 from quire.distributed.comm import TPGroup
+from quire.models.calibration import LinearPlan
 from quire.models.causal_lm import CausalLM
 from quire.models.config import ArchConfig
 from quire.models.gpt2 import GPT2LMHeadModel
@@ -37,8 +38,10 @@ def build_model(
     max_positions: int,
     device: torch.device,
     group: TPGroup | None = None,
+    plans: dict[torch.dtype, LinearPlan] | None = None,
 ) -> CausalLM:
-    """This rank's shard of the model, its weights loaded, cast and prepared (linear fast paths)."""
+    """This rank's shard of the model, its weights loaded, cast and prepared (linear fast paths;
+    ``plans`` overrides the calibrated ones, see ``CausalLM.prepare``)."""
     config = loaded.config
     # The compiled layer ops are CPU code; on another device the model runs PyTorch's.
     model = model_class(config)(
@@ -49,4 +52,4 @@ def build_model(
     rotary = getattr(model, "rotary", None)
     if rotary is not None:
         rotary.float()  # cos/sin tables stay float32
-    return model.prepare()
+    return model.prepare(plans)

@@ -93,6 +93,11 @@ class Platform:
         if self.is_cuda:
             waiter.wait_stream(stream)
 
+    def synchronize(self) -> None:
+        """Wait for all work queued on the device (timing a step; a CPU runs its work when called)."""
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
     def record_event(self, stream=None):
         """An event marking the end of the work queued on ``stream`` (default: the current one)."""
         if not self.is_cuda:

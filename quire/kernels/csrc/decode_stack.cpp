@@ -31,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
     const std::optional<at::Tensor>& sin, at::TensorList norms, at::TensorList linears, at::IntArrayRef kinds,
     at::IntArrayRef out_features, at::TensorList key_caches, at::TensorList value_caches,
     const at::Tensor& slot_mapping, const at::Tensor& block_tables, const at::Tensor& query_start_loc,
-    const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads, double scale, double eps) {
+    const at::Tensor& seq_lens, int64_t num_heads, int64_t num_kv_heads, double scale, double eps, int64_t split_min_kv) {
   const int64_t layers = static_cast<int64_t>(key_caches.size());
   TORCH_CHECK(static_cast<int64_t>(value_caches.size()) == layers &&
                   static_cast<int64_t>(norms.size()) == 2 * layers &&
@@ -51,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> decode_layers(
     at::Tensor qkv = quant_linear(normed, lin[0], kind[0], out_features[0]);
     at::Tensor kc = key_caches[i], vc = value_caches[i];
     at::Tensor attn = attend_qkv(qkv, cos, sin, kc, vc, slot_mapping, block_tables, query_start_loc, seq_lens,
-                                 num_heads, num_kv_heads, scale);
+                                 num_heads, num_kv_heads, scale, split_min_kv);
     at::Tensor o = quant_linear(attn, lin[1], kind[1], out_features[1]);
     normed = add_rms_norm(o, res, norms[2 * i + 1], eps);
     at::Tensor act = silu_and_mul(quant_linear(normed, lin[2], kind[2], out_features[2]));
@@ -72,6 +72,6 @@ TORCH_LIBRARY_FRAGMENT(QUIRE_PA_NAMESPACE, m) {
       "decode_layers(Tensor(h!) hidden, Tensor(r!)? residual, Tensor? cos, Tensor? sin, Tensor[] norms, "
       "Tensor[] linears, int[] kinds, int[] out_features, Tensor(a!)[] key_caches, Tensor(b!)[] value_caches, "
       "Tensor slot_mapping, Tensor block_tables, Tensor query_start_loc, Tensor seq_lens, int num_heads, "
-      "int num_kv_heads, float scale, float eps) -> (Tensor, Tensor)",
+      "int num_kv_heads, float scale, float eps, int split_min_kv) -> (Tensor, Tensor)",
       &quire_ops::decode_layers);
 }

@@ -41,7 +41,8 @@ namespace quire_pa {
 // paged_attention.cpp: attention of [T, heads, head_dim] queries over the paged cache.
 void paged_attention(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                      const at::Tensor& block_tables, const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
-                     double scale, const at::Tensor& out, bool force_generic, bool zero_uncovered);
+                     double scale, const at::Tensor& out, int64_t split_min_kv, bool force_generic,
+                     bool zero_uncovered);
 }  // namespace quire_pa
 
 namespace quire_ops {
@@ -1622,7 +1623,7 @@ void write_kv(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_ca
 at::Tensor attend_qkv(at::Tensor& qkv, const std::optional<at::Tensor>& cos, const std::optional<at::Tensor>& sin,
                       at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& slot_mapping,
                       const at::Tensor& block_tables, const at::Tensor& query_start_loc, const at::Tensor& seq_lens,
-                      int64_t num_heads, int64_t num_kv_heads, double scale) {
+                      int64_t num_heads, int64_t num_kv_heads, double scale, int64_t split_min_kv) {
   TORCH_CHECK(key_cache.dim() == 4, "attend_qkv: key_cache [blocks, block_size, kv heads, head_dim] expected");
   const int64_t T = qkv.size(0), D = key_cache.size(3);
   TORCH_CHECK(qkv.dim() == 2 && qkv.stride(1) == 1 && qkv.size(1) >= (num_heads + 2 * num_kv_heads) * D &&
@@ -1637,8 +1638,8 @@ at::Tensor attend_qkv(at::Tensor& qkv, const std::optional<at::Tensor>& cos, con
   at::Tensor key_slots = key_cache.view({-1, num_kv_heads, D}), value_slots = value_cache.view({-1, num_kv_heads, D});
   write_kv(key, value, key_slots, value_slots, slot_mapping);
   at::Tensor out = at::empty({T, num_heads, D}, qkv.options());
-  quire_pa::paged_attention(query, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale, out, false,
-                            true);
+  quire_pa::paged_attention(query, key_cache, value_cache, block_tables, query_start_loc, seq_lens, scale, out, split_min_kv,
+                            false, true);
   return out.view({T, num_heads * D});
 }
 
@@ -1782,7 +1783,7 @@ TORCH_LIBRARY_FRAGMENT(QUIRE_PA_NAMESPACE, m) {
   m.def(
       "attend_qkv(Tensor(a!) qkv, Tensor? cos, Tensor? sin, Tensor(b!) key_cache, Tensor(c!) value_cache, "
       "Tensor slot_mapping, Tensor block_tables, Tensor query_start_loc, Tensor seq_lens, int num_heads, "
-      "int num_kv_heads, float scale) -> Tensor",
+      "int num_kv_heads, float scale, int split_min_kv) -> Tensor",
       &quire_ops::attend_qkv);
   m.def("argmax_logsumexp(Tensor logits) -> (Tensor, Tensor)", &quire_ops::argmax_logsumexp);
   m.def("dequantize_blocks(Tensor blocks, int kind, int K) -> Tensor", &quire_ops::dequantize_blocks);

@@ -79,8 +79,9 @@ constexpr int kSub = 16;         // KV positions per logit vector
 constexpr int kChunk = 64;       // KV positions per softmax step (multiple of kSub)
 constexpr int kMaxTileRows = 128; // max rows (tokens x group heads) per prefill item
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr int kSplitItemsPerThread = 4;  // split decode items below this many items per thread
-constexpr int64_t kSplitMinKv = 256;     // ... into KV ranges of at least this length
+constexpr int kSplitItemsPerThread = 4;  // split decode items below this many items per thread, into KV
+                                         // ranges of at least split_min_kv positions (an argument: the
+                                         // best length is measured, attention/split_calibration.py)
 
 struct Params {
   const char* q;
@@ -1612,7 +1613,9 @@ void check_inner_contiguous(const at::Tensor& t, const char* name) {
 void paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
                            const at::Tensor& value_cache, const at::Tensor& block_tables_in,
                            const at::Tensor& query_start_loc_in, const at::Tensor& seq_lens_in,
-                           double scale, const at::Tensor& out, bool force_generic, bool zero_uncovered) {
+                           double scale, const at::Tensor& out, int64_t split_min_kv, bool force_generic,
+                           bool zero_uncovered) {
+  TORCH_CHECK(split_min_kv >= 0, "split_min_kv must be >= 0 (0: never split), got ", split_min_kv);
   TORCH_CHECK(query.device().is_cpu() && key_cache.device().is_cpu() && value_cache.device().is_cpu() &&
                   block_tables_in.device().is_cpu() && query_start_loc_in.device().is_cpu() &&
                   seq_lens_in.device().is_cpu(),
@@ -1749,13 +1752,11 @@ void paged_attention(const at::Tensor& query, const at::Tensor& key_cache,
   const int64_t nthreads = std::max(1, at::get_num_threads());
   std::vector<float> part_buf;
   Partials parts;
-  if ((nv != 0 || vec) && nthreads > 1 && static_cast<int64_t>(items.size()) < kSplitItemsPerThread * nthreads) {
+  if ((nv != 0 || vec) && nthreads > 1 && split_min_kv > 0 &&
+      static_cast<int64_t>(items.size()) < kSplitItemsPerThread * nthreads) {
     // Few items (e.g. a handful of decode sequences with few kv heads): cut
-    // long decode items into KV ranges so every thread gets work.
-    int64_t total = 0;
-    for (const WorkItem& w : items) total += w.cost;
-    // cost ~ rows x KV positions; decode items have `group` rows.
-    const int64_t target = std::max<int64_t>(kSplitMinKv, total / (p.group * kSplitItemsPerThread * nthreads));
+    // long decode items into KV ranges of >= split_min_kv positions so every thread gets work.
+    const int64_t target = split_min_kv;
     std::vector<WorkItem> split_items;
     int64_t nparts = 0;
     for (const WorkItem& w : items) {
@@ -1812,8 +1813,8 @@ bool has_avx512_bf16() {
 TORCH_LIBRARY(QUIRE_PA_NAMESPACE, m) {
   m.def(
       "paged_attention_out(Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
-      "Tensor query_start_loc, Tensor seq_lens, float scale, Tensor(a!) out, bool force_generic=False, "
-      "bool zero_uncovered=False) -> ()",
+      "Tensor query_start_loc, Tensor seq_lens, float scale, Tensor(a!) out, int split_min_kv, "
+      "bool force_generic=False, bool zero_uncovered=False) -> ()",
       &quire_pa::paged_attention);
   m.def("has_avx512() -> bool", &quire_pa::has_avx512);
   m.def("has_avx512_bf16() -> bool", &quire_pa::has_avx512_bf16);
